@@ -1,0 +1,104 @@
+"""``python -m forkserver --socket PATH``: preload the workload, then serve forks on PATH."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+
+# Before anything imports numpy: one OpenBLAS thread, so the server stays single-threaded at
+# fork. Children get the environment as it was when we started.
+_ORIGINAL_ENV = dict(os.environ)
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+from forkserver import osutil  # noqa: E402
+from forkserver.server import ForkServer, bind_listener  # noqa: E402
+from forkserver.workload import load_workload  # noqa: E402
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m forkserver", description=__doc__)
+    parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    parser.add_argument("--workload", default="vllm", help="vllm, standin, or module:attribute")
+    parser.add_argument(
+        "--preload",
+        default=None,
+        help="comma-separated modules to import before accepting (default: vLLM's serve path)",
+    )
+    parser.add_argument(
+        "--die-with-parent",
+        type=int,
+        default=None,
+        metavar="PID",
+        help="exit (with every instance) when process PID, our parent, dies",
+    )
+    parser.add_argument("--tmp-root", default=None, help="parent of the per-instance TMPDIRs")
+    return parser.parse_args(argv)
+
+
+def _preload_list(value: str | None) -> list[str]:
+    if value is None:
+        from forkserver.vllm_entrypoints import DEFAULT_PRELOAD
+
+        return list(DEFAULT_PRELOAD)
+    return [module.strip() for module in value.split(",") if module.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parse_args(argv)
+    if args.die_with_parent is not None:
+        osutil.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != args.die_with_parent:
+            return 1  # the parent is already gone
+    osutil.set_child_subreaper()
+    # Until the loop installs its handlers, SIGTERM simply ends us (nothing forked yet).
+    os.makedirs(os.path.dirname(os.path.abspath(args.socket)), mode=0o700, exist_ok=True)
+    tmp_root = args.tmp_root or tempfile.mkdtemp(prefix="fs-", dir=os.path.dirname(args.socket))
+    os.makedirs(tmp_root, mode=0o700, exist_ok=True)
+
+    workload = load_workload(args.workload)
+    started = time.monotonic()
+    workload.preload(_preload_list(args.preload) if workload.name == "vllm" else [])
+    preload_seconds = time.monotonic() - started
+    threads = osutil.os_thread_count()
+    print(
+        f"forkserver: pid {os.getpid()} preloaded {workload.name} in {preload_seconds:.2f}s, "
+        f"{threads} OS thread(s), listening on {args.socket}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if threads > 1:
+        print(
+            f"forkserver: warning: {threads} OS threads at fork time; children inherit only one",
+            file=sys.stderr,
+            flush=True,
+        )
+    listener = bind_listener(args.socket)
+    server = ForkServer(
+        listener=listener,
+        workload=workload,
+        base_env=_ORIGINAL_ENV,
+        tmp_root=tmp_root,
+        preload_seconds=preload_seconds,
+    )
+    try:
+        server.serve_forever()
+    finally:
+        listener.close()
+        try:
+            os.unlink(args.socket)
+        except OSError:
+            pass
+        if args.tmp_root is None:
+            import shutil
+
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

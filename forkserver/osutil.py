@@ -1,0 +1,79 @@
+"""Small Linux process helpers (prctl through ctypes, process-group checks)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, arg: int) -> None:
+    if _libc.prctl(option, arg, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies.
+
+    Not inherited across fork, so every process that must die with its parent calls it itself.
+    """
+    _prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+def set_child_subreaper() -> None:
+    """Make orphaned descendants reparent to this process instead of init."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process took the id: the group is not ours to touch
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process (zombies included) is left in process group ``pgid``."""
+    return signal_group(pgid, 0)
+
+
+def exit_code_from_status(status: int) -> int:
+    """A wait status as an exit code, negative when the process was killed by a signal."""
+    return os.waitstatus_to_exitcode(status)
+
+
+def describe_exit(code: int) -> str:
+    """Human words for an exit code from :func:`exit_code_from_status`."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exited with code {code}"
+
+
+def open_fds() -> list[int]:
+    """Every file descriptor open in this process."""
+    try:
+        return sorted(int(name) for name in os.listdir("/proc/self/fd"))
+    except OSError as exc:  # pragma: no cover - /proc is always there on Linux
+        if exc.errno != errno.ENOENT:
+            raise
+        return list(range(os.sysconf("SC_OPEN_MAX")))
+
+
+def os_thread_count() -> int:
+    """Number of OS threads in this process (Python threads and native pools alike)."""
+    return len(os.listdir("/proc/self/task"))

@@ -1,0 +1,451 @@
+"""The forkserver loop: accept API clients on a Unix socket, fork instances, reap them.
+
+Single-threaded by design: ``os.fork`` copies only the calling thread, so the server never
+starts one. Signals only write to the wakeup socket; the loop does the work.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from forkserver import osutil, protocol
+from forkserver.child import become_instance
+from forkserver.workload import OptionsError, ParsedOptions, Workload
+
+INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
+MAX_CLIENTS = 64
+
+
+class RequestError(Exception):
+    """A request that gets an ``ok: false`` reply of the given kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Instance:
+    """What the forkserver knows about one forked instance."""
+
+    instance_id: str
+    pid: int
+    model: str
+    port: int
+    log_path: str
+    tmpdir: str
+    forked_at: float
+    stop_deadline: float | None = None
+    exit_code: int | None = None  # set when the main process is reaped
+    stopped_at: float | None = None  # set when no process of the group is left
+    timestamps: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_at is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "pid": self.pid,
+            "model": self.model,
+            "port": self.port,
+            "log_path": self.log_path,
+            "forked_at": self.forked_at,
+            "exit_code": self.exit_code if self.finished else None,
+            "stopped_at": self.stopped_at,
+            "running": not self.finished,
+        }
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    frames: protocol.FrameBuffer = field(default_factory=protocol.FrameBuffer)
+    outgoing: bytearray = field(default_factory=bytearray)
+
+
+class ForkServer:
+    """Owns the listening socket, the clients and the instances."""
+
+    def __init__(
+        self,
+        *,
+        listener: socket.socket,
+        workload: Workload,
+        base_env: Mapping[str, str],
+        tmp_root: str,
+        preload_seconds: float,
+    ) -> None:
+        self._listener = listener
+        self._workload = workload
+        self._base_env = dict(base_env)
+        self._tmp_root = tmp_root
+        self._preload_seconds = preload_seconds
+        self._selector = selectors.DefaultSelector()
+        self._clients: dict[int, _Client] = {}
+        self._instances: dict[str, Instance] = {}
+        self._by_pid: dict[int, Instance] = {}
+        self._shutdown_grace: float | None = None
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+
+    # ----------------------------------------------------------------- main loop
+
+    def serve_forever(self) -> None:
+        """Run until shut down (SIGTERM, SIGINT or a ``shutdown`` request) and every instance is gone."""
+        for sock in (self._wakeup_r, self._wakeup_w, self._listener):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._note_signal)
+        self._selector.register(self._listener, selectors.EVENT_READ, "listener")
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
+        self._pending_signals: list[int] = []
+        while True:
+            for key, mask in self._selector.select(self._select_timeout()):
+                if key.data == "listener":
+                    self._accept()
+                elif key.data == "wakeup":
+                    self._drain_wakeup()
+                else:
+                    self._service_client(key.fd, mask)
+            self._handle_signals()
+            self._reap()
+            self._advance_stops()
+            if self._shutdown_grace is not None and not self._live_instances():
+                self._flush_clients()
+                return
+
+    def _note_signal(self, signum: int, frame: object) -> None:
+        self._pending_signals.append(signum)  # only record: the loop acts
+
+    def _handle_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.pop()
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self._begin_shutdown(grace=10.0)
+
+    def _select_timeout(self) -> float | None:
+        now = time.monotonic()
+        timeout: float | None = None
+        for instance in self._live_instances():
+            if instance.exit_code is not None:
+                return SWEEP_INTERVAL  # waiting for its helpers to go
+            if instance.stop_deadline is not None:
+                remaining = max(0.0, instance.stop_deadline - now)
+                timeout = remaining if timeout is None else min(timeout, remaining)
+        return timeout
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wakeup_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _live_instances(self) -> list[Instance]:
+        return [instance for instance in self._instances.values() if not instance.finished]
+
+    # ----------------------------------------------------------------- clients
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid != os.getuid() or len(self._clients) >= MAX_CLIENTS:
+            sock.close()  # only the same user may drive the forkserver
+            return
+        sock.setblocking(False)
+        self._clients[sock.fileno()] = _Client(sock)
+        self._selector.register(sock, selectors.EVENT_READ, "client")
+
+    def _drop_client(self, fd: int) -> None:
+        client = self._clients.pop(fd, None)
+        if client is None:
+            return
+        self._selector.unregister(client.sock)
+        client.sock.close()
+
+    def _service_client(self, fd: int, mask: int) -> None:
+        client = self._clients.get(fd)
+        if client is None:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._write_pending(client)
+        if mask & selectors.EVENT_READ:
+            try:
+                chunk = client.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop_client(fd)  # a client that goes away never stops the server
+                return
+            try:
+                messages = client.frames.feed(chunk)
+            except protocol.FrameError as exc:
+                self._send(client, {"ok": False, "kind": protocol.KIND_INVALID, "error": str(exc)})
+                self._flush_clients()
+                self._drop_client(fd)
+                return
+            for message in messages:
+                self._send(client, self._dispatch(message))
+
+    def _send(self, client: _Client, message: dict[str, Any]) -> None:
+        client.outgoing += protocol.encode(message)
+        self._write_pending(client)
+
+    def _write_pending(self, client: _Client) -> None:
+        fd = client.sock.fileno()
+        try:
+            while client.outgoing:
+                sent = client.sock.send(client.outgoing)
+                del client.outgoing[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop_client(fd)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outgoing else 0)
+        if fd in self._clients:
+            self._selector.modify(client.sock, events, "client")
+
+    def _flush_clients(self) -> None:
+        for client in list(self._clients.values()):
+            client.sock.setblocking(True)
+            try:
+                client.sock.sendall(client.outgoing)
+            except OSError:
+                pass
+            client.outgoing.clear()
+            client.sock.setblocking(False)
+
+    def _broadcast(self, message: dict[str, Any]) -> None:
+        for client in list(self._clients.values()):
+            self._send(client, message)
+
+    # ----------------------------------------------------------------- requests
+
+    def _dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
+        request_id = message.get("id")
+        handlers = {
+            protocol.OP_HELLO: self._op_hello,
+            protocol.OP_VALIDATE: self._op_validate,
+            protocol.OP_SPAWN: self._op_spawn,
+            protocol.OP_STOP: self._op_stop,
+            protocol.OP_FORGET: self._op_forget,
+            protocol.OP_SHUTDOWN: self._op_shutdown,
+        }
+        try:
+            handler = handlers.get(message.get("op"))  # type: ignore[arg-type]
+            if handler is None:
+                raise RequestError(protocol.KIND_INVALID, f"unknown operation {message.get('op')!r}")
+            reply = {"ok": True, **handler(message)}
+        except RequestError as exc:
+            reply = {"ok": False, "kind": exc.kind, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the server
+            reply = {"ok": False, "kind": protocol.KIND_INTERNAL, "error": f"{type(exc).__name__}: {exc}"}
+        reply["id"] = request_id
+        return reply
+
+    def _op_hello(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "version": protocol.PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "workload": self._workload.name,
+            "preload_seconds": self._preload_seconds,
+            "threads": osutil.os_thread_count(),
+            "instances": [instance.describe() for instance in self._instances.values()],
+        }
+
+    def _parse(self, message: dict[str, Any]) -> ParsedOptions:
+        argv = message.get("argv")
+        if not isinstance(argv, list) or not all(isinstance(token, str) for token in argv):
+            raise RequestError(protocol.KIND_INVALID, "argv must be a list of strings")
+        try:
+            return self._workload.parse(argv)
+        except OptionsError as exc:
+            raise RequestError(protocol.KIND_INVALID, str(exc)) from None
+
+    def _op_validate(self, message: dict[str, Any]) -> dict[str, Any]:
+        parsed = self._parse(message)
+        return {"model": parsed.model, "port": parsed.port, "port_given": parsed.port_given}
+
+    def _op_spawn(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self._shutdown_grace is not None:
+            raise RequestError(protocol.KIND_CONFLICT, "the forkserver is shutting down")
+        instance_id = message.get("instance_id")
+        if not isinstance(instance_id, str) or not INSTANCE_ID.match(instance_id):
+            raise RequestError(protocol.KIND_INVALID, f"invalid instance id {instance_id!r}")
+        if instance_id in self._instances:
+            raise RequestError(protocol.KIND_CONFLICT, f"instance {instance_id!r} already exists")
+        env = message.get("env") or {}
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise RequestError(protocol.KIND_INVALID, "env must map strings to strings")
+        log_path = message.get("log_path")
+        if not isinstance(log_path, str) or not os.path.isabs(log_path):
+            raise RequestError(protocol.KIND_INVALID, "log_path must be an absolute path")
+        parsed = self._parse(message)
+        received_at = message.get("received_at")
+        try:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RequestError(protocol.KIND_INTERNAL, f"cannot open log file: {exc}") from None
+        tmpdir = tempfile.mkdtemp(prefix="i", dir=self._tmp_root)
+        child_env = {**self._base_env, **env}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        my_pid = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(log_fd)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise RequestError(protocol.KIND_INTERNAL, f"fork failed: {exc}") from None
+        if pid == 0:
+            become_instance(
+                workload=self._workload,
+                parsed=parsed,
+                log_fd=log_fd,
+                env=child_env,
+                tmpdir=tmpdir,
+                forkserver_pid=my_pid,
+            )
+        os.close(log_fd)
+        instance = Instance(
+            instance_id=instance_id,
+            pid=pid,
+            model=parsed.model,
+            port=parsed.port,
+            log_path=log_path,
+            tmpdir=tmpdir,
+            forked_at=time.time(),
+        )
+        if isinstance(received_at, (int, float)):
+            instance.timestamps["received"] = float(received_at)
+        self._instances[instance_id] = instance
+        self._by_pid[pid] = instance
+        return instance.describe()
+
+    def _op_stop(self, message: dict[str, Any]) -> dict[str, Any]:
+        instance = self._lookup(message)
+        grace = message.get("grace_seconds", 10.0)
+        if not isinstance(grace, (int, float)) or grace < 0:
+            raise RequestError(protocol.KIND_INVALID, "grace_seconds must be a number >= 0")
+        self._stop(instance, float(grace))
+        return {"running": not instance.finished}
+
+    def _op_forget(self, message: dict[str, Any]) -> dict[str, Any]:
+        instance = self._lookup(message)
+        if not instance.finished:
+            raise RequestError(protocol.KIND_CONFLICT, f"instance {instance.instance_id!r} is still running")
+        del self._instances[instance.instance_id]
+        return {}
+
+    def _op_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
+        grace = message.get("grace_seconds", 10.0)
+        self._begin_shutdown(float(grace) if isinstance(grace, (int, float)) else 10.0)
+        return {}
+
+    def _lookup(self, message: dict[str, Any]) -> Instance:
+        instance = self._instances.get(message.get("instance_id"))  # type: ignore[arg-type]
+        if instance is None:
+            raise RequestError(protocol.KIND_NOT_FOUND, f"no instance {message.get('instance_id')!r}")
+        return instance
+
+    # ----------------------------------------------------------------- stopping and reaping
+
+    def _begin_shutdown(self, grace: float) -> None:
+        if self._shutdown_grace is None:
+            self._shutdown_grace = grace
+            try:
+                self._selector.unregister(self._listener)
+            except (KeyError, ValueError):
+                pass
+        for instance in self._live_instances():
+            self._stop(instance, grace)
+
+    def _stop(self, instance: Instance, grace: float) -> None:
+        if instance.finished or instance.exit_code is not None:
+            return
+        deadline = time.monotonic() + grace
+        if instance.stop_deadline is None or deadline < instance.stop_deadline:
+            instance.stop_deadline = deadline
+        osutil.signal_group(instance.pid, signal.SIGTERM)
+        if grace == 0:
+            osutil.signal_group(instance.pid, signal.SIGKILL)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            instance = self._by_pid.pop(pid, None)
+            if instance is None:
+                continue  # an orphaned helper reparented to us (we are a subreaper)
+            instance.exit_code = osutil.exit_code_from_status(status)
+            # The main process is gone; whatever it left in its group goes now.
+            osutil.signal_group(instance.pid, signal.SIGKILL)
+
+    def _advance_stops(self) -> None:
+        now = time.monotonic()
+        for instance in self._live_instances():
+            if instance.exit_code is not None:
+                if osutil.group_alive(instance.pid):
+                    osutil.signal_group(instance.pid, signal.SIGKILL)
+                else:
+                    self._finish(instance)
+            elif instance.stop_deadline is not None and now >= instance.stop_deadline:
+                osutil.signal_group(instance.pid, signal.SIGKILL)
+                instance.stop_deadline = now + SWEEP_INTERVAL  # re-check soon, without spinning
+
+    def _finish(self, instance: Instance) -> None:
+        instance.stopped_at = time.time()
+        shutil.rmtree(instance.tmpdir, ignore_errors=True)
+        self._broadcast({"event": protocol.EVENT_EXITED, **instance.describe()})
+
+
+def bind_listener(path: str) -> socket.socket:
+    """A Unix stream socket at ``path`` (directory made 0700, socket 0600)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    return listener

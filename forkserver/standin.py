@@ -1,0 +1,134 @@
+"""A stand-in for vLLM: a tiny HTTP server with switchable misbehaviour.
+
+Used by the fast lifecycle tests and the API-overhead benchmark, never instead of the real
+vLLM tests. It takes ``--model`` and ``--port`` like vLLM, answers ``GET /health`` and
+``GET /v1/models``, and can be told to crash, ignore SIGTERM, start a helper process (as vLLM
+starts its EngineCore), flood stdout and stderr, or print environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from forkserver.workload import OptionsError, ParsedOptions, tokens_name_flag
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="standin", add_help=False)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--startup-delay", type=float, default=0.0, help="seconds before serving")
+    parser.add_argument("--crash-after", type=float, default=None, help="exit after this many seconds")
+    parser.add_argument("--exit-code", type=int, default=3)
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--spawn-helper", action="store_true", help="fork a long-lived helper")
+    parser.add_argument("--spam-lines", type=int, default=0, help="lines on stdout and stderr each")
+    parser.add_argument("--print-env", action="append", default=[], help="print VAR=value at start")
+    return parser
+
+
+class _Health(BaseHTTPRequestHandler):
+    model = ""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/health":
+            self._answer(200, b"")
+        elif self.path == "/v1/models":
+            self._answer(200, json.dumps({"data": [{"id": self.model}]}).encode())
+        else:
+            self._answer(404, b"")
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def _spam(stream: io.TextIOBase, tag: str, count: int) -> None:
+    for number in range(count):
+        # A recognisable, self-checking line: tag, number, and a fixed-width payload.
+        stream.write(f"{tag} {number:08d} {'x' * 64}\n")
+    stream.flush()
+
+
+class StandinWorkload:
+    """Implements :class:`forkserver.workload.Workload` without vLLM."""
+
+    name = "standin"
+
+    def __init__(self) -> None:
+        self._parser = _build_parser()
+
+    def preload(self, modules: list[str]) -> None:
+        """Nothing to preload: start-up is instant."""
+
+    def parse(self, argv: list[str]) -> ParsedOptions:
+        """Parse with argparse; errors become :class:`OptionsError`."""
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                namespace = self._parser.parse_args(argv)
+        except SystemExit:
+            raise OptionsError(captured.getvalue().strip() or "invalid options") from None
+        return ParsedOptions(
+            argv=list(argv),
+            model=namespace.model,
+            port=namespace.port,
+            port_given=tokens_name_flag(argv, "--port"),
+            namespace=namespace,
+        )
+
+    def run(self, parsed: ParsedOptions) -> int:
+        """Serve ``/health`` until SIGTERM (or misbehave as asked)."""
+        args = parsed.namespace
+        for name in args.print_env:
+            print(f"ENV {name}={os.environ.get(name, '<unset>')}", flush=True)
+        stop = threading.Event()
+        if args.ignore_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        else:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        if args.spawn_helper and os.fork() == 0:
+            # The helper sleeps until killed, like an EngineCore left behind by its server.
+            while True:
+                time.sleep(3600)
+        if args.spam_lines:
+            writers = [
+                threading.Thread(target=_spam, args=(sys.stdout, "OUT", args.spam_lines)),
+                threading.Thread(target=_spam, args=(sys.stderr, "ERR", args.spam_lines)),
+            ]
+            for writer in writers:
+                writer.start()
+            for writer in writers:
+                writer.join()
+        time.sleep(args.startup_delay)
+        _Health.model = args.model
+        server = HTTPServer((args.host, args.port), _Health)
+        server.timeout = 0.1
+        print(f"standin serving {args.model} on port {args.port}", flush=True)
+        started = time.monotonic()
+        while not stop.is_set():
+            server.handle_request()
+            if args.crash_after is not None and time.monotonic() - started >= args.crash_after:
+                print(f"standin crashing with code {args.exit_code}", flush=True)
+                return int(args.exit_code)
+        server.server_close()
+        print("standin stopped", flush=True)
+        return 0
+
+
+WORKLOAD = StandinWorkload()

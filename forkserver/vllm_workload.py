@@ -1,0 +1,79 @@
+"""The real workload: vLLM's OpenAI-compatible server, run in-process in the forked child."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import sys
+from typing import Any
+
+from forkserver import vllm_entrypoints
+from forkserver.workload import OptionsError, ParsedOptions, tokens_name_flag
+
+
+def _parser_error(text: str) -> str:
+    """The ``prog: error: ...`` lines of argparse output, without the long usage text."""
+    lines = text.strip().splitlines()
+    for index, line in enumerate(lines):
+        if ": error:" in line:
+            return "\n".join(lines[index:]).strip()
+    return text.strip() or "invalid options"
+
+
+class VllmWorkload:
+    """Preloads vLLM, parses options with vLLM's own parser, runs its server."""
+
+    name = "vllm"
+
+    def __init__(self) -> None:
+        self._parser: Any = None
+
+    def preload(self, modules: list[str]) -> None:
+        """Import ``modules`` (failures are reported, not fatal) and build the parser once."""
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # noqa: BLE001 - a bad preload entry must not stop the server
+                print(f"forkserver: could not preload {module}: {exc}", file=sys.stderr, flush=True)
+        self._parser = vllm_entrypoints.make_parser()
+
+    def parse(self, argv: list[str]) -> ParsedOptions:
+        """Parse ``argv`` as ``vllm serve`` would; the error message is vLLM's own."""
+        if self._parser is None:
+            self._parser = vllm_entrypoints.make_parser()
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+                args = self._parser.parse_args(argv)
+        except SystemExit:
+            raise OptionsError(_parser_error(captured.getvalue())) from None
+        if args.model_tag:
+            args.model = args.model_tag  # as `vllm serve MODEL` does
+        model_given = bool(args.model_tag) or tokens_name_flag(argv, "--model")
+        if not model_given:
+            raise OptionsError("options must name a model: add --model MODEL (a local path or model id)")
+        try:
+            vllm_entrypoints.validate_args()(args)
+        except (ValueError, TypeError) as exc:
+            raise OptionsError(f"vllm serve: error: {exc}") from None
+        return ParsedOptions(
+            argv=list(argv),
+            model=str(args.model),
+            port=int(args.port),
+            port_given=tokens_name_flag(argv, "--port"),
+            namespace=args,
+        )
+
+    def run(self, parsed: ParsedOptions) -> int:
+        """Serve until stopped (SIGTERM ends uvicorn, then vLLM shuts its engine down)."""
+        import uvloop
+
+        vllm_entrypoints.reconfigure_logging_from_env()
+        args = parsed.namespace
+        vllm_entrypoints.configure_logging_from_args()(args)
+        uvloop.run(vllm_entrypoints.run_server()(args))
+        return 0
+
+
+WORKLOAD = VllmWorkload()

@@ -1,0 +1,58 @@
+"""What an instance runs: the interface between the forkserver and the server it forks.
+
+The real workload is vLLM's OpenAI server (:mod:`forkserver.vllm_workload`). A stand-in
+(:mod:`forkserver.standin`) implements the same interface for fast lifecycle tests and
+benchmarks. ``--workload`` names one as ``module:attribute``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class OptionsError(ValueError):
+    """The instance's options were rejected; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class ParsedOptions:
+    """Options parsed by the workload's own parser, plus what the launcher needs to know."""
+
+    argv: list[str]
+    model: str
+    port: int
+    port_given: bool
+    namespace: Any = field(repr=False, default=None)
+
+
+class Workload(Protocol):
+    """A server the forkserver can preload and run in forked children."""
+
+    name: str
+
+    def preload(self, modules: list[str]) -> None:
+        """Import what children will need, once, in the forkserver."""
+
+    def parse(self, argv: list[str]) -> ParsedOptions:
+        """Parse instance options with the workload's own parser; raise OptionsError."""
+
+    def run(self, parsed: ParsedOptions) -> int:
+        """Serve in the forked child until stopped; return the exit code."""
+
+
+def load_workload(spec: str) -> Workload:
+    """Resolve ``module:attribute`` (or the shorthands ``vllm`` and ``standin``)."""
+    shorthands = {"vllm": "forkserver.vllm_workload:WORKLOAD", "standin": "forkserver.standin:WORKLOAD"}
+    spec = shorthands.get(spec, spec)
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise ValueError(f"workload {spec!r} is not of the form module:attribute")
+    workload: Workload = getattr(importlib.import_module(module_name), attribute)
+    return workload
+
+
+def tokens_name_flag(argv: list[str], flag: str) -> bool:
+    """True if ``argv`` sets ``flag`` either as ``--flag value`` or ``--flag=value``."""
+    return any(token == flag or token.startswith(flag + "=") for token in argv)
