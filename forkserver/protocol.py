@@ -16,12 +16,23 @@ This module imports nothing heavy: the lean API process uses it too.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from typing import Any
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 20  # 1 MiB: options and env vars are small; anything bigger is a bug or an attack
 PROTOCOL_VERSION = 1
+
+# Instance ids: 1-128 letters, digits, '.', '_', '-', starting with a letter or digit. They name
+# log files, so nothing else (no '/', no '..' alone) may pass.
+INSTANCE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+INSTANCE_ID = re.compile(INSTANCE_ID_PATTERN)
+
+
+def valid_instance_id(value: object) -> bool:
+    """True if ``value`` is a string that is a valid instance id."""
+    return isinstance(value, str) and INSTANCE_ID.fullmatch(value) is not None
 
 # Request operations.
 OP_HELLO = "hello"  # -> {"pid", "version", "preload_seconds", "preloaded", "instances": [...]}

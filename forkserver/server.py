@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import selectors
 import shutil
 import signal
@@ -25,7 +24,6 @@ from forkserver import osutil, protocol
 from forkserver.child import become_instance
 from forkserver.workload import OptionsError, ParsedOptions, Workload
 
-INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
 MAX_CLIENTS = 64
 
@@ -293,7 +291,7 @@ class ForkServer:
         if self._shutdown_grace is not None:
             raise RequestError(protocol.KIND_CONFLICT, "the forkserver is shutting down")
         instance_id = message.get("instance_id")
-        if not isinstance(instance_id, str) or not INSTANCE_ID.match(instance_id):
+        if not protocol.valid_instance_id(instance_id):
             raise RequestError(protocol.KIND_INVALID, f"invalid instance id {instance_id!r}")
         if instance_id in self._instances:
             raise RequestError(protocol.KIND_CONFLICT, f"instance {instance_id!r} already exists")
@@ -306,7 +304,7 @@ class ForkServer:
         parsed = self._parse(message)
         received_at = message.get("received_at")
         try:
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise RequestError(protocol.KIND_INTERNAL, f"cannot open log file: {exc}") from None
         tmpdir = tempfile.mkdtemp(prefix="i", dir=self._tmp_root)

@@ -19,7 +19,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from forkserver.workload import OptionsError, ParsedOptions, tokens_name_flag
+from forkserver.workload import OptionsError, ParsedOptions, argparse_error, tokens_name_flag
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -83,7 +83,7 @@ class StandinWorkload:
             with contextlib.redirect_stderr(captured):
                 namespace = self._parser.parse_args(argv)
         except SystemExit:
-            raise OptionsError(captured.getvalue().strip() or "invalid options") from None
+            raise OptionsError(argparse_error(captured.getvalue())) from None
         return ParsedOptions(
             argv=list(argv),
             model=namespace.model,

@@ -9,16 +9,7 @@ import sys
 from typing import Any
 
 from forkserver import vllm_entrypoints
-from forkserver.workload import OptionsError, ParsedOptions, tokens_name_flag
-
-
-def _parser_error(text: str) -> str:
-    """The ``prog: error: ...`` lines of argparse output, without the long usage text."""
-    lines = text.strip().splitlines()
-    for index, line in enumerate(lines):
-        if ": error:" in line:
-            return "\n".join(lines[index:]).strip()
-    return text.strip() or "invalid options"
+from forkserver.workload import OptionsError, ParsedOptions, argparse_error, tokens_name_flag
 
 
 class VllmWorkload:
@@ -47,7 +38,7 @@ class VllmWorkload:
             with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
                 args = self._parser.parse_args(argv)
         except SystemExit:
-            raise OptionsError(_parser_error(captured.getvalue())) from None
+            raise OptionsError(argparse_error(captured.getvalue())) from None
         if args.model_tag:
             args.model = args.model_tag  # as `vllm serve MODEL` does
         model_given = bool(args.model_tag) or tokens_name_flag(argv, "--model")

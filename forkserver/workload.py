@@ -56,3 +56,12 @@ def load_workload(spec: str) -> Workload:
 def tokens_name_flag(argv: list[str], flag: str) -> bool:
     """True if ``argv`` sets ``flag`` either as ``--flag value`` or ``--flag=value``."""
     return any(token == flag or token.startswith(flag + "=") for token in argv)
+
+
+def argparse_error(text: str) -> str:
+    """The ``prog: error: ...`` lines of argparse output, without the long usage text."""
+    lines = text.strip().splitlines()
+    for index, line in enumerate(lines):
+        if ": error:" in line:
+            return "\n".join(lines[index:]).strip()
+    return text.strip() or "invalid options"

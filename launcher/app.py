@@ -1,0 +1,68 @@
+"""The Starlette application: ``uvicorn launcher.app:app`` (settings from ``LAUNCHER_*``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from launcher.errors import LauncherError
+from launcher.manager import InstanceManager
+from launcher.routes import routes
+from launcher.settings import Settings
+
+log = logging.getLogger("launcher")
+
+
+async def _launcher_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LauncherError)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    detail = exc.detail
+    if exc.status_code == 404:
+        detail = f"no such endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app. Without ``settings``, they are read from the environment at start-up."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        resolved = settings if settings is not None else Settings.from_sources()
+        manager = InstanceManager(resolved)
+        app.state.settings = resolved
+        app.state.manager = manager
+        manager.start()
+        try:
+            yield
+        finally:
+            await manager.shutdown()
+
+    return Starlette(
+        routes=routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            LauncherError: _launcher_error,
+            HTTPException: _http_exception,
+            Exception: _unexpected,
+        },
+    )
+
+
+app = create_app()

@@ -1,0 +1,176 @@
+"""Starts the forkserver, keeps a connection to it, and restarts it if it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from launcher.forkserver_client import EventHandler, ForkserverClient, ForkserverGone
+from launcher.settings import Settings
+
+log = logging.getLogger("launcher.forkserver")
+CONNECT_POLL = 0.05
+
+
+class ForkserverSupervisor:
+    """Owns the forkserver process for the lifetime of the API.
+
+    ``on_event`` receives the forkserver's events; ``on_lost`` runs after the forkserver went
+    away (before a new one starts), so the caller can mark its instances stopped.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_event: EventHandler,
+        on_lost: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._on_event = on_event
+        self._on_lost = on_lost
+        self._own_runtime_dir = not settings.runtime_dir
+        self.runtime_dir = settings.runtime_dir or tempfile.mkdtemp(prefix="vllm-launcher-")
+        os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.runtime_dir, 0o700)
+        self.socket_path = os.path.join(self.runtime_dir, "forkserver.sock")
+        self._process: asyncio.subprocess.Process | None = None
+        self._client: ForkserverClient | None = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._monitor: asyncio.Task[None] | None = None
+        self.hello: dict[str, Any] = {}
+        self.restarts = 0
+        self.last_error = ""
+
+    @property
+    def ready(self) -> bool:
+        """True while a forkserver is connected and accepting requests."""
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        """Start the forkserver in the background (the API serves meanwhile)."""
+        self._monitor = asyncio.create_task(self._run(), name="forkserver-monitor")
+
+    async def client(self) -> ForkserverClient:
+        """The connected client, waiting for a start-up in progress."""
+        if self._stopping:
+            raise ForkserverGone("the launcher is shutting down")
+        try:
+            await asyncio.wait_for(self._ready.wait(), self._settings.forkserver_start_timeout)
+        except TimeoutError:
+            raise ForkserverGone(f"the forkserver is not available: {self.last_error or 'still starting'}") from None
+        assert self._client is not None
+        return self._client
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self._start_once()
+            except Exception as exc:  # noqa: BLE001 - keep trying; /health shows the error
+                self.last_error = f"forkserver failed to start: {exc}"
+                log.error("%s", self.last_error)
+                await self._kill_process()
+                await asyncio.sleep(1.0)
+                continue
+            assert self._client is not None and self._process is not None
+            process_exit = asyncio.create_task(self._process.wait())
+            closed = asyncio.create_task(self._client.closed.wait())
+            await asyncio.wait({process_exit, closed}, return_when=asyncio.FIRST_COMPLETED)
+            self._ready.clear()
+            closed.cancel()
+            if self._stopping:
+                process_exit.cancel()
+                return
+            await self._kill_process()
+            process_exit.cancel()
+            code = self._process.returncode
+            self.last_error = f"forkserver exited unexpectedly (code {code})"
+            log.error("%s; starting a new one", self.last_error)
+            await self._on_lost(self.last_error)
+            self.restarts += 1
+
+    async def _start_once(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        command = [
+            self._settings.forkserver_python,
+            "-m",
+            "forkserver",
+            "--socket",
+            self.socket_path,
+            "--workload",
+            self._settings.forkserver_workload,
+            "--die-with-parent",
+            str(os.getpid()),
+        ]
+        if self._settings.forkserver_preload:
+            command += ["--preload", self._settings.forkserver_preload]
+        started = time.monotonic()
+        # Own session: a Ctrl-C meant for the API must not reach the forkserver directly.
+        self._process = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = started + self._settings.forkserver_start_timeout
+        while True:
+            if self._process.returncode is not None:
+                raise RuntimeError(f"it exited with code {self._process.returncode} while preloading")
+            if os.path.exists(self.socket_path):
+                try:
+                    self._client = await ForkserverClient.connect(self.socket_path, self._on_event)
+                    break
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"it did not listen within {self._settings.forkserver_start_timeout:.0f}s")
+            await asyncio.sleep(CONNECT_POLL)
+        self.hello = await self._client.request("hello")
+        self.last_error = ""
+        self._ready.set()
+        log.info(
+            "forkserver pid %s ready in %.1fs (preload %.1fs)",
+            self.hello.get("pid"),
+            time.monotonic() - started,
+            self.hello.get("preload_seconds", 0.0),
+        )
+
+    async def _kill_process(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGKILL)
+            await process.wait()
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Stop every instance (SIGTERM, deadline, SIGKILL), then the forkserver itself."""
+        self._stopping = True
+        if self._client is not None and self._ready.is_set():
+            with contextlib.suppress(ForkserverGone, Exception):
+                await self._client.request("shutdown", grace_seconds=grace_seconds)
+        process = self._process
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), grace_seconds + 5.0)
+            except TimeoutError:
+                log.warning("forkserver did not exit in time; killing it")
+        await self._kill_process()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        self._ready.clear()
+        if self._own_runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+

@@ -1,0 +1,95 @@
+"""The log endpoint's Range rules, exactly as the original document states them.
+
+- No ``Range``: 200 with bytes ``[0, min(total, cap))``.
+- ``bytes=START-END`` (inclusive) or ``bytes=START-``: 206 with at most ``cap`` bytes from
+  START and ``Content-Range: bytes S-E/TOTAL``.
+- START at or past the end: 416 with ``Content-Range: bytes */TOTAL`` and an empty body.
+- Suffix ranges (``bytes=-N``), several ranges, other units, END < START, or anything else
+  malformed: 400.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from launcher.errors import BadRequest, RangeNotSatisfiable
+
+LOG_CAP = 1 << 20  # 1 MiB per answer
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """A requested range: ``end`` is inclusive, None when open-ended."""
+
+    start: int
+    end: int | None
+
+
+@dataclass(frozen=True)
+class LogSlice:
+    """Bytes served and where they sit in the log."""
+
+    data: bytes
+    start: int
+    total: int
+
+    @property
+    def content_range(self) -> str:
+        return f"bytes {self.start}-{self.start + len(self.data) - 1}/{self.total}"
+
+
+def parse_range(header: str) -> ByteRange:
+    """Parse a ``Range`` header value; raise :class:`BadRequest` naming what is wrong."""
+    value = header.strip()
+    if not value.startswith("bytes="):
+        raise BadRequest(f"unsupported Range {header!r}: only 'bytes=START-END' or 'bytes=START-' is supported")
+    if "," in value:
+        raise BadRequest(f"unsupported Range {header!r}: multiple ranges are not supported")
+    if value.startswith("bytes=-"):
+        raise BadRequest(f"unsupported Range {header!r}: suffix ranges (bytes=-N) are not supported")
+    match = _RANGE.match(value)
+    if match is None:
+        raise BadRequest(f"malformed Range {header!r}: expected 'bytes=START-END' or 'bytes=START-'")
+    start = int(match.group(1))
+    end = int(match.group(2)) if match.group(2) else None
+    if end is not None and end < start:
+        raise BadRequest(f"malformed Range {header!r}: END ({end}) is before START ({start})")
+    return ByteRange(start, end)
+
+
+def plan(byte_range: ByteRange | None, total: int, cap: int = LOG_CAP) -> tuple[int, int]:
+    """The ``[start, stop)`` to read for ``byte_range`` in a log of ``total`` bytes.
+
+    Raises :class:`RangeNotSatisfiable` (with ``Content-Range: bytes */total``) when a range
+    starts at or past the end.
+    """
+    if byte_range is None:
+        return 0, min(total, cap)
+    if byte_range.start >= total:
+        raise RangeNotSatisfiable(
+            f"range starts at byte {byte_range.start} but the log has {total} bytes",
+            headers={"Content-Range": f"bytes */{total}"},
+        )
+    stop = total if byte_range.end is None else min(total, byte_range.end + 1)
+    return byte_range.start, min(stop, byte_range.start + cap)
+
+
+def read_log(path: str, byte_range: ByteRange | None, cap: int = LOG_CAP) -> LogSlice:
+    """Read the planned slice of the log at ``path`` (a missing file is an empty log).
+
+    Blocking: call it in a worker thread.
+    """
+    try:
+        with open(path, "rb") as log:
+            total = os.fstat(log.fileno()).st_size
+            start, stop = plan(byte_range, total, cap)
+            log.seek(start)
+            data = log.read(stop - start)
+    except FileNotFoundError:
+        total = 0
+        start, stop = plan(byte_range, total, cap)
+        data = b""
+    return LogSlice(data=data, start=start, total=total)

@@ -1,0 +1,77 @@
+"""Request bodies, validated with pydantic. The same models describe the API in OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from forkserver.protocol import valid_instance_id
+from launcher.errors import BadRequest, Unprocessable
+
+
+class VllmConfig(BaseModel):
+    """What a client asks for when it creates an instance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    options: StrictStr = Field(
+        description="vLLM command-line options, e.g. '--model /models/opt --port 8000'",
+        min_length=1,
+    )
+    env_vars: dict[StrictStr, StrictStr] | None = Field(
+        default=None, description="environment variables for the instance (values are strings)"
+    )
+    gpu_uuids: list[StrictStr] | None = Field(
+        default=None, description="GPUs for the instance, by UUID; become CUDA_VISIBLE_DEVICES"
+    )
+    annotations: dict[StrictStr, StrictStr] | None = Field(
+        default=None, description="opaque labels, echoed back in the instance's state"
+    )
+
+    def argv(self) -> list[str]:
+        """``options`` split as a POSIX shell would (quotes respected, nothing expanded)."""
+        try:
+            return shlex.split(self.options)
+        except ValueError as exc:
+            raise BadRequest(f"options cannot be split into arguments: {exc}") from None
+
+    def echo(self) -> dict[str, Any]:
+        """The config fields echoed in state objects (only those given)."""
+        return self.model_dump(exclude_none=True)
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        problems.append(f"{where}: {item['msg']}")
+    return "invalid request body: " + "; ".join(problems)
+
+
+def parse_config(body: bytes) -> VllmConfig:
+    """Parse and validate a create body; 400 for bad JSON, 422 for a wrong shape."""
+    if not body.strip():
+        raise BadRequest("request body is empty: send a JSON object with at least 'options'")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise Unprocessable("request body must be a JSON object with at least 'options'")
+    try:
+        return VllmConfig.model_validate(data)
+    except ValidationError as exc:
+        raise Unprocessable(_describe(exc)) from None
+
+
+def check_instance_id(instance_id: str) -> str:
+    """Return ``instance_id`` if valid, else raise a 400 that says what is allowed."""
+    if not valid_instance_id(instance_id):
+        raise BadRequest(
+            f"invalid instance id {instance_id[:200]!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return instance_id

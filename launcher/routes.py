@@ -1,0 +1,171 @@
+"""HTTP endpoints. Each handler is thin: parse the request, call the manager, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from launcher import __version__, log_range
+from launcher.errors import BadRequest, PayloadTooLarge, RangeNotSatisfiable, UnsupportedMediaType
+from launcher.manager import InstanceManager
+from launcher.models import check_instance_id, parse_config
+from launcher.state import Status
+
+ENDPOINTS = {
+    "index": "GET /",
+    "health": "GET /health",
+    "create_instance": "POST /v2/vllm/instances",
+    "create_named_instance": "PUT /v2/vllm/instances/{instance_id}",
+    "delete_instance": "DELETE /v2/vllm/instances/{instance_id}",
+    "delete_all_instances": "DELETE /v2/vllm/instances",
+    "get_instance_status": "GET /v2/vllm/instances/{instance_id}",
+    "get_all_instances": "GET /v2/vllm/instances",
+    "get_instance_logs": "GET /v2/vllm/instances/{instance_id}/log",
+}
+
+
+def _manager(request: Request) -> InstanceManager:
+    manager: InstanceManager = request.app.state.manager
+    return manager
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refusing non-JSON content types (415) and oversized bodies (413)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"content type {content_type!r} is not supported: send application/json")
+    cap = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {cap}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise PayloadTooLarge(f"request body exceeds the {cap}-byte limit")
+    return bytes(body)
+
+
+async def index(request: Request) -> JSONResponse:
+    """Service name, version and endpoints."""
+    return JSONResponse({"name": "Multi-Instance vLLM Management API", "version": __version__, "endpoints": ENDPOINTS})
+
+
+async def health(request: Request) -> JSONResponse:
+    """200 ``{"status": "OK"}`` while instances can be created; 503 while the forkserver is down."""
+    forkserver = _manager(request).forkserver
+    if forkserver.ready:
+        return JSONResponse({"status": "OK"})
+    detail = forkserver.last_error or "the forkserver is starting (preloading vLLM)"
+    return JSONResponse({"status": "unavailable", "detail": detail}, status_code=503)
+
+
+async def _create(request: Request, instance_id: str | None) -> JSONResponse:
+    received_at = time.time()
+    if instance_id is not None:
+        check_instance_id(instance_id)
+    config = parse_config(await _read_body(request))
+    record = await _manager(request).create(config, instance_id, received_at=received_at)
+    return JSONResponse(
+        {
+            "status": "started",
+            "instance_id": record.instance_id,
+            "pid": record.pid,
+            "port": record.port,
+            "model": record.model,
+        },
+        status_code=201,
+    )
+
+
+async def create_instance(request: Request) -> JSONResponse:
+    """POST: create an instance with a generated UUID."""
+    return await _create(request, None)
+
+
+async def create_named_instance(request: Request) -> JSONResponse:
+    """PUT: create an instance with the id in the path (409 if it exists)."""
+    return await _create(request, request.path_params["instance_id"])
+
+
+async def get_instance(request: Request) -> JSONResponse:
+    """One instance's state (404 if unknown)."""
+    return JSONResponse(_manager(request).get(request.path_params["instance_id"]).to_json())
+
+
+def _parse_detail(value: str | None) -> bool:
+    if value is None:
+        return True
+    word = value.strip().lower()
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return False
+    raise BadRequest(f"invalid detail={value!r}: use True or False")
+
+
+async def list_instances(request: Request) -> JSONResponse:
+    """All instances: ids only with ``detail=False``, full states otherwise."""
+    detail = _parse_detail(request.query_params.get("detail"))
+    records = _manager(request).all()
+    if not detail:
+        ids = [record.instance_id for record in records]
+        return JSONResponse({"instance_ids": ids, "count": len(ids)})
+    return JSONResponse(
+        {
+            "total_instances": len(records),
+            "running_instances": sum(record.status is Status.RUNNING for record in records),
+            "instances": [record.to_json() for record in records],
+        }
+    )
+
+
+async def delete_instance(request: Request) -> JSONResponse:
+    """Stop and delete one instance; answers once no process of it is left."""
+    return JSONResponse(await _manager(request).delete(request.path_params["instance_id"]))
+
+
+async def delete_all_instances(request: Request) -> JSONResponse:
+    """Stop and delete every instance."""
+    stopped = await _manager(request).delete_all()
+    return JSONResponse({"status": "all_stopped", "stopped_instances": stopped, "total_stopped": len(stopped)})
+
+
+async def get_instance_log(request: Request) -> Response:
+    """Raw log bytes, honouring the ``Range`` rules of :mod:`launcher.log_range`."""
+    record = _manager(request).get(request.path_params["instance_id"])
+    header = request.headers.get("range")
+    byte_range = log_range.parse_range(header) if header is not None else None
+    try:
+        piece = await asyncio.to_thread(log_range.read_log, record.log_path, byte_range)
+    except RangeNotSatisfiable as exc:
+        return Response(b"", status_code=416, headers=exc.headers)  # empty body, as RFC 9110 has it
+    if byte_range is None:
+        return Response(piece.data, media_type="application/octet-stream")
+    return Response(
+        piece.data,
+        status_code=206,
+        media_type="application/octet-stream",
+        headers={"Content-Range": piece.content_range},
+    )
+
+
+def routes() -> list[Route]:
+    """The API's routes."""
+    instance = "/v2/vllm/instances/{instance_id}"
+    return [
+        Route("/", index, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/v2/vllm/instances", create_instance, methods=["POST"]),
+        Route("/v2/vllm/instances", list_instances, methods=["GET"]),
+        Route("/v2/vllm/instances", delete_all_instances, methods=["DELETE"]),
+        Route(instance, create_named_instance, methods=["PUT"]),
+        Route(instance, get_instance, methods=["GET"]),
+        Route(instance, delete_instance, methods=["DELETE"]),
+        Route(instance + "/log", get_instance_log, methods=["GET"]),
+    ]

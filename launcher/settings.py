@@ -1,0 +1,103 @@
+"""The launcher's settings: one frozen object, read once from CLI flags and the environment.
+
+Every field has a flag ``--some-name`` and an environment twin ``LAUNCHER_SOME_NAME``; a flag
+beats the environment, which beats the default. ``uvicorn launcher.app:app`` reads only the
+environment, so everything is configurable either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "LAUNCHER_"
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+def _default_state_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), f"vllm-launcher-{os.getuid()}")
+
+
+def _setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the launcher can be told. See the README's configuration table."""
+
+    host: str = _setting("0.0.0.0", "address the API listens on")
+    port: int = _setting(8001, "port the API listens on")
+    log_level: str = _setting("info", "log level of the API (debug, info, warning, error)")
+    log_dir: str = _setting("", "directory of instance log files (default: <tmp>/vllm-launcher-<uid>/logs)")
+    runtime_dir: str = _setting("", "private directory for the forkserver socket (default: a new one under <tmp>)")
+    stop_timeout: float = _setting(10.0, "seconds between SIGTERM and SIGKILL when stopping an instance")
+    forkserver_workload: str = _setting("vllm", "what instances run: vllm, standin, or module:attribute")
+    forkserver_preload: str = _setting("", "comma-separated modules the forkserver imports (default: vLLM's serve path)")
+    forkserver_python: str = _setting(sys.executable, "Python interpreter that runs the forkserver")
+    forkserver_start_timeout: float = _setting(300.0, "seconds to wait for the forkserver to preload")
+    max_body_bytes: int = _setting(65536, "largest accepted request body, in bytes (413 above)")
+
+    def resolved_log_dir(self) -> str:
+        """The log directory, with the default filled in."""
+        return self.log_dir or os.path.join(_default_state_dir(), "logs")
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read flags from ``argv`` (None: no flags) over ``LAUNCHER_*`` from ``environ``."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + item.name.upper())
+            if raw is not None:
+                values[item.name] = _convert(item.name, item.type, raw)
+        if argv is not None:
+            parsed = _argument_parser(cls).parse_args(list(argv))
+            values.update({name: value for name, value in vars(parsed).items() if value is not None})
+        return cls(**values)
+
+
+def _convert(name: str, type_name: Any, raw: str) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "bool":
+            word = raw.strip().lower()
+            if word in TRUE_WORDS:
+                return True
+            if word in FALSE_WORDS:
+                return False
+            raise ValueError(f"expected one of {sorted(TRUE_WORDS | FALSE_WORDS)}")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"invalid {ENV_PREFIX}{name.upper()}={raw!r}: {exc}") from None
+    return raw
+
+
+def _argument_parser(cls: type[Settings]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher",
+        description="Multi-instance vLLM launcher: a REST API that forks vLLM servers on demand.",
+        epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, "
+        "e.g. --log-dir as LAUNCHER_LOG_DIR.",
+    )
+    for item in dataclasses.fields(cls):
+        flag = "--" + item.name.replace("_", "-")
+        env_name = ENV_PREFIX + item.name.upper()
+        help_text = f"{item.metadata['help']} [env {env_name}; default {item.default!r}]"
+        kind = str(item.type)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            converter = {"int": int, "float": float}.get(kind, str)
+            parser.add_argument(flag, type=converter, default=None, help=help_text)
+    return parser

@@ -1,0 +1,63 @@
+"""An instance's state as the API reports it. Status changes happen only here."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.models import VllmConfig
+
+
+class Status(str, enum.Enum):
+    """Exactly the two values of the original document."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+@dataclass
+class InstanceRecord:
+    """One instance, from create to delete."""
+
+    instance_id: str
+    config: VllmConfig
+    log_path: str
+    pid: int
+    port: int
+    model: str
+    received_at: float  # wall clock when the create request arrived
+    created_at: float = field(default_factory=time.time)
+    status: Status = Status.RUNNING
+    exit_code: int | None = None
+    stopped_at: float | None = None
+    stop_reason: str | None = None
+
+    def mark_stopped(self, *, exit_code: int | None, stopped_at: float | None, reason: str | None = None) -> bool:
+        """Record the end of the instance; False if it was already stopped."""
+        if self.status is Status.STOPPED:
+            return False
+        self.status = Status.STOPPED
+        self.exit_code = exit_code
+        self.stopped_at = stopped_at if stopped_at is not None else time.time()
+        self.stop_reason = reason
+        return True
+
+    def to_json(self) -> dict[str, Any]:
+        """The state object of the API."""
+        state: dict[str, Any] = {
+            "status": self.status.value,
+            "instance_id": self.instance_id,
+            **self.config.echo(),
+            "pid": self.pid,
+            "port": self.port,
+            "model": self.model,
+            "created_at": self.created_at,
+        }
+        if self.status is Status.STOPPED:
+            state["exit_code"] = self.exit_code
+            state["stopped_at"] = self.stopped_at
+            if self.stop_reason:
+                state["stop_reason"] = self.stop_reason
+        return state
