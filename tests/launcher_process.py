@@ -1,0 +1,136 @@
+"""Run a real launcher (``python -m launcher``) in a subprocess for tests and benchmarks.
+
+It starts its own real forkserver. :meth:`LauncherProcess.stop` ends it and checks that every
+process it started is gone, and removes its directories.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; raise AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class LauncherProcess:
+    """A launcher subprocess with its own log and runtime directories."""
+
+    def __init__(self, *, workload: str = "standin", env: Mapping[str, str] | None = None, ready_timeout: float = 180.0):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="lt-"))
+        self.log_dir = self.workdir / "logs"
+        self.runtime_dir = self.workdir / "run"
+        self.output = (self.workdir / "launcher.out").open("wb")
+        child_env = {
+            **os.environ,
+            "LAUNCHER_FORKSERVER_WORKLOAD": workload,
+            "LAUNCHER_LOG_DIR": str(self.log_dir),
+            "LAUNCHER_RUNTIME_DIR": str(self.runtime_dir),
+            "LAUNCHER_STOP_TIMEOUT": "5",
+            **(env or {}),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            cwd=REPO,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = httpx.Client(base_url=self.base_url, timeout=60.0)
+        try:
+            wait_until(self._healthy, ready_timeout, 0.1, "the launcher's /health")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"launcher exited with {self.process.returncode}:\n{self.output_text()}")
+        try:
+            return self.client.get("/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def output_text(self) -> str:
+        """What the launcher (and its forkserver) printed."""
+        return (self.workdir / "launcher.out").read_text(errors="replace")
+
+    def descendants(self) -> list[psutil.Process]:
+        """Every live process below the launcher (forkserver, instances, their helpers)."""
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def forkserver_pid(self) -> int:
+        """The forkserver's pid (the launcher's only direct child)."""
+        children = psutil.Process(self.process.pid).children()
+        assert len(children) == 1, children
+        return int(children[0].pid)
+
+    def create(self, instance_id: str | None = None, **body: Any) -> httpx.Response:
+        """POST (no id) or PUT (with id) an instance."""
+        if instance_id is None:
+            return self.client.post("/v2/vllm/instances", json=body)
+        return self.client.put(f"/v2/vllm/instances/{instance_id}", json=body)
+
+    def state(self, instance_id: str) -> dict[str, Any]:
+        """GET one instance's state (asserting 200)."""
+        response = self.client.get(f"/v2/vllm/instances/{instance_id}")
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> list[int]:
+        """End the launcher with ``sig``; return pids of processes that outlived it (killed here)."""
+        tree = self.descendants()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        gone, alive = psutil.wait_procs(tree, timeout=10)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.client.close()
+        self.output.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return [process.pid for process in alive]
