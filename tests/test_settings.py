@@ -1,0 +1,39 @@
+"""Settings: every flag has a LAUNCHER_* twin; flags beat the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from launcher.settings import Settings
+
+
+def test_defaults() -> None:
+    settings = Settings.from_sources([], {})
+    assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 8001, "info")
+
+
+def test_every_field_reads_its_environment_twin() -> None:
+    samples = {"str": "x", "int": "7", "float": "2.5"}
+    for item in dataclasses.fields(Settings):
+        env = {"LAUNCHER_" + item.name.upper(): samples[str(item.type)]}
+        value = getattr(Settings.from_sources(None, env), item.name)
+        assert str(value) in ("x", "7", "2.5"), item.name
+
+
+def test_every_field_has_a_flag() -> None:
+    for item in dataclasses.fields(Settings):
+        flag = "--" + item.name.replace("_", "-")
+        value = {"str": "y", "int": "9", "float": "1.5"}[str(item.type)]
+        assert str(getattr(Settings.from_sources([flag, value], {}), item.name)) == value
+
+
+def test_flag_beats_environment() -> None:
+    settings = Settings.from_sources(["--port", "9000"], {"LAUNCHER_PORT": "9100", "LAUNCHER_LOG_DIR": "/x"})
+    assert settings.port == 9000 and settings.log_dir == "/x"
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(SystemExit, match="LAUNCHER_PORT"):
+        Settings.from_sources(None, {"LAUNCHER_PORT": "eighty"})
