@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ def vllm_launcher() -> Iterator[LauncherProcess]:
     """A launcher with the real vLLM workload (the forkserver preloads vLLM first)."""
     cache = tempfile.mkdtemp(prefix="vllm-cache-")
     shm_before = _shm_segments()
+    tmp_before = set(os.listdir(tempfile.gettempdir()))
     launcher = LauncherProcess(
         workload="vllm",
         env={
@@ -41,11 +43,11 @@ def vllm_launcher() -> Iterator[LauncherProcess]:
     yield launcher
     output = launcher.output_text()
     leftovers = launcher.stop()
-    import shutil
-
     shutil.rmtree(cache, ignore_errors=True)
     assert not leftovers, f"processes outlived the launcher: {leftovers}\n{output[-3000:]}"
     assert _shm_segments() <= shm_before, "shared-memory segments left behind"
+    new_tmp = {name for name in set(os.listdir(tempfile.gettempdir())) - tmp_before if not name.startswith("pytest-")}
+    assert not new_tmp, f"files left in the temp directory: {new_tmp}"
 
 
 def _wait_healthy(port: int, launcher: LauncherProcess, instance_id: str) -> None:
