@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 from forkserver import osutil  # noqa: E402
 from forkserver.server import ForkServer, bind_listener  # noqa: E402
-from forkserver.workload import load_workload  # noqa: E402
+from forkserver.workload import WorkloadOptions, load_workload  # noqa: E402
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +37,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="exit (with every instance) when process PID, our parent, dies",
     )
     parser.add_argument("--tmp-root", default=None, help="parent of the per-instance TMPDIRs")
+    parser.add_argument(
+        "--fork-engine",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CPU, fork vLLM's EngineCore instead of spawning it (see forkserver/cpu_compat.py)",
+    )
+    parser.add_argument(
+        "--in-process-worker",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CPU, run a single-process model inside the EngineCore (no Worker process)",
+    )
     return parser.parse_args(argv)
 
 
@@ -61,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(tmp_root, mode=0o700, exist_ok=True)
 
     workload = load_workload(args.workload)
+    workload.configure(WorkloadOptions(fork_engine=args.fork_engine, in_process_worker=args.in_process_worker))
     started = time.monotonic()
     workload.preload(_preload_list(args.preload) if workload.name == "vllm" else [])
     preload_seconds = time.monotonic() - started
@@ -77,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    # Objects that exist now are shared with every child; frozen, the collector never touches
+    # (and so never copies) their pages.
+    gc.freeze()
     listener = bind_listener(args.socket)
     server = ForkServer(
         listener=listener,

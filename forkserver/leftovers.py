@@ -1,7 +1,8 @@
 """Finding and removing what an instance's processes leave in /dev/shm.
 
 vLLM's shared-memory message queues (``/dev/shm/psm_*``) are unlinked by their creator only on
-a clean shutdown; a killed EngineCore or Worker leaves them behind for good. The names are
+a clean shutdown, and multiprocessing's named semaphores (``/dev/shm/sem.mp-*``) by its
+resource tracker, which dies with the instance's group; a killed instance leaves them behind. The names are
 random, so the forkserver learns which belong to an instance by reading the memory maps of
 the instance's process group while it lives, and unlinks them once the group is gone.
 """
@@ -12,7 +13,7 @@ import contextlib
 import os
 
 SHM_DIR = "/dev/shm"
-_PREFIXES = ("psm_",)
+_PREFIXES = ("psm_", "sem.mp-")  # SharedMemory segments; multiprocessing semaphores
 
 
 def group_pids(pgid: int) -> list[int]:

@@ -19,7 +19,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from forkserver.workload import OptionsError, ParsedOptions, argparse_error, tokens_name_flag
+from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -72,6 +72,9 @@ class StandinWorkload:
 
     def __init__(self) -> None:
         self._parser = _build_parser()
+
+    def configure(self, options: WorkloadOptions) -> None:
+        """The stand-in has no helpers to fork: nothing to configure."""
 
     def preload(self, modules: list[str]) -> None:
         """Nothing to preload: start-up is instant."""

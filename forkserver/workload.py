@@ -27,10 +27,21 @@ class ParsedOptions:
     namespace: Any = field(repr=False, default=None)
 
 
+@dataclass(frozen=True)
+class WorkloadOptions:
+    """Switches the launcher passes down (see forkserver/cpu_compat.py)."""
+
+    fork_engine: bool = True  # on CPU, fork vLLM's EngineCore instead of spawning it
+    in_process_worker: bool = True  # on CPU, run a single-process model inside the EngineCore
+
+
 class Workload(Protocol):
     """A server the forkserver can preload and run in forked children."""
 
     name: str
+
+    def configure(self, options: WorkloadOptions) -> None:
+        """Take the launcher's switches (called once, before preload)."""
 
     def preload(self, modules: list[str]) -> None:
         """Import what children will need, once, in the forkserver."""

@@ -112,13 +112,19 @@ class ForkserverSupervisor:
             self._settings.forkserver_workload,
             "--die-with-parent",
             str(os.getpid()),
+            "--fork-engine" if self._settings.fork_engine else "--no-fork-engine",
+            "--in-process-worker" if self._settings.in_process_worker else "--no-in-process-worker",
         ]
         if self._settings.forkserver_preload:
             command += ["--preload", self._settings.forkserver_preload]
         started = time.monotonic()
+        # A private TMPDIR: what torch and vLLM drop there at import goes when the runtime dir does.
+        tmpdir = os.path.join(self.runtime_dir, "tmp")
+        os.makedirs(tmpdir, mode=0o700, exist_ok=True)
+        env = {**os.environ, "TMPDIR": tmpdir}
         # Own session: a Ctrl-C meant for the API must not reach the forkserver directly.
         self._process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+            *command, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=env
         )
         deadline = started + self._settings.forkserver_start_timeout
         while True:
@@ -170,6 +176,7 @@ class ForkserverSupervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         self._ready.clear()
+        shutil.rmtree(os.path.join(self.runtime_dir, "tmp"), ignore_errors=True)
         if self._own_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 

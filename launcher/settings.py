@@ -42,6 +42,8 @@ class Settings:
     forkserver_workload: str = _setting("vllm", "what instances run: vllm, standin, or module:attribute")
     forkserver_preload: str = _setting("", "comma-separated modules the forkserver imports (default: vLLM's serve path)")
     forkserver_python: str = _setting(sys.executable, "Python interpreter that runs the forkserver")
+    fork_engine: bool = _setting(True, "on CPU, fork vLLM's EngineCore from the instance instead of spawning it")
+    in_process_worker: bool = _setting(True, "on CPU, run a single-process model inside the EngineCore")
     forkserver_start_timeout: float = _setting(300.0, "seconds to wait for the forkserver to preload")
     max_body_bytes: int = _setting(65536, "largest accepted request body, in bytes (413 above)")
 

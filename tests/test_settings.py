@@ -15,18 +15,22 @@ def test_defaults() -> None:
 
 
 def test_every_field_reads_its_environment_twin() -> None:
-    samples = {"str": "x", "int": "7", "float": "2.5"}
+    samples = {"str": ("x", "x"), "int": ("7", 7), "float": ("2.5", 2.5), "bool": ("off", False)}
     for item in dataclasses.fields(Settings):
-        env = {"LAUNCHER_" + item.name.upper(): samples[str(item.type)]}
-        value = getattr(Settings.from_sources(None, env), item.name)
-        assert str(value) in ("x", "7", "2.5"), item.name
+        raw, expected = samples[str(item.type)]
+        value = getattr(Settings.from_sources(None, {"LAUNCHER_" + item.name.upper(): raw}), item.name)
+        assert value == expected, item.name
 
 
 def test_every_field_has_a_flag() -> None:
     for item in dataclasses.fields(Settings):
-        flag = "--" + item.name.replace("_", "-")
+        name = item.name.replace("_", "-")
+        if str(item.type) == "bool":
+            assert getattr(Settings.from_sources([f"--no-{name}"], {}), item.name) is False
+            assert getattr(Settings.from_sources([f"--{name}"], {f"LAUNCHER_{item.name.upper()}": "0"}), item.name)
+            continue
         value = {"str": "y", "int": "9", "float": "1.5"}[str(item.type)]
-        assert str(getattr(Settings.from_sources([flag, value], {}), item.name)) == value
+        assert str(getattr(Settings.from_sources([f"--{name}", value], {}), item.name)) == value
 
 
 def test_flag_beats_environment() -> None:

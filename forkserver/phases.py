@@ -1,0 +1,27 @@
+"""Start-up phase markers an instance writes into its own log, for the start-latency benchmark.
+
+A line looks like ``launcher: phase engine_ready at 1795730000.123456``: wall-clock time, so it
+lines up with the API's and the forkserver's timestamps.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+PREFIX = "launcher: phase"
+LINE = re.compile(rb"^launcher: phase (\w+) at ([0-9.]+)$", re.MULTILINE)
+
+
+def mark(name: str) -> None:
+    """Write the marker for phase ``name`` now."""
+    print(f"{PREFIX} {name} at {time.time():.6f}", file=sys.stdout, flush=True)
+
+
+def read(log: bytes) -> dict[str, float]:
+    """Every phase marker in a log, by name (first occurrence)."""
+    found: dict[str, float] = {}
+    for match in LINE.finditer(log):
+        found.setdefault(match.group(1).decode(), float(match.group(2)))
+    return found
