@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.launcher_process import LauncherProcess
+from tests.launcher_process import REPO, LauncherProcess
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +33,15 @@ def _clean_instances(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny real Llama model built locally (no hub)."""
-    from tests.tiny_model import build_tiny_model
-
-    cached = os.environ.get("LAUNCHER_TEST_TINY_MODEL")
-    if cached:
-        return build_tiny_model(Path(cached))
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+    """A tiny real Llama model built locally (no hub), in a subprocess: torch stays out of pytest."""
+    target = Path(os.environ.get("LAUNCHER_TEST_TINY_MODEL") or tmp_path_factory.mktemp("models") / "tiny-llama")
+    scratch = tmp_path_factory.mktemp("model-build-tmp")  # torch drops caches in TMPDIR
+    subprocess.run(
+        [sys.executable, "-m", "tests.tiny_model", str(target)],
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target

@@ -12,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from forkserver import phases
 from tests.launcher_process import LauncherProcess, free_port, wait_until
 
 pytestmark = pytest.mark.vllm
@@ -104,6 +105,13 @@ def test_real_vllm_instance_serves_completions_logs_and_leaves_nothing(
     part = vllm_launcher.client.get(url, headers={"Range": "bytes=0-99"})
     assert part.status_code == 206 and part.content == full.content[:100]
     assert part.headers["content-range"].startswith("bytes 0-99/")
+
+    # The compatibility step: one EngineCore, forked (no exec: it still has the instance's
+    # command line), running the model itself (no Worker process).
+    children = psutil.Process(pid).children(recursive=True)
+    assert len(children) == 1, [child.cmdline() for child in children]
+    assert children[0].cmdline() == psutil.Process(pid).cmdline()
+    assert set(phases.read(full.content)) >= {"child_ready", "engine_ready"}
 
     group = _group_members(pid)
     assert pid in group
