@@ -70,6 +70,7 @@ class Instance:
             "port": self.port,
             "log_path": self.log_path,
             "forked_at": self.forked_at,
+            "timestamps": self.timestamps,
             "exit_code": self.exit_code if self.finished else None,
             "stopped_at": self.stopped_at,
             "running": not self.finished,
@@ -319,6 +320,7 @@ class ForkServer:
         if not isinstance(log_path, str) or not os.path.isabs(log_path):
             raise RequestError(protocol.KIND_INVALID, "log_path must be an absolute path")
         parsed = self._parse(message)
+        parsed_at = time.time()
         received_at = message.get("received_at")
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -354,6 +356,7 @@ class ForkServer:
             tmpdir=tmpdir,
             forked_at=time.time(),
         )
+        instance.timestamps["parsed"] = parsed_at
         if isinstance(received_at, (int, float)):
             instance.timestamps["received"] = float(received_at)
         self._instances[instance_id] = instance

@@ -110,6 +110,7 @@ class InstanceManager:
             port=int(reply["port"]),
             model=str(reply["model"]),
             received_at=received_at,
+            created_at=float(reply["forked_at"]),
         )
         self._records[instance_id] = record
         self._stopped[instance_id] = asyncio.Event()

