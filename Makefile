@@ -10,7 +10,7 @@ VLLM_VARIANT ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -
 PORT ?= 8001
 TINY_MODEL ?= .tiny-model
 
-.PHONY: venv run test test-fast tiny-model bench build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv run test test-fast tiny-model bench bench-start bench-density bench-api bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,21 @@ test-fast: venv
 
 tiny-model: venv
 	$(PY) -m tests.tiny_model $(TINY_MODEL)
+
+bench-deps: venv
+	$(PY) -m pip install --quiet -e '.[$(VLLM_VARIANT),test,bench]'
+	if [ "$(VLLM_VARIANT)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
+
+bench-start: bench-deps
+	$(PY) -m benchmarks.start_latency --runs 3
+
+bench-density: bench-deps
+	$(PY) -m benchmarks.density
+
+bench-api: bench-deps
+	$(PY) -m benchmarks.api_overhead
+
+bench: bench-start bench-density bench-api
 
 build-launcher:
 	docker build -t $(IMAGE) .

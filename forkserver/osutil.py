@@ -43,6 +43,22 @@ def signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
+def signal_instance(pid: int, sig: int) -> bool:
+    """Signal the process group led by ``pid``, or ``pid`` alone if it has no group yet.
+
+    Right after the fork the child has not yet called ``setsid()``: ``killpg`` fails, but the
+    signal must not be lost. The forkserver forks with SIGTERM blocked, so it stays pending
+    until the child has its default handlers back.
+    """
+    if signal_group(pid, sig):
+        return True
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def group_alive(pgid: int) -> bool:
     """True while any process (zombies included) is left in process group ``pgid``."""
     return signal_group(pgid, 0)

@@ -27,6 +27,7 @@ from forkserver.workload import OptionsError, ParsedOptions, Workload
 SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
 SHM_SCAN_INTERVAL = 5.0  # seconds between looks at which /dev/shm segments live instances map
 MAX_CLIENTS = 64
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class RequestError(Exception):
@@ -331,9 +332,12 @@ class ForkServer:
         sys.stdout.flush()
         sys.stderr.flush()
         my_pid = os.getpid()
+        # Stop signals stay pending in the child until it has reset its handlers (child.py).
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             os.close(log_fd)
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise RequestError(protocol.KIND_INTERNAL, f"fork failed: {exc}") from None
@@ -346,6 +350,7 @@ class ForkServer:
                 tmpdir=tmpdir,
                 forkserver_pid=my_pid,
             )
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(log_fd)
         instance = Instance(
             instance_id=instance_id,
@@ -408,9 +413,9 @@ class ForkServer:
         deadline = time.monotonic() + grace
         if instance.stop_deadline is None or deadline < instance.stop_deadline:
             instance.stop_deadline = deadline
-        osutil.signal_group(instance.pid, signal.SIGTERM)
+        osutil.signal_instance(instance.pid, signal.SIGTERM)
         if grace == 0:
-            osutil.signal_group(instance.pid, signal.SIGKILL)
+            osutil.signal_instance(instance.pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         while True:
@@ -439,7 +444,7 @@ class ForkServer:
                 else:
                     self._finish(instance)
             elif instance.stop_deadline is not None and now >= instance.stop_deadline:
-                osutil.signal_group(instance.pid, signal.SIGKILL)
+                osutil.signal_instance(instance.pid, signal.SIGKILL)
                 instance.stop_deadline = now + SWEEP_INTERVAL  # re-check soon, without spinning
 
     def _finish(self, instance: Instance) -> None:

@@ -304,3 +304,17 @@ def test_create_while_deleting_all(standin: LauncherProcess) -> None:
         assert all(future.result().status_code == 201 for future in created)
     remaining = standin.client.get("/v2/vllm/instances", params={"detail": "False"}).json()["instance_ids"]
     assert not [name for name in remaining if name.startswith("old-")]
+
+
+def test_delete_right_after_create_is_honoured_by_sigterm() -> None:
+    """A SIGTERM sent before the child has set itself up must not be lost (regression)."""
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_STOP_TIMEOUT": "60"})
+    try:
+        for index in range(10):
+            assert launcher.create(f"quick-{index}", options=_standin_options()).status_code == 201
+            started = time.monotonic()
+            assert launcher.client.delete(f"/v2/vllm/instances/quick-{index}").status_code == 200
+            # Far below the 60 s SIGKILL deadline: the SIGTERM itself ended the instance.
+            assert time.monotonic() - started < 30
+    finally:
+        assert not launcher.stop()
