@@ -304,7 +304,7 @@ class ForkServer:
 
     def _op_validate(self, message: dict[str, Any]) -> dict[str, Any]:
         parsed = self._parse(message)
-        return {"model": parsed.model, "port": parsed.port, "port_given": parsed.port_given}
+        return {"model": parsed.model, "port": parsed.port, "port_given": parsed.port_given, "host": parsed.host}
 
     def _op_spawn(self, message: dict[str, Any]) -> dict[str, Any]:
         if self._shutdown_grace is not None:

@@ -26,7 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="standin", add_help=False)
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default=None)
     parser.add_argument("--startup-delay", type=float, default=0.0, help="seconds before serving")
     parser.add_argument("--crash-after", type=float, default=None, help="exit after this many seconds")
     parser.add_argument("--exit-code", type=int, default=3)
@@ -92,6 +92,7 @@ class StandinWorkload:
             model=namespace.model,
             port=namespace.port,
             port_given=tokens_name_flag(argv, "--port"),
+            host=getattr(namespace, "host", None),
             namespace=namespace,
         )
 
@@ -120,7 +121,7 @@ class StandinWorkload:
                 writer.join()
         time.sleep(args.startup_delay)
         _Health.model = args.model
-        server = HTTPServer((args.host, args.port), _Health)
+        server = HTTPServer((args.host or "0.0.0.0", args.port), _Health)
         server.timeout = 0.1
         print(f"standin serving {args.model} on port {args.port}", flush=True)
         started = time.monotonic()

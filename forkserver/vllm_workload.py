@@ -59,6 +59,7 @@ class VllmWorkload:
             model=str(args.model),
             port=int(args.port),
             port_given=tokens_name_flag(argv, "--port"),
+            host=getattr(args, "host", None),
             namespace=args,
         )
 

@@ -24,6 +24,7 @@ class ParsedOptions:
     model: str
     port: int
     port_given: bool
+    host: str | None = None
     namespace: Any = field(repr=False, default=None)
 
 

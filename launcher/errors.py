@@ -48,3 +48,11 @@ class ServiceUnavailable(LauncherError):
 
 class InternalError(LauncherError):
     status_code = 500
+
+
+class TooManyInstances(LauncherError):
+    status_code = 429
+
+
+class Gone(LauncherError):
+    status_code = 410

@@ -1,4 +1,8 @@
-"""Instance lifecycle: create, stop, delete and list, on top of the forkserver."""
+"""Instance lifecycle: create, probe, stop, delete and list, on top of the forkserver.
+
+Everything here runs on the event loop, so a check and the change it guards happen without
+an ``await`` between them (ids, ports and the instance limit are reserved that way).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,28 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from forkserver import protocol
-from forkserver.workload import tokens_name_flag
-from launcher.errors import BadRequest, Conflict, InternalError, LauncherError, NotFound, ServiceUnavailable
+from launcher import events, gpus, ports, readiness
+from launcher.errors import (
+    BadRequest,
+    Conflict,
+    InternalError,
+    LauncherError,
+    NotFound,
+    ServiceUnavailable,
+    TooManyInstances,
+)
+from launcher.events import EventLog
 from launcher.forkserver_client import ForkserverError, ForkserverGone
 from launcher.forkserver_process import ForkserverSupervisor
 from launcher.models import VllmConfig, check_instance_id
 from launcher.settings import Settings
-from launcher.state import InstanceRecord, Status
+from launcher.state import InstanceRecord
 
 log = logging.getLogger("launcher.manager")
 
@@ -34,6 +50,23 @@ def _http_error(exc: ForkserverError) -> LauncherError:
     return InternalError(f"failed to create vLLM instance: {exc}")
 
 
+@dataclass
+class _Reservation:
+    """An id (and later a port) held by a create that has not finished yet."""
+
+    instance_id: str
+    port: int | None = None
+
+
+@dataclass
+class _Runtime:
+    """Per-instance asyncio objects that do not belong in the reported state."""
+
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    probe: asyncio.Task[None] | None = None
+    deleting: bool = False
+
+
 class InstanceManager:
     """The launcher's instances. All state changes go through here, on the event loop."""
 
@@ -41,26 +74,36 @@ class InstanceManager:
         self._settings = settings
         self.log_dir = settings.resolved_log_dir()
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        self.events = EventLog(window=settings.watch_window)
+        self.gpus = gpus.mock_gpus(settings.mock_gpu_count) if settings.mock_gpus else gpus.nvml_gpus()
         self._records: dict[str, InstanceRecord] = {}
-        self._stopped: dict[str, asyncio.Event] = {}
-        self._creating: set[str] = set()
+        self._runtime: dict[str, _Runtime] = {}
+        self._reserved: dict[str, _Reservation] = {}
         self._deleting: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._early_exits: dict[str, dict[str, Any]] = {}
+        self._http: httpx.AsyncClient | None = None
         self.forkserver = ForkserverSupervisor(settings, on_event=self._on_event, on_lost=self._on_forkserver_lost)
 
     # ------------------------------------------------------------------ lifecycle of the manager
 
     def start(self) -> None:
-        """Start the forkserver (in the background)."""
+        """Start the forkserver (in the background) and the readiness prober's client."""
+        self._http = httpx.AsyncClient(trust_env=False)
         self.forkserver.start()
 
     async def shutdown(self) -> None:
-        """Stop every instance and the forkserver; remove the instances' log files."""
+        """End watch streams, stop every instance and the forkserver, remove the log files."""
+        self.events.close()
+        for runtime in self._runtime.values():
+            if runtime.probe is not None:
+                runtime.probe.cancel()
         await self.forkserver.stop(self._settings.stop_timeout)
         for record in list(self._records.values()):
             record.mark_stopped(exit_code=None, stopped_at=None, reason="launcher shut down")
             self._remove_log(record.log_path)
         self._records.clear()
+        if self._http is not None:
+            await self._http.aclose()
 
     # ------------------------------------------------------------------ queries
 
@@ -75,50 +118,119 @@ class InstanceManager:
         """Every instance, oldest first."""
         return list(self._records.values())
 
+    def gpu_table(self) -> list[dict[str, Any]]:
+        """Each GPU with the live instances pinned to it."""
+        users: dict[str, list[str]] = {gpu.uuid: [] for gpu in self.gpus}
+        for record in self._records.values():
+            if record.live:
+                for gpu_uuid in record.config.gpu_uuids or []:
+                    users.setdefault(gpu_uuid, []).append(record.instance_id)
+        return [{**gpu.to_json(), "instances": users.get(gpu.uuid, [])} for gpu in self.gpus]
+
     # ------------------------------------------------------------------ create
 
     async def create(self, config: VllmConfig, instance_id: str | None, *, received_at: float) -> InstanceRecord:
-        """Fork a new instance; 409 if the id is taken, 400 if vLLM rejects the options."""
+        """Fork a new instance once every check has passed; nothing is left behind on failure."""
         instance_id = check_instance_id(instance_id) if instance_id is not None else str(uuid.uuid4())
-        if instance_id in self._records or instance_id in self._creating:
+        if instance_id in self._records or instance_id in self._reserved:
             raise Conflict(f"instance {instance_id!r} already exists")
+        self._check_limit()
         argv = config.argv()
-        if not tokens_name_flag(argv, "--port"):
-            raise BadRequest("options must set the instance's port: add --port PORT")
-        env = dict(config.env_vars or {})
-        log_path = os.path.join(self.log_dir, f"{instance_id}.log")
-        self._creating.add(instance_id)
+        env = self._environment(config)
+        reservation = _Reservation(instance_id)
+        self._reserved[instance_id] = reservation
         try:
             client = await self.forkserver.client()
+            parsed = await client.request(protocol.OP_VALIDATE, argv=argv)
+            if parsed["port_given"]:
+                reservation.port = self._check_port(int(parsed["port"]))
+            else:
+                reservation.port = ports.pick_free_port(self._ports_in_use())
+                argv = [*argv, "--port", str(reservation.port)]
             reply = await client.request(
                 protocol.OP_SPAWN,
                 instance_id=instance_id,
                 argv=argv,
                 env=env,
-                log_path=log_path,
+                log_path=os.path.join(self.log_dir, f"{instance_id}.log"),
                 received_at=received_at,
             )
         except ForkserverError as exc:
             raise _http_error(exc) from None
         finally:
-            self._creating.discard(instance_id)
+            self._reserved.pop(instance_id, None)
         record = InstanceRecord(
             instance_id=instance_id,
             config=config,
-            log_path=log_path,
+            log_path=str(reply["log_path"]),
             pid=int(reply["pid"]),
             port=int(reply["port"]),
             model=str(reply["model"]),
             received_at=received_at,
             created_at=float(reply["forked_at"]),
+            host=parsed.get("host"),
+            gpu_indices=env.get("CUDA_VISIBLE_DEVICES") if config.gpu_uuids else None,
         )
         self._records[instance_id] = record
-        self._stopped[instance_id] = asyncio.Event()
+        runtime = self._runtime[instance_id] = _Runtime()
+        self._publish(events.CREATED, record)
         early = self._early_exits.pop(instance_id, None)
         if early is not None:
             self._on_event(early)
+        else:
+            runtime.probe = asyncio.create_task(self._probe(record), name=f"probe-{instance_id}")
         log.info("created instance %s (pid %s, port %s)", instance_id, record.pid, record.port)
         return record
+
+    def _check_limit(self) -> None:
+        limit = self._settings.max_instances
+        live = sum(record.live for record in self._records.values()) + len(self._reserved)
+        if limit and live >= limit:
+            raise TooManyInstances(
+                f"the launcher already runs {live} instance(s), its limit (max_instances={limit}); "
+                "delete one first",
+                headers={"Retry-After": "1"},
+            )
+
+    def _environment(self, config: VllmConfig) -> dict[str, str]:
+        env = dict(config.env_vars or {})
+        if config.gpu_uuids is not None:
+            devices = gpus.visible_devices(config.gpu_uuids, self.gpus)
+            given = env.get("CUDA_VISIBLE_DEVICES")
+            if given is not None and given != devices:
+                raise BadRequest(
+                    f"env_vars sets CUDA_VISIBLE_DEVICES={given!r} but gpu_uuids mean {devices!r}: set only one"
+                )
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        return env
+
+    def _ports_in_use(self) -> set[int]:
+        taken = {record.port for record in self._records.values() if record.live}
+        return taken | {item.port for item in self._reserved.values() if item.port is not None}
+
+    def _check_port(self, port: int) -> int:
+        for record in self._records.values():
+            if record.live and record.port == port:
+                raise Conflict(f"port {port} is already used by instance {record.instance_id!r}")
+        for item in self._reserved.values():
+            if item.port == port:
+                raise Conflict(f"port {port} is already claimed by instance {item.instance_id!r}, being created")
+        if ports.port_is_bound(port):
+            raise Conflict(f"port {port} is busy: another process on this host listens on it")
+        return port
+
+    async def _probe(self, record: InstanceRecord) -> None:
+        assert self._http is not None
+        url = f"http://{readiness.probe_host(record.host)}:{record.port}/health"
+
+        def became_ready() -> None:
+            if record.mark_ready():
+                self._publish(events.READY, record)
+                log.info("instance %s ready in %.2fs", record.instance_id, record.ready_at - record.received_at)
+
+        await readiness.wait_ready(
+            self._http, url, still_starting=lambda: record.live and not record.ready, on_ready=became_ready
+        )
 
     # ------------------------------------------------------------------ delete
 
@@ -127,6 +239,7 @@ class InstanceManager:
         task = self._deleting.get(instance_id)
         if task is None:
             record = self.get(instance_id)
+            self._runtime[instance_id].deleting = True
             task = asyncio.create_task(self._delete(record), name=f"delete-{instance_id}")
             self._deleting[instance_id] = task
         # Shielded: a client that hangs up mid-DELETE does not leave a half-deleted instance.
@@ -141,23 +254,27 @@ class InstanceManager:
 
     async def _delete(self, record: InstanceRecord) -> dict[str, Any]:
         instance_id = record.instance_id
+        runtime = self._runtime[instance_id]
         try:
-            if record.status is Status.RUNNING:
+            if record.live:
+                # vLLM 0.32 can ignore SIGTERM while starting: do not wait long for it then.
+                grace = self._settings.stop_timeout if record.ready else self._settings.stop_timeout_starting
                 try:
                     client = await self.forkserver.client()
-                    await client.request(
-                        protocol.OP_STOP, instance_id=instance_id, grace_seconds=self._settings.stop_timeout
-                    )
+                    await client.request(protocol.OP_STOP, instance_id=instance_id, grace_seconds=grace)
                 except ForkserverGone:
                     pass  # the forkserver is gone, and its instances with it; _on_forkserver_lost marks them
-                await self._stopped[instance_id].wait()
+                await runtime.stopped.wait()
+            if runtime.probe is not None:
+                runtime.probe.cancel()
             if self.forkserver.ready:
                 with contextlib.suppress(ForkserverError):
                     client = await self.forkserver.client()
                     await client.request(protocol.OP_FORGET, instance_id=instance_id)
             await asyncio.to_thread(self._remove_log, record.log_path)
             self._records.pop(instance_id, None)
-            self._stopped.pop(instance_id, None)
+            self._runtime.pop(instance_id, None)
+            self._publish(events.DELETED, record)
             log.info("deleted instance %s", instance_id)
             return {"status": "terminated", "instance_id": instance_id}
         finally:
@@ -168,7 +285,21 @@ class InstanceManager:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    # ------------------------------------------------------------------ events from the forkserver
+    # ------------------------------------------------------------------ events
+
+    def _publish(self, event_type: str, record: InstanceRecord) -> None:
+        record.revision = self.events.next_revision()
+        self.events.publish(event_type, record.to_json())
+
+    def _stopped(self, record: InstanceRecord, *, exit_code: int | None, stopped_at: float | None, reason: str | None) -> None:
+        runtime = self._runtime[record.instance_id]
+        if not record.mark_stopped(exit_code=exit_code, stopped_at=stopped_at, reason=reason):
+            return
+        # As the public launcher does: deleting a running instance reports DELETED only.
+        if not runtime.deleting:
+            self._publish(events.STOPPED, record)
+        runtime.stopped.set()
+        log.info("instance %s stopped: exit code %s%s", record.instance_id, exit_code, f" ({reason})" if reason else "")
 
     def _on_event(self, message: dict[str, Any]) -> None:
         if message.get("event") != protocol.EVENT_EXITED:
@@ -176,18 +307,18 @@ class InstanceManager:
         instance_id = str(message.get("instance_id"))
         record = self._records.get(instance_id)
         if record is None:
-            if instance_id in self._creating:
+            if instance_id in self._reserved:
                 self._early_exits[instance_id] = message  # exited before create() recorded it
             return
         exit_code = message.get("exit_code")
-        record.mark_stopped(
+        self._stopped(
+            record,
             exit_code=int(exit_code) if isinstance(exit_code, int) else None,
             stopped_at=message.get("stopped_at") or time.time(),
+            reason=None,
         )
-        self._stopped[instance_id].set()
-        log.info("instance %s stopped: exit code %s", instance_id, exit_code)
 
     async def _on_forkserver_lost(self, reason: str) -> None:
-        for record in self._records.values():
-            if record.mark_stopped(exit_code=None, stopped_at=None, reason=reason):
-                self._stopped[record.instance_id].set()
+        for record in list(self._records.values()):
+            if record.live:
+                self._stopped(record, exit_code=None, stopped_at=None, reason=reason)

@@ -67,8 +67,13 @@ def parse_config(body: bytes) -> VllmConfig:
         raise Unprocessable(_describe(exc)) from None
 
 
+RESERVED_IDS = frozenset({"watch"})  # path words under /v2/vllm/instances/
+
+
 def check_instance_id(instance_id: str) -> str:
     """Return ``instance_id`` if valid, else raise a 400 that says what is allowed."""
+    if instance_id in RESERVED_IDS:
+        raise BadRequest(f"instance id {instance_id!r} is reserved (it is an endpoint's path)")
     if not valid_instance_id(instance_id):
         raise BadRequest(
             f"invalid instance id {instance_id[:200]!r}: use 1-128 letters, digits, '.', '_' or '-', "

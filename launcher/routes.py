@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from launcher import __version__, log_range
+from launcher import __version__, events, log_range
 from launcher.errors import BadRequest, PayloadTooLarge, RangeNotSatisfiable, UnsupportedMediaType
+from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
 from launcher.models import check_instance_id, parse_config
 from launcher.state import Status
@@ -26,6 +28,8 @@ ENDPOINTS = {
     "get_instance_status": "GET /v2/vllm/instances/{instance_id}",
     "get_all_instances": "GET /v2/vllm/instances",
     "get_instance_logs": "GET /v2/vllm/instances/{instance_id}/log",
+    "watch_instances": "GET /v2/vllm/instances/watch?since=REVISION",
+    "list_gpus": "GET /v2/vllm/gpus",
 }
 
 
@@ -113,14 +117,16 @@ async def list_instances(request: Request) -> JSONResponse:
     """All instances: ids only with ``detail=False``, full states otherwise."""
     detail = _parse_detail(request.query_params.get("detail"))
     records = _manager(request).all()
+    revision = _manager(request).events.revision
     if not detail:
         ids = [record.instance_id for record in records]
-        return JSONResponse({"instance_ids": ids, "count": len(ids)})
+        return JSONResponse({"instance_ids": ids, "count": len(ids), "revision": revision})
     return JSONResponse(
         {
             "total_instances": len(records),
             "running_instances": sum(record.status is Status.RUNNING for record in records),
             "instances": [record.to_json() for record in records],
+            "revision": revision,
         }
     )
 
@@ -155,6 +161,61 @@ async def get_instance_log(request: Request) -> Response:
     )
 
 
+def _parse_since(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise BadRequest(f"invalid since={value[:50]!r}: use a revision number (0 or more)")
+    return int(value)
+
+
+async def watch_instances(request: Request) -> StreamingResponse:
+    """NDJSON events; without ``since`` it starts with a CREATED for each existing instance."""
+    manager = _manager(request)
+    since = _parse_since(request.query_params.get("since"))
+    if since is not None and since > manager.events.revision:
+        raise BadRequest(f"since={since} is in the future: the current revision is {manager.events.revision}")
+    # Snapshot and subscription happen with no await between: no event is missed or doubled.
+    watcher = manager.events.watch()
+    if since is None:
+        backlog = [{"type": events.CREATED, "object": record.to_json()} for record in manager.all()]
+        last = manager.events.revision
+    else:
+        try:
+            backlog = [event.to_json() for event in manager.events.since(since)]
+        except events.Gone as exc:
+            manager.events.unwatch(watcher)
+            raise GoneError(str(exc)) from None
+        last = manager.events.revision
+    return StreamingResponse(_stream(manager.events, watcher, backlog, last), media_type="application/x-ndjson")
+
+
+async def _stream(log: events.EventLog, watcher: events.Watcher, backlog: list[dict[str, Any]], last: int) -> Any:
+    try:
+        for item in backlog:
+            yield json.dumps(item) + "\n"
+        while True:
+            event = await watcher.queue.get()
+            if event is None:
+                if watcher.dropped:
+                    # Like a Kubernetes watch: say why the stream ends and where to resume.
+                    detail = f"watcher fell behind; resume with since={last}"
+                    yield json.dumps({"type": "ERROR", "object": {"detail": detail, "revision": last}}) + "\n"
+                return
+            if event.revision > last:
+                last = event.revision
+                yield json.dumps(event.to_json()) + "\n"
+    finally:
+        log.unwatch(watcher)
+
+
+async def list_gpus(request: Request) -> JSONResponse:
+    """The node's GPUs (NVML, or the mock set) and the live instances using each."""
+    manager = _manager(request)
+    table = manager.gpu_table()
+    return JSONResponse({"gpus": table, "count": len(table), "mock": request.app.state.settings.mock_gpus})
+
+
 def routes() -> list[Route]:
     """The API's routes."""
     instance = "/v2/vllm/instances/{instance_id}"
@@ -164,6 +225,8 @@ def routes() -> list[Route]:
         Route("/v2/vllm/instances", create_instance, methods=["POST"]),
         Route("/v2/vllm/instances", list_instances, methods=["GET"]),
         Route("/v2/vllm/instances", delete_all_instances, methods=["DELETE"]),
+        Route("/v2/vllm/instances/watch", watch_instances, methods=["GET"]),
+        Route("/v2/vllm/gpus", list_gpus, methods=["GET"]),
         Route(instance, create_named_instance, methods=["PUT"]),
         Route(instance, get_instance, methods=["GET"]),
         Route(instance, delete_instance, methods=["DELETE"]),

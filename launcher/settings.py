@@ -39,6 +39,13 @@ class Settings:
     log_dir: str = _setting("", "directory of instance log files (default: <tmp>/vllm-launcher-<uid>/logs)")
     runtime_dir: str = _setting("", "private directory for the forkserver socket (default: a new one under <tmp>)")
     stop_timeout: float = _setting(10.0, "seconds between SIGTERM and SIGKILL when stopping an instance")
+    stop_timeout_starting: float = _setting(
+        3.0, "the same for an instance not yet ready (vLLM 0.32 can hang on SIGTERM while starting)"
+    )
+    max_instances: int = _setting(32, "most live (running or starting) instances at once; 429 beyond (0: no limit)")
+    mock_gpus: bool = _setting(False, "pretend this node has GPUs GPU-0 ... GPU-<N-1> (no NVML needed)")
+    mock_gpu_count: int = _setting(8, "how many mock GPUs --mock-gpus shows")
+    watch_window: int = _setting(1000, "events kept for watch?since=N (410 for older revisions)")
     forkserver_workload: str = _setting("vllm", "what instances run: vllm, standin, or module:attribute")
     forkserver_preload: str = _setting("", "comma-separated modules the forkserver imports (default: vLLM's serve path)")
     forkserver_python: str = _setting(sys.executable, "Python interpreter that runs the forkserver")

@@ -28,11 +28,28 @@ class InstanceRecord:
     port: int
     model: str
     received_at: float  # wall clock when the create request arrived
-    created_at: float = field(default_factory=time.time)
+    created_at: float = field(default_factory=time.time)  # when the fork was done
+    host: str | None = None  # the instance's --host, if given
+    gpu_indices: str | None = None  # CUDA_VISIBLE_DEVICES derived from gpu_uuids
     status: Status = Status.RUNNING
+    ready: bool = False
+    ready_at: float | None = None
     exit_code: int | None = None
     stopped_at: float | None = None
     stop_reason: str | None = None
+    revision: int = 0
+
+    @property
+    def live(self) -> bool:
+        return self.status is Status.RUNNING
+
+    def mark_ready(self, *, at: float | None = None) -> bool:
+        """Record the first healthy answer; False if already ready or stopped."""
+        if self.ready or self.status is Status.STOPPED:
+            return False
+        self.ready = True
+        self.ready_at = at if at is not None else time.time()
+        return True
 
     def mark_stopped(self, *, exit_code: int | None, stopped_at: float | None, reason: str | None = None) -> bool:
         """Record the end of the instance; False if it was already stopped."""
@@ -54,6 +71,10 @@ class InstanceRecord:
             "port": self.port,
             "model": self.model,
             "created_at": self.created_at,
+            "ready": self.ready,
+            "ready_at": self.ready_at,
+            "start_seconds": None if self.ready_at is None else round(self.ready_at - self.received_at, 3),
+            "revision": self.revision,
         }
         if self.status is Status.STOPPED:
             state["exit_code"] = self.exit_code

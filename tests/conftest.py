@@ -16,7 +16,10 @@ from tests.launcher_process import REPO, LauncherProcess
 @pytest.fixture(scope="module")
 def standin() -> Iterator[LauncherProcess]:
     """A launcher whose instances run the stand-in server; instances are deleted after each test."""
-    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_STOP_TIMEOUT": "2"})
+    launcher = LauncherProcess(
+        workload="standin",
+        env={"LAUNCHER_STOP_TIMEOUT": "2", "LAUNCHER_MOCK_GPUS": "1", "LAUNCHER_MOCK_GPU_COUNT": "4"},
+    )
     yield launcher
     leftovers = launcher.stop()
     assert not leftovers, f"processes outlived the launcher: {leftovers}"

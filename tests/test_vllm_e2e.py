@@ -14,6 +14,7 @@ import pytest
 
 from forkserver import phases
 from tests.launcher_process import LauncherProcess, free_port, wait_until
+from tests.test_controller_api import WatchReader
 
 pytestmark = pytest.mark.vllm
 
@@ -79,6 +80,7 @@ def _group_members(pgid: int) -> list[int]:
 def test_real_vllm_instance_serves_completions_logs_and_leaves_nothing(
     vllm_launcher: LauncherProcess, tiny_model: Path
 ) -> None:
+    watch = WatchReader(vllm_launcher)
     port = free_port()
     response = vllm_launcher.create(
         "tiny",
@@ -89,6 +91,8 @@ def test_real_vllm_instance_serves_completions_logs_and_leaves_nothing(
     assert response.json()["port"] == port
     pid = vllm_launcher.state("tiny")["pid"]
     _wait_healthy(port, vllm_launcher, "tiny")
+    ready = wait_until(lambda: (s := vllm_launcher.state("tiny"))["ready"] and s, 30, what="the launcher's READY")
+    assert ready["start_seconds"] > 0
 
     completion = httpx.post(
         f"http://127.0.0.1:{port}/v1/completions",
@@ -119,6 +123,9 @@ def test_real_vllm_instance_serves_completions_logs_and_leaves_nothing(
     assert deleted.status_code == 200, deleted.text
     assert _group_members(pid) == []  # no process of the instance is left when DELETE answers
     assert not [p for p in group if psutil.pid_exists(p)]
+    wait_until(lambda: "DELETED" in watch.types_for("tiny"), 20, what="DELETED")
+    assert watch.types_for("tiny") == ["CREATED", "READY", "DELETED"]
+    watch.close()
 
 
 def test_options_vllm_rejects_are_a_400_with_its_message(vllm_launcher: LauncherProcess, tiny_model: Path) -> None:
@@ -132,11 +139,21 @@ def test_options_vllm_rejects_are_a_400_with_its_message(vllm_launcher: Launcher
 
 
 def test_missing_model_directory_stops_with_exit_code_1(vllm_launcher: LauncherProcess) -> None:
-    response = vllm_launcher.create("ghost", options=f"--model /nonexistent/model --port {free_port()} {SERVE_FLAGS}")
-    assert response.status_code == 201
-    state = wait_until(
-        lambda: (s := vllm_launcher.state("ghost"))["status"] == "stopped" and s, 120, 0.25, "ghost to stop"
-    )
-    assert state["exit_code"] == 1
-    assert len(vllm_launcher.client.get("/v2/vllm/instances/ghost/log").content) > 0
-    assert vllm_launcher.client.delete("/v2/vllm/instances/ghost").status_code == 200
+    watch = WatchReader(vllm_launcher)
+    try:
+        response = vllm_launcher.create("ghost", options=f"--model /nonexistent/model {SERVE_FLAGS}")
+        assert response.status_code == 201
+        state = wait_until(
+            lambda: (s := vllm_launcher.state("ghost"))["status"] == "stopped" and s, 120, 0.25, "ghost to stop"
+        )
+        assert state["exit_code"] == 1
+        assert state["ready"] is False
+        assert len(vllm_launcher.client.get("/v2/vllm/instances/ghost/log").content) > 0
+        wait_until(lambda: "STOPPED" in watch.types_for("ghost"), 20, what="STOPPED")
+        stopped = next(e for e in watch.events if e["type"] == "STOPPED")
+        assert stopped["object"]["exit_code"] == 1
+        assert vllm_launcher.client.delete("/v2/vllm/instances/ghost").status_code == 200
+        wait_until(lambda: "DELETED" in watch.types_for("ghost"), 20, what="DELETED")
+        assert watch.types_for("ghost") == ["CREATED", "STOPPED", "DELETED"]
+    finally:
+        watch.close()
