@@ -13,7 +13,7 @@ import contextlib
 import os
 
 SHM_DIR = "/dev/shm"
-_PREFIXES = ("psm_", "sem.mp-")  # SharedMemory segments; multiprocessing semaphores
+SEGMENT_PREFIXES = ("psm_", "sem.mp-")  # SharedMemory segments; multiprocessing semaphores
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -43,7 +43,7 @@ def mapped_segments(pids: list[int]) -> set[str]:
                     path = line.rstrip("\n").split(maxsplit=5)[-1]
                     if path.startswith(SHM_DIR + "/"):
                         name = path[len(SHM_DIR) + 1 :].removesuffix(" (deleted)")
-                        if name.startswith(_PREFIXES):
+                        if name.startswith(SEGMENT_PREFIXES):
                             found.add(name)
         except OSError:
             continue

@@ -36,10 +36,11 @@ def valid_instance_id(value: object) -> bool:
 
 # Request operations.
 OP_HELLO = "hello"  # -> {"pid", "version", "preload_seconds", "preloaded", "instances": [...]}
-OP_VALIDATE = "validate"  # {"options"} -> {"model", "port", "port_given"}
-OP_SPAWN = "spawn"  # {"instance_id", "options", "env", "log_path"} -> {"pid", "model", "port", ...}
+OP_VALIDATE = "validate"  # {"argv"} -> {"model", "port", "port_given", "host"}
+OP_SPAWN = "spawn"  # {"instance_id", "argv", "env", "log_path", "meta"} -> {"pid", "model", "port", ...}
 OP_STOP = "stop"  # {"instance_id", "grace_seconds"} -> {} ; an "exited" event follows
 OP_FORGET = "forget"  # {"instance_id"} -> {} ; drops the record of a stopped instance
+OP_NOTE = "note"  # {"instance_id", "meta"} -> {} ; merges into the instance's API notes
 OP_SHUTDOWN = "shutdown"  # {"grace_seconds"} -> {} ; stops every instance, then the server exits
 
 EVENT_EXITED = "exited"  # {"instance_id", "pid", "exit_code", "stopped_at", "timestamps"}

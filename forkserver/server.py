@@ -54,6 +54,7 @@ class Instance:
     stopped_at: float | None = None  # set when no process of the group is left
     timestamps: dict[str, float] = field(default_factory=dict)
     shm_segments: set[str] = field(default_factory=set)  # removed once the group is gone
+    meta: dict[str, Any] = field(default_factory=dict)  # the API's own notes, returned by hello
 
     def remember_segments(self) -> None:
         """Note the /dev/shm segments the instance's processes map right now."""
@@ -75,6 +76,7 @@ class Instance:
             "exit_code": self.exit_code if self.finished else None,
             "stopped_at": self.stopped_at,
             "running": not self.finished,
+            "meta": self.meta,
         }
 
 
@@ -269,6 +271,7 @@ class ForkServer:
             protocol.OP_SPAWN: self._op_spawn,
             protocol.OP_STOP: self._op_stop,
             protocol.OP_FORGET: self._op_forget,
+            protocol.OP_NOTE: self._op_note,
             protocol.OP_SHUTDOWN: self._op_shutdown,
         }
         try:
@@ -317,6 +320,9 @@ class ForkServer:
         env = message.get("env") or {}
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise RequestError(protocol.KIND_INVALID, "env must map strings to strings")
+        meta = message.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise RequestError(protocol.KIND_INVALID, "meta must be an object")
         log_path = message.get("log_path")
         if not isinstance(log_path, str) or not os.path.isabs(log_path):
             raise RequestError(protocol.KIND_INVALID, "log_path must be an absolute path")
@@ -360,6 +366,7 @@ class ForkServer:
             log_path=log_path,
             tmpdir=tmpdir,
             forked_at=time.time(),
+            meta=meta,
         )
         instance.timestamps["parsed"] = parsed_at
         if isinstance(received_at, (int, float)):
@@ -381,6 +388,14 @@ class ForkServer:
         if not instance.finished:
             raise RequestError(protocol.KIND_CONFLICT, f"instance {instance.instance_id!r} is still running")
         del self._instances[instance.instance_id]
+        return {}
+
+    def _op_note(self, message: dict[str, Any]) -> dict[str, Any]:
+        instance = self._lookup(message)
+        note = message.get("meta")
+        if not isinstance(note, dict):
+            raise RequestError(protocol.KIND_INVALID, "meta must be an object")
+        instance.meta.update(note)
         return {}
 
     def _op_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:

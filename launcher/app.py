@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from launcher.auth import BearerTokenMiddleware, expected_header
 from launcher.errors import LauncherError
 from launcher.manager import InstanceManager
 from launcher.routes import routes
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         resolved = settings if settings is not None else Settings.from_sources()
+        app.state.authorization = expected_header(resolved)
         manager = InstanceManager(resolved)
         app.state.settings = resolved
         app.state.manager = manager
@@ -56,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=routes(),
+        middleware=[Middleware(BearerTokenMiddleware)],
         lifespan=lifespan,
         exception_handlers={
             LauncherError: _launcher_error,

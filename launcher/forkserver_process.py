@@ -1,4 +1,13 @@
-"""Starts the forkserver, keeps a connection to it, and restarts it if it dies."""
+"""Starts the forkserver (or attaches to one started on its own), and restarts or reconnects.
+
+Two modes:
+
+- *own* (default): the API starts ``python -m forkserver`` as its child; the forkserver and
+  every instance die with the API; if the forkserver dies, a new one is started.
+- *external* (setting ``forkserver_socket``): someone started ``python -m forkserver --socket
+  PATH`` on its own. The API attaches to it, adopts its instances, leaves them running when the
+  API stops, and reconnects if the connection drops.
+"""
 
 from __future__ import annotations
 
@@ -34,15 +43,22 @@ class ForkserverSupervisor:
         *,
         on_event: EventHandler,
         on_lost: Callable[[str], Awaitable[None]],
+        on_connected: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
         self._settings = settings
         self._on_event = on_event
         self._on_lost = on_lost
-        self._own_runtime_dir = not settings.runtime_dir
-        self.runtime_dir = settings.runtime_dir or tempfile.mkdtemp(prefix="vllm-launcher-")
-        os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.runtime_dir, 0o700)
-        self.socket_path = os.path.join(self.runtime_dir, "forkserver.sock")
+        self._on_connected = on_connected
+        self.external = bool(settings.forkserver_socket)
+        self._own_runtime_dir = not settings.runtime_dir and not self.external
+        if self.external:
+            self.runtime_dir = os.path.dirname(os.path.abspath(settings.forkserver_socket))
+            self.socket_path = os.path.abspath(settings.forkserver_socket)
+        else:
+            self.runtime_dir = settings.runtime_dir or tempfile.mkdtemp(prefix="vllm-launcher-")
+            os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.runtime_dir, 0o700)
+            self.socket_path = os.path.join(self.runtime_dir, "forkserver.sock")
         self._process: asyncio.subprocess.Process | None = None
         self._client: ForkserverClient | None = None
         self._ready = asyncio.Event()
@@ -75,29 +91,44 @@ class ForkserverSupervisor:
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                await self._start_once()
+                if self.external:
+                    await self._attach()
+                else:
+                    await self._start_once()
+                await self._on_connected(self.hello)
+                self._ready.set()
             except Exception as exc:  # noqa: BLE001 - keep trying; /health shows the error
-                self.last_error = f"forkserver failed to start: {exc}"
+                self.last_error = f"forkserver {'unreachable' if self.external else 'failed to start'}: {exc}"
                 log.error("%s", self.last_error)
                 await self._kill_process()
+                self._ready.clear()
                 await asyncio.sleep(1.0)
                 continue
-            assert self._client is not None and self._process is not None
-            process_exit = asyncio.create_task(self._process.wait())
-            closed = asyncio.create_task(self._client.closed.wait())
-            await asyncio.wait({process_exit, closed}, return_when=asyncio.FIRST_COMPLETED)
+            assert self._client is not None
+            waits = {asyncio.create_task(self._client.closed.wait())}
+            if self._process is not None:
+                waits.add(asyncio.create_task(self._process.wait()))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             self._ready.clear()
-            closed.cancel()
+            for task in waits:
+                task.cancel()
             if self._stopping:
-                process_exit.cancel()
                 return
             await self._kill_process()
-            process_exit.cancel()
-            code = self._process.returncode
-            self.last_error = f"forkserver exited unexpectedly (code {code})"
-            log.error("%s; starting a new one", self.last_error)
+            if self.external:
+                self.last_error = "lost the connection to the forkserver"
+            else:
+                code = self._process.returncode if self._process is not None else None
+                self.last_error = f"forkserver exited unexpectedly (code {code})"
+            log.error("%s; %s", self.last_error, "reconnecting" if self.external else "starting a new one")
             await self._on_lost(self.last_error)
             self.restarts += 1
+
+    async def _attach(self) -> None:
+        self._client = await ForkserverClient.connect(self.socket_path, self._on_event)
+        self.hello = await self._client.request("hello")
+        self.last_error = ""
+        log.info("attached to forkserver pid %s at %s", self.hello.get("pid"), self.socket_path)
 
     async def _start_once(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -141,7 +172,6 @@ class ForkserverSupervisor:
             await asyncio.sleep(CONNECT_POLL)
         self.hello = await self._client.request("hello")
         self.last_error = ""
-        self._ready.set()
         log.info(
             "forkserver pid %s ready in %.1fs (preload %.1fs)",
             self.hello.get("pid"),
@@ -159,9 +189,12 @@ class ForkserverSupervisor:
             await process.wait()
 
     async def stop(self, grace_seconds: float) -> None:
-        """Stop every instance (SIGTERM, deadline, SIGKILL), then the forkserver itself."""
+        """Stop every instance (SIGTERM, deadline, SIGKILL), then the forkserver itself.
+
+        An external forkserver is left running with its instances: only the connection closes.
+        """
         self._stopping = True
-        if self._client is not None and self._ready.is_set():
+        if self._client is not None and self._ready.is_set() and not self.external:
             with contextlib.suppress(ForkserverGone, Exception):
                 await self._client.request("shutdown", grace_seconds=grace_seconds)
         process = self._process
@@ -176,6 +209,8 @@ class ForkserverSupervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         self._ready.clear()
+        if self.external:
+            return
         shutil.rmtree(os.path.join(self.runtime_dir, "tmp"), ignore_errors=True)
         if self._own_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from forkserver import protocol
-from launcher import events, gpus, ports, readiness
+from launcher import events, gpus, ports, readiness, sweep
 from launcher.errors import (
     BadRequest,
     Conflict,
@@ -82,22 +82,34 @@ class InstanceManager:
         self._deleting: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._early_exits: dict[str, dict[str, Any]] = {}
         self._http: httpx.AsyncClient | None = None
-        self.forkserver = ForkserverSupervisor(settings, on_event=self._on_event, on_lost=self._on_forkserver_lost)
+        self._background: set[asyncio.Task[None]] = set()
+        self.forkserver = ForkserverSupervisor(
+            settings, on_event=self._on_event, on_lost=self._on_forkserver_lost, on_connected=self._adopt
+        )
 
     # ------------------------------------------------------------------ lifecycle of the manager
 
     def start(self) -> None:
-        """Start the forkserver (in the background) and the readiness prober's client."""
+        """Clean up after a killed predecessor, then start the forkserver (in the background)."""
+        if not self.forkserver.external:
+            # An external forkserver's instances are alive and their logs are theirs: leave them.
+            sweep.sweep(self.log_dir)
+            sweep.mark_runtime_dir(self.forkserver.runtime_dir)
         self._http = httpx.AsyncClient(trust_env=False)
         self.forkserver.start()
 
     async def shutdown(self) -> None:
-        """End watch streams, stop every instance and the forkserver, remove the log files."""
+        """End watch streams, stop every instance and the forkserver, remove the log files.
+
+        Instances of an external forkserver keep running (with their logs) for the next API.
+        """
         self.events.close()
         for runtime in self._runtime.values():
             if runtime.probe is not None:
                 runtime.probe.cancel()
         await self.forkserver.stop(self._settings.stop_timeout)
+        if self.forkserver.external:
+            self._records.clear()
         for record in list(self._records.values()):
             record.mark_stopped(exit_code=None, stopped_at=None, reason="launcher shut down")
             self._remove_log(record.log_path)
@@ -154,6 +166,13 @@ class InstanceManager:
                 env=env,
                 log_path=os.path.join(self.log_dir, f"{instance_id}.log"),
                 received_at=received_at,
+                # Kept by the forkserver so that an API attaching later can rebuild the state.
+                meta={
+                    "config": config.model_dump(exclude_none=True),
+                    "received_at": received_at,
+                    "host": parsed.get("host"),
+                    "gpu_indices": env.get("CUDA_VISIBLE_DEVICES") if config.gpu_uuids else None,
+                },
             )
         except ForkserverError as exc:
             raise _http_error(exc) from None
@@ -227,10 +246,61 @@ class InstanceManager:
             if record.mark_ready():
                 self._publish(events.READY, record)
                 log.info("instance %s ready in %.2fs", record.instance_id, record.ready_at - record.received_at)
+                note = asyncio.create_task(self._note(record.instance_id, {"ready_at": record.ready_at}))
+                self._background.add(note)  # keep a reference until it is done
+                note.add_done_callback(self._background.discard)
 
         await readiness.wait_ready(
             self._http, url, still_starting=lambda: record.live and not record.ready, on_ready=became_ready
         )
+
+    async def _note(self, instance_id: str, meta: dict[str, Any]) -> None:
+        with contextlib.suppress(ForkserverError, LauncherError):
+            client = await self.forkserver.client()
+            await client.request(protocol.OP_NOTE, instance_id=instance_id, meta=meta)
+
+    async def _adopt(self, hello: dict[str, Any]) -> None:
+        """Take over the instances a forkserver already holds (one started on its own)."""
+        for item in hello.get("instances", []):
+            instance_id = str(item["instance_id"])
+            record = self._records.get(instance_id)
+            if record is None:
+                record = self._record_from(item)
+                if record is None:
+                    continue
+                self._records[instance_id] = record
+                runtime = self._runtime[instance_id] = _Runtime()
+                self._publish(events.CREATED, record)
+                if record.live and not record.ready:
+                    runtime.probe = asyncio.create_task(self._probe(record), name=f"probe-{instance_id}")
+                log.info("adopted instance %s (pid %s, %s)", instance_id, record.pid, record.status.value)
+            if not item.get("running") and record.live:
+                self._stopped(record, exit_code=item.get("exit_code"), stopped_at=item.get("stopped_at"), reason=None)
+
+    def _record_from(self, item: dict[str, Any]) -> InstanceRecord | None:
+        meta = item.get("meta") or {}
+        try:
+            config = VllmConfig.model_validate(meta.get("config"))
+        except ValueError:
+            log.warning("not adopting instance %s: it was not created by a launcher", item.get("instance_id"))
+            return None
+        record = InstanceRecord(
+            instance_id=str(item["instance_id"]),
+            config=config,
+            log_path=str(item["log_path"]),
+            pid=int(item["pid"]),
+            port=int(item["port"]),
+            model=str(item["model"]),
+            received_at=float(meta.get("received_at") or item["forked_at"]),
+            created_at=float(item["forked_at"]),
+            host=meta.get("host"),
+            gpu_indices=meta.get("gpu_indices"),
+        )
+        if meta.get("ready_at"):
+            record.mark_ready(at=float(meta["ready_at"]))
+        if not item.get("running"):
+            record.mark_stopped(exit_code=item.get("exit_code"), stopped_at=item.get("stopped_at"))
+        return record
 
     # ------------------------------------------------------------------ delete
 

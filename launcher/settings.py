@@ -46,17 +46,22 @@ class Settings:
     mock_gpus: bool = _setting(False, "pretend this node has GPUs GPU-0 ... GPU-<N-1> (no NVML needed)")
     mock_gpu_count: int = _setting(8, "how many mock GPUs --mock-gpus shows")
     watch_window: int = _setting(1000, "events kept for watch?since=N (410 for older revisions)")
+    forkserver_socket: str = _setting(
+        "", "attach to a forkserver started on its own (python -m forkserver --socket PATH) instead of starting one"
+    )
     forkserver_workload: str = _setting("vllm", "what instances run: vllm, standin, or module:attribute")
     forkserver_preload: str = _setting("", "comma-separated modules the forkserver imports (default: vLLM's serve path)")
     forkserver_python: str = _setting(sys.executable, "Python interpreter that runs the forkserver")
     fork_engine: bool = _setting(True, "on CPU, fork vLLM's EngineCore from the instance instead of spawning it")
     in_process_worker: bool = _setting(True, "on CPU, run a single-process model inside the EngineCore")
     forkserver_start_timeout: float = _setting(300.0, "seconds to wait for the forkserver to preload")
+    api_token: str = _setting("", "bearer token every endpoint but /health requires (empty: no token)")
+    api_token_file: str = _setting("", "file holding the bearer token (beats --api-token)")
     max_body_bytes: int = _setting(65536, "largest accepted request body, in bytes (413 above)")
 
     def resolved_log_dir(self) -> str:
-        """The log directory, with the default filled in."""
-        return self.log_dir or os.path.join(_default_state_dir(), "logs")
+        """The log directory, with the default filled in (one per API port: launchers never share)."""
+        return self.log_dir or os.path.join(_default_state_dir(), str(self.port), "logs")
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,0 +1,72 @@
+"""Optional bearer-token access control (settings ``api_token`` or ``api_token_file``).
+
+When a token is set, every endpoint but ``GET /health`` needs ``Authorization: Bearer <token>``;
+anything else is a 401. Tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from launcher.settings import Settings
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+def expected_header(settings: Settings) -> bytes | None:
+    """The ``Authorization`` value requests must carry, or None when no token is configured."""
+    token = load_token(settings)
+    return f"Bearer {token}".encode() if token else None
+
+
+def load_token(settings: Settings) -> str | None:
+    """The configured token (the file wins over the plain setting), or None when there is none."""
+    if settings.api_token_file:
+        token = Path(settings.api_token_file).read_text().strip()
+        if not token:
+            raise SystemExit(f"the token file {settings.api_token_file} is empty")
+        return token
+    return settings.api_token or None
+
+
+class BearerTokenMiddleware:
+    """Pure ASGI middleware: no buffering, so streaming responses stay streaming.
+
+    The expected header is read from ``app.state.authorization`` (set at start-up from the
+    settings), so the module-level app of ``uvicorn launcher.app:app`` needs no settings at import.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        expected: bytes | None = getattr(scope["app"].state, "authorization", None) if "app" in scope else None
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if expected is None and "app" in scope and not hasattr(scope["app"].state, "authorization"):
+            expected = b"\0"  # not started yet: refuse rather than serve unauthenticated
+        if expected is None:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, expected):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="vllm-launcher"'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,86 @@
+"""Start-up clean-up of what a previous launcher left when it was killed (SIGKILL, OOM, power).
+
+Its forkserver and instances died with it (parent-death signals), but nothing was there to
+remove their runtime directory, log files or shared-memory segments. Only what is provably
+dead is removed: runtime directories whose API process is gone, segments no process maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+from forkserver import leftovers
+
+log = logging.getLogger("launcher.sweep")
+PID_FILE = "api.pid"
+RUNTIME_PREFIX = "vllm-launcher-"
+SEGMENT_MIN_AGE = 60.0  # seconds: a segment this old and mapped by nobody is an orphan
+
+
+def mark_runtime_dir(runtime_dir: str) -> None:
+    """Record that this API process owns ``runtime_dir``."""
+    with open(os.path.join(runtime_dir, PID_FILE), "w") as pid_file:
+        pid_file.write(str(os.getpid()))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_runtime_dirs(parent: str | None = None) -> list[str]:
+    """Runtime directories of launchers (of this user) that are no longer running."""
+    stale = []
+    for path in glob.glob(os.path.join(parent or tempfile.gettempdir(), RUNTIME_PREFIX + "*")):
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            with open(os.path.join(path, PID_FILE)) as pid_file:
+                pid = int(pid_file.read().strip() or "0")
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being set up
+        if pid and not _process_alive(pid):
+            stale.append(path)
+    return stale
+
+
+def orphan_segments(min_age: float = SEGMENT_MIN_AGE) -> set[str]:
+    """vLLM-kind /dev/shm segments of this user that no live process maps."""
+    candidates = set()
+    now = time.time()
+    for name in os.listdir(leftovers.SHM_DIR):
+        if not name.startswith(leftovers.SEGMENT_PREFIXES):
+            continue
+        with contextlib.suppress(OSError):
+            info = os.stat(os.path.join(leftovers.SHM_DIR, name))
+            if info.st_uid == os.getuid() and now - info.st_mtime >= min_age:
+                candidates.add(name)
+    if not candidates:
+        return set()
+    pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    return candidates - leftovers.mapped_segments(pids)
+
+
+def sweep(log_dir: str) -> None:
+    """Remove stale runtime dirs, orphan segments and the old log files of this log dir."""
+    for path in stale_runtime_dirs():
+        log.info("removing the runtime directory of a dead launcher: %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+    segments = orphan_segments()
+    if segments:
+        log.info("removing %d orphaned shared-memory segment(s)", len(segments))
+        leftovers.remove_segments(segments)
+    for path in glob.glob(os.path.join(log_dir, "*.log")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
