@@ -1,0 +1,214 @@
+"""The fault matrix on real processes (stand-in workload): every fault survived, nothing orphaned."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
+
+
+def _options(extra: str = "") -> str:
+    return f"--model standin-model --port {free_port()} {extra}".strip()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _instance_tree(launcher: LauncherProcess, instance_id: str) -> list[int]:
+    pid = launcher.state(instance_id)["pid"]
+    wait_until(lambda: _alive(pid), 5, what="the instance")
+    return [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+def test_killed_forkserver_takes_its_instances_and_is_replaced() -> None:
+    launcher = LauncherProcess(workload="standin")
+    try:
+        assert launcher.create("one", options=_options("--spawn-helper")).status_code == 201
+        assert launcher.create("two", options=_options()).status_code == 201
+        wait_until(lambda: len(psutil.Process(launcher.state("one")["pid"]).children()) == 1, 10, what="helper")
+        doomed = _instance_tree(launcher, "one") + _instance_tree(launcher, "two")
+        old_forkserver = launcher.forkserver_pid()
+        os.kill(old_forkserver, signal.SIGKILL)
+        for name in ("one", "two"):
+            state = wait_until(lambda n=name: (s := launcher.state(n))["status"] == "stopped" and s, 10, what=name)
+            assert "forkserver" in state["stop_reason"]
+        wait_until(lambda: not [pid for pid in doomed if _alive(pid)], 10, what="the instances to die with it")
+        wait_until(lambda: launcher.client.get("/health").status_code == 200, 30, what="a new forkserver")
+        assert launcher.forkserver_pid() != old_forkserver
+        assert launcher.create("three", options=_options()).status_code == 201
+        wait_until(lambda: launcher.state("three")["ready"], 10, what="three ready")
+        assert launcher.client.get("/v2/vllm/instances/one/log").status_code == 200  # still readable
+        assert launcher.client.delete("/v2/vllm/instances/one").status_code == 200
+    finally:
+        assert not launcher.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_launcher_end_leaves_no_process(sig: int) -> None:
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_STOP_TIMEOUT": "2"})
+    assert launcher.create("plain", options=_options("--spawn-helper")).status_code == 201
+    assert launcher.create("stubborn", options=_options("--ignore-sigterm")).status_code == 201
+    wait_until(lambda: len(launcher.descendants()) >= 4, 10, what="forkserver, instances and helper")
+    started = time.monotonic()
+    leftovers = launcher.stop(sig)  # waits for the launcher, then up to 10 s for its tree
+    elapsed = time.monotonic() - started
+    assert leftovers == []
+    if sig != signal.SIGKILL:
+        assert launcher.process.returncode in (0, -sig)  # uvicorn re-raises the signal after a clean shutdown
+        # The graceful path: SIGTERM, the 2 s deadline for the stubborn one, then SIGKILL; no hang.
+        assert 1.5 <= elapsed < 30
+
+
+def test_concurrent_delete_and_get_of_one_instance(standin: LauncherProcess) -> None:
+    for round_number in range(5):
+        name = f"contested-{round_number}"
+        assert standin.create(name, options=_options()).status_code == 201
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            deletes = [pool.submit(standin.client.delete, f"/v2/vllm/instances/{name}") for _ in range(3)]
+            gets = [pool.submit(standin.client.get, f"/v2/vllm/instances/{name}") for _ in range(5)]
+            delete_codes = sorted(f.result().status_code for f in deletes)
+            get_codes = {f.result().status_code for f in gets}
+        assert delete_codes[0] == 200 and set(delete_codes) <= {200, 404}
+        assert get_codes <= {200, 404}
+        assert standin.client.get(f"/v2/vllm/instances/{name}").status_code == 404
+
+
+def _start_standalone_forkserver(socket_path: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "forkserver", "--socket", socket_path, "--workload", "standin"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_until(lambda: os.path.exists(socket_path), 30, what="the standalone forkserver")
+    return process
+
+
+def test_a_standalone_forkserver_outlives_an_api_restart() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="fs-alone-"))
+    socket_path = str(workdir / "run" / "fs.sock")
+    forkserver = _start_standalone_forkserver(socket_path)
+    env = {"LAUNCHER_FORKSERVER_SOCKET": socket_path, "LAUNCHER_LOG_DIR": str(workdir / "logs")}
+    try:
+        first = LauncherProcess(workload="standin", env=env)
+        assert first.create("keeper", options=_options("--print-env KEEP"), env_vars={"KEEP": "me"},
+                            annotations={"owner": "test"}).status_code == 201  # fmt: skip
+        assert first.create("quitter", options=_options("--crash-after 0.2 --exit-code 4")).status_code == 201
+        wait_until(lambda: first.state("keeper")["ready"], 10, what="keeper ready")
+        wait_until(lambda: first.state("quitter")["status"] == "stopped", 10, what="quitter to stop")
+        keeper = first.state("keeper")
+        log = first.client.get("/v2/vllm/instances/keeper/log").content
+        assert first.stop() == []  # it has no descendants: the forkserver is not its child
+        assert _alive(keeper["pid"]), "the instance must outlive the API"
+
+        second = LauncherProcess(workload="standin", env=env)
+        try:
+            again = second.state("keeper")
+            for key in ("pid", "port", "model", "options", "env_vars", "annotations", "created_at", "ready_at"):
+                assert again[key] == keeper[key], key
+            assert again["status"] == "running" and again["ready"]
+            quitter = second.state("quitter")
+            assert quitter["status"] == "stopped" and quitter["exit_code"] == 4
+            assert second.client.get("/v2/vllm/instances/keeper/log").content.startswith(log)
+            assert b"ENV KEEP=me" in log
+            assert second.client.delete("/v2/vllm/instances/keeper").status_code == 200
+            assert not _alive(keeper["pid"])
+        finally:
+            second.stop()
+    finally:
+        forkserver.send_signal(signal.SIGTERM)
+        forkserver.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_bearer_token_guards_everything_but_health() -> None:
+    token_file = Path(tempfile.mkdtemp(prefix="tok-")) / "token"
+    token_file.write_text("s3cret-token\n")
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_API_TOKEN_FILE": str(token_file)})
+    try:
+        assert launcher.client.get("/health").status_code == 200
+        for method, path in [("GET", "/"), ("GET", "/v2/vllm/instances"), ("DELETE", "/v2/vllm/instances"),
+                             ("GET", "/v2/vllm/instances/x/log"), ("GET", "/v2/vllm/instances/watch"),
+                             ("PUT", "/v2/vllm/instances/x"), ("GET", "/v2/vllm/gpus"), ("GET", "/nope")]:  # fmt: skip
+            response = launcher.client.request(method, path)
+            assert response.status_code == 401, (method, path)
+            assert "token" in response.json()["detail"]
+            wrong = launcher.client.request(method, path, headers={"Authorization": "Bearer s3cret-tokeN"})
+            assert wrong.status_code == 401
+        good = {"Authorization": "Bearer s3cret-token"}
+        assert launcher.client.get("/v2/vllm/instances", headers=good).status_code == 200
+        assert launcher.client.put("/v2/vllm/instances/ok", json={"options": _options()}, headers=good).status_code == 201
+    finally:
+        assert not launcher.stop()
+        token_file.unlink()
+        token_file.parent.rmdir()
+
+
+def test_private_files_have_private_modes(standin: LauncherProcess) -> None:
+    assert standin.create("modes", options=_options()).status_code == 201
+    assert stat.S_IMODE(os.stat(standin.log_dir / "modes.log").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(standin.runtime_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(standin.runtime_dir / "forkserver.sock").st_mode) == 0o600
+
+
+def test_the_forkserver_survives_clients_that_misbehave(standin: LauncherProcess) -> None:
+    socket_path = str(standin.runtime_dir / "forkserver.sock")
+    for payload in (b"", b"\x00\x00", b"\xff\xff\xff\xff", b"\x00\x00\x00\x05hello", b"\x00\x00\x00\x02{}"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(socket_path)
+            sock.sendall(payload)
+    assert standin.create("after-garbage", options=_options()).status_code == 201
+    assert standin.client.get("/health").status_code == 200
+
+
+def test_start_up_sweeps_what_a_killed_launcher_left() -> None:
+    stale = Path(tempfile.mkdtemp(prefix="vllm-launcher-"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (stale / "api.pid").write_text(str(dead.pid))
+    (stale / "forkserver.sock").write_text("")
+    orphan = Path("/dev/shm/psm_launcher_test_orphan")
+    orphan.write_bytes(b"x" * 16)
+    in_use = shared_memory.SharedMemory(create=True, size=16)  # mapped by this process
+    for path in (orphan, Path("/dev/shm") / in_use.name):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    launcher = LauncherProcess(workload="standin")
+    try:
+        assert not stale.exists()
+        assert not orphan.exists()
+        assert (Path("/dev/shm") / in_use.name).exists()
+    finally:
+        launcher.stop()
+        in_use.close()
+        in_use.unlink()
+        orphan.unlink(missing_ok=True)
+
+
+def test_reading_a_big_log_does_not_block_other_requests(standin: LauncherProcess) -> None:
+    assert standin.create("big", options=_options("--spam-lines 30000")).status_code == 201
+    wait_until(lambda: standin.state("big")["ready"], 30, what="big ready")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        reads = [pool.submit(standin.client.get, "/v2/vllm/instances/big/log", headers={"Range": f"bytes={i * 1000}-"})
+                 for i in range(16)]  # fmt: skip
+        health = [pool.submit(standin.client.get, "/health") for _ in range(16)]
+        assert all(f.result().status_code == 206 for f in reads)
+        assert all(f.result().status_code == 200 for f in health)
+    assert all(len(f.result().content) == 1 << 20 for f in reads)  # 1 MiB cap on each
