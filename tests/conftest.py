@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.launcher_process import REPO, LauncherProcess
+from tests.launcher_process import REPO, VLLM_ENV, LauncherProcess
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,35 @@ def _clean_instances(request: pytest.FixtureRequest) -> Iterator[None]:
         launcher: LauncherProcess = request.getfixturevalue("standin")
         if launcher.process.poll() is None:
             launcher.client.delete("/v2/vllm/instances")
+
+
+def _shm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+
+
+@pytest.fixture(scope="module")
+def vllm_launcher() -> Iterator[LauncherProcess]:
+    """A launcher with the real vLLM workload (the forkserver preloads vLLM first)."""
+    cache = tempfile.mkdtemp(prefix="vllm-cache-")
+    shm_before = _shm_segments()
+    tmp_before = set(os.listdir(tempfile.gettempdir()))
+    launcher = LauncherProcess(
+        workload="vllm",
+        env={
+            "VLLM_CACHE_ROOT": cache,
+            **VLLM_ENV,
+            "LAUNCHER_STOP_TIMEOUT": "20",
+        },
+        ready_timeout=300.0,
+    )
+    yield launcher
+    output = launcher.output_text()
+    leftovers = launcher.stop()
+    shutil.rmtree(cache, ignore_errors=True)
+    assert not leftovers, f"processes outlived the launcher: {leftovers}\n{output[-3000:]}"
+    assert _shm_segments() <= shm_before, "shared-memory segments left behind"
+    new_tmp = {name for name in set(os.listdir(tempfile.gettempdir())) - tmp_before if not name.startswith("pytest-")}
+    assert not new_tmp, f"files left in the temp directory: {new_tmp}"
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ process it started is gone, and removes its directories.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +24,8 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+SERVE_FLAGS = "--max-model-len 256 --enforce-eager --kv-cache-memory-bytes 32M"  # tiny and quick on CPU
+VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def free_port() -> int:
@@ -134,3 +138,34 @@ class LauncherProcess:
         self.output.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return [process.pid for process in alive]
+
+
+class WatchReader:
+    """Reads a watch stream in a thread and keeps every event."""
+
+    def __init__(self, launcher: LauncherProcess, params: dict[str, Any] | None = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.status_code: int | None = None
+        self.ended = threading.Event()
+        self._client = httpx.Client(base_url=launcher.base_url, timeout=httpx.Timeout(60, read=None))
+        self._thread = threading.Thread(target=self._read, args=(params or {},), daemon=True)
+        self._thread.start()
+        wait_until(lambda: self.status_code is not None, 10, what="the watch to open")
+
+    def _read(self, params: dict[str, Any]) -> None:
+        try:
+            with self._client.stream("GET", "/v2/vllm/instances/watch", params=params) as response:
+                self.status_code = response.status_code
+                for line in response.iter_lines():
+                    if line:
+                        self.events.append(json.loads(line))
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.ended.set()
+
+    def types_for(self, instance_id: str) -> list[str]:
+        return [event["type"] for event in self.events if event["object"].get("instance_id") == instance_id]
+
+    def close(self) -> None:
+        self._client.close()

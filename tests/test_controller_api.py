@@ -5,11 +5,9 @@ All through the HTTP API of a real launcher with a real forkserver (stand-in wor
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,43 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.launcher_process import LauncherProcess, free_port, wait_until
+from tests.launcher_process import LauncherProcess, WatchReader, free_port, wait_until
 
 
 def _options(port: int | None = None, extra: str = "") -> str:
     port_flag = f"--port {port}" if port is not None else ""
     return f"--model standin-model {port_flag} {extra}".strip()
-
-
-class WatchReader:
-    """Reads a watch stream in a thread and keeps every event."""
-
-    def __init__(self, launcher: LauncherProcess, params: dict[str, Any] | None = None) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.status_code: int | None = None
-        self.ended = threading.Event()
-        self._client = httpx.Client(base_url=launcher.base_url, timeout=httpx.Timeout(60, read=None))
-        self._thread = threading.Thread(target=self._read, args=(params or {},), daemon=True)
-        self._thread.start()
-        wait_until(lambda: self.status_code is not None, 10, what="the watch to open")
-
-    def _read(self, params: dict[str, Any]) -> None:
-        try:
-            with self._client.stream("GET", "/v2/vllm/instances/watch", params=params) as response:
-                self.status_code = response.status_code
-                for line in response.iter_lines():
-                    if line:
-                        self.events.append(json.loads(line))
-        except httpx.HTTPError:
-            pass
-        finally:
-            self.ended.set()
-
-    def types_for(self, instance_id: str) -> list[str]:
-        return [event["type"] for event in self.events if event["object"].get("instance_id") == instance_id]
-
-    def close(self) -> None:
-        self._client.close()
 
 
 @pytest.fixture

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,43 +10,11 @@ import psutil
 import pytest
 
 from forkserver import phases
-from tests.launcher_process import LauncherProcess, free_port, wait_until
-from tests.test_controller_api import WatchReader
+from tests.launcher_process import SERVE_FLAGS, LauncherProcess, WatchReader, free_port, wait_until
 
 pytestmark = pytest.mark.vllm
 
-SERVE_FLAGS = "--max-model-len 256 --enforce-eager --kv-cache-memory-bytes 32M"
 INSTANCE_READY_TIMEOUT = 240.0
-
-
-def _shm_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
-
-
-@pytest.fixture(scope="module")
-def vllm_launcher() -> Iterator[LauncherProcess]:
-    """A launcher with the real vLLM workload (the forkserver preloads vLLM first)."""
-    cache = tempfile.mkdtemp(prefix="vllm-cache-")
-    shm_before = _shm_segments()
-    tmp_before = set(os.listdir(tempfile.gettempdir()))
-    launcher = LauncherProcess(
-        workload="vllm",
-        env={
-            "VLLM_CACHE_ROOT": cache,
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            "LAUNCHER_STOP_TIMEOUT": "20",
-        },
-        ready_timeout=300.0,
-    )
-    yield launcher
-    output = launcher.output_text()
-    leftovers = launcher.stop()
-    shutil.rmtree(cache, ignore_errors=True)
-    assert not leftovers, f"processes outlived the launcher: {leftovers}\n{output[-3000:]}"
-    assert _shm_segments() <= shm_before, "shared-memory segments left behind"
-    new_tmp = {name for name in set(os.listdir(tempfile.gettempdir())) - tmp_before if not name.startswith("pytest-")}
-    assert not new_tmp, f"files left in the temp directory: {new_tmp}"
 
 
 def _wait_healthy(port: int, launcher: LauncherProcess, instance_id: str) -> None:
