@@ -8,9 +8,10 @@ Only the standard library and httpx: importable on any machine, without torch or
         for chunk in launcher.follow_log("opt"):
             sys.stdout.buffer.write(chunk)
 
-Every non-2xx answer raises :class:`LauncherAPIError` (:class:`NotFoundError` for 404,
-:class:`ConflictError` for 409, :class:`GoneError` for 410); a launcher that cannot be reached
-raises :class:`LauncherConnectionError`. All of them derive from :class:`LauncherClientError`.
+Every non-2xx answer raises :class:`LauncherAPIError` (:class:`UnauthorizedError` for 401,
+:class:`NotFoundError` for 404, :class:`ConflictError` for 409, :class:`GoneError` for 410); a
+launcher that cannot be reached raises :class:`LauncherConnectionError`. All of them derive
+from :class:`LauncherClientError`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypedDict, cast
+from typing import Any, Self, TypedDict, cast
 from urllib.parse import quote
 
 import httpx
@@ -88,6 +89,10 @@ class LauncherAPIError(LauncherClientError):
         self.detail = detail
 
 
+class UnauthorizedError(LauncherAPIError):
+    """401: the launcher wants ``Authorization: Bearer <token>`` and got none or a wrong one."""
+
+
 class NotFoundError(LauncherAPIError):
     """404: no such instance."""
 
@@ -124,7 +129,12 @@ class WaitTimeoutError(LauncherClientError, TimeoutError):
         self.timeout = timeout
 
 
-_ERRORS: dict[int, type[LauncherAPIError]] = {404: NotFoundError, 409: ConflictError, 410: GoneError}
+_ERRORS: dict[int, type[LauncherAPIError]] = {
+    401: UnauthorizedError,
+    404: NotFoundError,
+    409: ConflictError,
+    410: GoneError,
+}
 
 
 def error_from_response(response: httpx.Response) -> LauncherAPIError:
@@ -156,7 +166,7 @@ class EventStream:
         self._lines = response.iter_lines()
         self._base_url = base_url
 
-    def __iter__(self) -> EventStream:
+    def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> WatchEvent:
@@ -176,7 +186,7 @@ class EventStream:
         """Stop watching and release the connection."""
         self._response.close()
 
-    def __enter__(self) -> EventStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -223,7 +233,7 @@ class LauncherClient:
         """Close the connections."""
         self._http.close()
 
-    def __enter__(self) -> LauncherClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
