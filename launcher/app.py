@@ -11,10 +11,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from launcher.auth import BearerTokenMiddleware, expected_header
 from launcher.errors import LauncherError
 from launcher.manager import InstanceManager
+from launcher.metrics import metrics_endpoint
 from launcher.routes import routes
 from launcher.settings import Settings
 
@@ -58,7 +60,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await manager.shutdown()
 
     return Starlette(
-        routes=routes(),
+        routes=[*routes(), Route("/metrics", metrics_endpoint, methods=["GET"])],
         middleware=[Middleware(BearerTokenMiddleware)],
         lifespan=lifespan,
         exception_handlers={

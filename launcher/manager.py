@@ -30,12 +30,22 @@ from launcher.errors import (
 )
 from launcher.events import EventLog
 from launcher.forkserver_client import ForkserverError, ForkserverGone
+from launcher.metrics import LauncherMetrics, exit_kind
 from launcher.forkserver_process import ForkserverSupervisor
 from launcher.models import VllmConfig, check_instance_id
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
 
 log = logging.getLogger("launcher.manager")
+
+
+_FAILURE_REASONS: dict[type[LauncherError], str] = {
+    BadRequest: "invalid",
+    Conflict: "conflict",
+    TooManyInstances: "limit",
+    ServiceUnavailable: "forkserver_unavailable",
+    InternalError: "internal",
+}
 
 
 def _http_error(exc: ForkserverError) -> LauncherError:
@@ -81,6 +91,8 @@ class InstanceManager:
         self._reserved: dict[str, _Reservation] = {}
         self._deleting: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._early_exits: dict[str, dict[str, Any]] = {}
+        self.metrics = LauncherMetrics()
+        self.metrics.attach(self)
         self._http: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.forkserver = ForkserverSupervisor(
@@ -143,6 +155,15 @@ class InstanceManager:
 
     async def create(self, config: VllmConfig, instance_id: str | None, *, received_at: float) -> InstanceRecord:
         """Fork a new instance once every check has passed; nothing is left behind on failure."""
+        try:
+            record = await self._create(config, instance_id, received_at=received_at)
+        except LauncherError as exc:
+            self.metrics.create_failures.labels(reason=_FAILURE_REASONS.get(type(exc), "internal")).inc()
+            raise
+        self.metrics.creates.inc()
+        return record
+
+    async def _create(self, config: VllmConfig, instance_id: str | None, *, received_at: float) -> InstanceRecord:
         instance_id = check_instance_id(instance_id) if instance_id is not None else str(uuid.uuid4())
         if instance_id in self._records or instance_id in self._reserved:
             raise Conflict(f"instance {instance_id!r} already exists")
@@ -245,6 +266,7 @@ class InstanceManager:
         def became_ready() -> None:
             if record.mark_ready():
                 self._publish(events.READY, record)
+                self.metrics.start_seconds.observe(max(0.0, (record.ready_at or 0.0) - record.received_at))
                 log.info("instance %s ready in %.2fs", record.instance_id, record.ready_at - record.received_at)
                 note = asyncio.create_task(self._note(record.instance_id, {"ready_at": record.ready_at}))
                 self._background.add(note)  # keep a reference until it is done
@@ -345,6 +367,7 @@ class InstanceManager:
             self._records.pop(instance_id, None)
             self._runtime.pop(instance_id, None)
             self._publish(events.DELETED, record)
+            self.metrics.deletes.inc()
             log.info("deleted instance %s", instance_id)
             return {"status": "terminated", "instance_id": instance_id}
         finally:
@@ -368,6 +391,7 @@ class InstanceManager:
         # As the public launcher does: deleting a running instance reports DELETED only.
         if not runtime.deleting:
             self._publish(events.STOPPED, record)
+            self.metrics.exits.labels(how=exit_kind(exit_code)).inc()
         runtime.stopped.set()
         log.info("instance %s stopped: exit code %s%s", record.instance_id, exit_code, f" ({reason})" if reason else "")
 

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from launcher import __version__, events, log_range
-from launcher.errors import BadRequest, PayloadTooLarge, RangeNotSatisfiable, UnsupportedMediaType
+from launcher.errors import BadRequest, LauncherError, PayloadTooLarge, RangeNotSatisfiable, UnsupportedMediaType
 from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
 from launcher.models import check_instance_id, parse_config
@@ -30,6 +30,7 @@ ENDPOINTS = {
     "get_instance_logs": "GET /v2/vllm/instances/{instance_id}/log",
     "watch_instances": "GET /v2/vllm/instances/watch?since=REVISION",
     "list_gpus": "GET /v2/vllm/gpus",
+    "openapi": "GET /openapi.json",
 }
 
 
@@ -71,10 +72,15 @@ async def health(request: Request) -> JSONResponse:
 
 async def _create(request: Request, instance_id: str | None) -> JSONResponse:
     received_at = time.time()
-    if instance_id is not None:
-        check_instance_id(instance_id)
-    config = parse_config(await _read_body(request))
-    record = await _manager(request).create(config, instance_id, received_at=received_at)
+    manager = _manager(request)
+    try:
+        if instance_id is not None:
+            check_instance_id(instance_id)
+        config = parse_config(await _read_body(request))
+    except LauncherError:
+        manager.metrics.create_failures.labels(reason="invalid").inc()
+        raise
+    record = await manager.create(config, instance_id, received_at=received_at)
     return JSONResponse(
         {
             "status": "started",
@@ -151,6 +157,7 @@ async def get_instance_log(request: Request) -> Response:
         piece = await asyncio.to_thread(log_range.read_log, record.log_path, byte_range)
     except RangeNotSatisfiable as exc:
         return Response(b"", status_code=416, headers=exc.headers)  # empty body, as RFC 9110 has it
+    _manager(request).metrics.log_bytes.inc(len(piece.data))
     if byte_range is None:
         return Response(piece.data, media_type="application/octet-stream")
     return Response(
@@ -216,6 +223,13 @@ async def list_gpus(request: Request) -> JSONResponse:
     return JSONResponse({"gpus": table, "count": len(table), "mock": request.app.state.settings.mock_gpus})
 
 
+async def openapi(request: Request) -> JSONResponse:
+    """This API's OpenAPI 3.1 document (built from the pydantic models in launcher.schemas)."""
+    from launcher.openapi import openapi_document
+
+    return JSONResponse(openapi_document())
+
+
 def routes() -> list[Route]:
     """The API's routes."""
     instance = "/v2/vllm/instances/{instance_id}"
@@ -227,6 +241,7 @@ def routes() -> list[Route]:
         Route("/v2/vllm/instances", delete_all_instances, methods=["DELETE"]),
         Route("/v2/vllm/instances/watch", watch_instances, methods=["GET"]),
         Route("/v2/vllm/gpus", list_gpus, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route(instance, create_named_instance, methods=["PUT"]),
         Route(instance, get_instance, methods=["GET"]),
         Route(instance, delete_instance, methods=["DELETE"]),

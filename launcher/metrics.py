@@ -1,0 +1,91 @@
+"""Prometheus metrics at ``GET /metrics``, in a registry of the app's own (no global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from launcher.manager import InstanceManager
+
+START_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the manager at scrape time, so they can never be out of date."""
+
+    def __init__(self, manager: Callable[[], InstanceManager | None]) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        manager = self._manager()
+        if manager is None:
+            return
+        instances = GaugeMetricFamily(
+            "launcher_instances", "Instances by status and readiness", labels=["status", "ready"]
+        )
+        counts: dict[tuple[str, str], int] = {
+            (status, ready): 0 for status in ("running", "stopped") for ready in ("true", "false")
+        }
+        for record in manager.all():
+            counts[(record.status.value, "true" if record.ready else "false")] += 1
+        for (status, ready), count in counts.items():
+            instances.add_metric([status, ready], count)
+        yield instances
+        yield GaugeMetricFamily("launcher_forkserver_up", "1 while the forkserver accepts requests",
+                                value=1 if manager.forkserver.ready else 0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "launcher_forkserver_restarts", "Times the forkserver was replaced (or reconnected)",
+            value=manager.forkserver.restarts,
+        )  # fmt: skip
+        yield GaugeMetricFamily("launcher_watchers", "Open watch streams", value=manager.events.watchers)
+        yield GaugeMetricFamily("launcher_revision", "Current event revision", value=manager.events.revision)
+
+
+class LauncherMetrics:
+    """Counters and histograms the launcher updates as things happen."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.creates = Counter("launcher_instance_creates", "Instances created", registry=self.registry)
+        self.create_failures = Counter(
+            "launcher_instance_create_failures", "Create requests refused or failed, by reason",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
+        self.deletes = Counter("launcher_instance_deletes", "Instances deleted", registry=self.registry)
+        self.exits = Counter(
+            "launcher_instance_exits", "Instances that ended by themselves, by how",
+            ["how"], registry=self.registry,
+        )  # fmt: skip
+        self.start_seconds = Histogram(
+            "launcher_instance_start_seconds", "Create request received to first healthy answer",
+            buckets=START_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.log_bytes = Counter("launcher_log_bytes_served", "Log bytes served", registry=self.registry)
+        self._manager: InstanceManager | None = None
+        self.registry.register(_StateCollector(lambda: self._manager))
+
+    def attach(self, manager: InstanceManager) -> None:
+        """Read the instance gauges from ``manager`` from now on."""
+        self._manager = manager
+
+
+def exit_kind(exit_code: int | None) -> str:
+    """How an instance ended, as a metric label."""
+    if exit_code is None:
+        return "unknown"
+    if exit_code < 0:
+        return "signal"
+    return "clean" if exit_code == 0 else "error"
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """``GET /metrics``: the Prometheus text format."""
+    manager: InstanceManager = request.app.state.manager
+    return Response(generate_latest(manager.metrics.registry), media_type=CONTENT_TYPE_LATEST)
