@@ -36,7 +36,7 @@ class Settings:
     host: str = _setting("0.0.0.0", "address the API listens on")
     port: int = _setting(8001, "port the API listens on")
     log_level: str = _setting("info", "log level of the API (debug, info, warning, error)")
-    log_dir: str = _setting("", "directory of instance log files (default: <tmp>/vllm-launcher-<uid>/logs)")
+    log_dir: str = _setting("", "directory of instance log files (default: <tmp>/vllm-launcher-<uid>/<port>/logs)")
     runtime_dir: str = _setting("", "private directory for the forkserver socket (default: a new one under <tmp>)")
     stop_timeout: float = _setting(10.0, "seconds between SIGTERM and SIGKILL when stopping an instance")
     stop_timeout_starting: float = _setting(
