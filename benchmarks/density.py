@@ -21,7 +21,16 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import SERVE_FLAGS, build_tiny_model, complete, healthy, machine, summary, tree_pss_mib, write_results
+from benchmarks.common import (
+    SERVE_FLAGS,
+    build_tiny_model,
+    complete,
+    healthy,
+    machine,
+    summary,
+    tree_pss_mib,
+    write_results,
+)
 from tests.launcher_process import LauncherProcess, free_port, wait_until
 
 BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"}

@@ -15,9 +15,9 @@ import time
 _ORIGINAL_ENV = dict(os.environ)
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
-from forkserver import osutil  # noqa: E402
-from forkserver.server import ForkServer, bind_listener  # noqa: E402
-from forkserver.workload import WorkloadOptions, load_workload  # noqa: E402
+from forkserver import osutil
+from forkserver.server import ForkServer, bind_listener
+from forkserver.workload import WorkloadOptions, load_workload
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

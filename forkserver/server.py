@@ -20,12 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkserver import leftovers, osutil, protocol
+from forkserver import osutil, protocol
 from forkserver.child import become_instance
+from forkserver.instances import Instance, InstanceTable
 from forkserver.workload import OptionsError, ParsedOptions, Workload
 
-SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
-SHM_SCAN_INTERVAL = 5.0  # seconds between looks at which /dev/shm segments live instances map
 MAX_CLIENTS = 64
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -36,48 +35,6 @@ class RequestError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-@dataclass
-class Instance:
-    """What the forkserver knows about one forked instance."""
-
-    instance_id: str
-    pid: int
-    model: str
-    port: int
-    log_path: str
-    tmpdir: str
-    forked_at: float
-    stop_deadline: float | None = None
-    exit_code: int | None = None  # set when the main process is reaped
-    stopped_at: float | None = None  # set when no process of the group is left
-    timestamps: dict[str, float] = field(default_factory=dict)
-    shm_segments: set[str] = field(default_factory=set)  # removed once the group is gone
-    meta: dict[str, Any] = field(default_factory=dict)  # the API's own notes, returned by hello
-
-    def remember_segments(self) -> None:
-        """Note the /dev/shm segments the instance's processes map right now."""
-        self.shm_segments |= leftovers.mapped_segments(leftovers.group_pids(self.pid))
-
-    @property
-    def finished(self) -> bool:
-        return self.stopped_at is not None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "instance_id": self.instance_id,
-            "pid": self.pid,
-            "model": self.model,
-            "port": self.port,
-            "log_path": self.log_path,
-            "forked_at": self.forked_at,
-            "timestamps": self.timestamps,
-            "exit_code": self.exit_code if self.finished else None,
-            "stopped_at": self.stopped_at,
-            "running": not self.finished,
-            "meta": self.meta,
-        }
 
 
 @dataclass
@@ -106,11 +63,9 @@ class ForkServer:
         self._preload_seconds = preload_seconds
         self._selector = selectors.DefaultSelector()
         self._clients: dict[int, _Client] = {}
-        self._instances: dict[str, Instance] = {}
-        self._by_pid: dict[int, Instance] = {}
+        self._instances = InstanceTable(on_finished=self._report_exit)
         self._shutdown_grace: float | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
-        self._next_shm_scan = time.monotonic() + SHM_SCAN_INTERVAL
 
     # ----------------------------------------------------------------- main loop
 
@@ -125,7 +80,7 @@ class ForkServer:
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
         self._pending_signals: list[int] = []
         while True:
-            for key, mask in self._selector.select(self._select_timeout()):
+            for key, mask in self._selector.select(self._instances.timeout()):
                 if key.data == "listener":
                     self._accept()
                 elif key.data == "wakeup":
@@ -133,10 +88,8 @@ class ForkServer:
                 else:
                     self._service_client(key.fd, mask)
             self._handle_signals()
-            self._reap()
-            self._advance_stops()
-            self._scan_segments()
-            if self._shutdown_grace is not None and not self._live_instances():
+            self._instances.tick()
+            if self._shutdown_grace is not None and not self._instances.live():
                 self._flush_clients()
                 return
 
@@ -149,35 +102,12 @@ class ForkServer:
             if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self._begin_shutdown(grace=10.0)
 
-    def _select_timeout(self) -> float | None:
-        now = time.monotonic()
-        timeout: float | None = max(0.0, self._next_shm_scan - now) if self._live_instances() else None
-        for instance in self._live_instances():
-            if instance.exit_code is not None:
-                return SWEEP_INTERVAL  # waiting for its helpers to go
-            if instance.stop_deadline is not None:
-                remaining = max(0.0, instance.stop_deadline - now)
-                timeout = remaining if timeout is None else min(timeout, remaining)
-        return timeout
-
-    def _scan_segments(self) -> None:
-        now = time.monotonic()
-        if now < self._next_shm_scan:
-            return
-        self._next_shm_scan = now + SHM_SCAN_INTERVAL
-        for instance in self._live_instances():
-            if instance.exit_code is None:
-                instance.remember_segments()
-
     def _drain_wakeup(self) -> None:
         try:
             while self._wakeup_r.recv(4096):
                 pass
         except BlockingIOError:
             pass
-
-    def _live_instances(self) -> list[Instance]:
-        return [instance for instance in self._instances.values() if not instance.finished]
 
     # ----------------------------------------------------------------- clients
 
@@ -293,7 +223,7 @@ class ForkServer:
             "workload": self._workload.name,
             "preload_seconds": self._preload_seconds,
             "threads": osutil.os_thread_count(),
-            "instances": [instance.describe() for instance in self._instances.values()],
+            "instances": [instance.describe() for instance in self._instances.all()],
         }
 
     def _parse(self, message: dict[str, Any]) -> ParsedOptions:
@@ -313,9 +243,9 @@ class ForkServer:
         if self._shutdown_grace is not None:
             raise RequestError(protocol.KIND_CONFLICT, "the forkserver is shutting down")
         instance_id = message.get("instance_id")
-        if not protocol.valid_instance_id(instance_id):
+        if not isinstance(instance_id, str) or not protocol.valid_instance_id(instance_id):
             raise RequestError(protocol.KIND_INVALID, f"invalid instance id {instance_id!r}")
-        if instance_id in self._instances:
+        if self._instances.get(instance_id) is not None:
             raise RequestError(protocol.KIND_CONFLICT, f"instance {instance_id!r} already exists")
         env = message.get("env") or {}
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
@@ -371,8 +301,7 @@ class ForkServer:
         instance.timestamps["parsed"] = parsed_at
         if isinstance(received_at, (int, float)):
             instance.timestamps["received"] = float(received_at)
-        self._instances[instance_id] = instance
-        self._by_pid[pid] = instance
+        self._instances.add(instance)
         return instance.describe()
 
     def _op_stop(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -380,14 +309,14 @@ class ForkServer:
         grace = message.get("grace_seconds", 10.0)
         if not isinstance(grace, (int, float)) or grace < 0:
             raise RequestError(protocol.KIND_INVALID, "grace_seconds must be a number >= 0")
-        self._stop(instance, float(grace))
+        self._instances.stop(instance, float(grace))
         return {"running": not instance.finished}
 
     def _op_forget(self, message: dict[str, Any]) -> dict[str, Any]:
         instance = self._lookup(message)
         if not instance.finished:
             raise RequestError(protocol.KIND_CONFLICT, f"instance {instance.instance_id!r} is still running")
-        del self._instances[instance.instance_id]
+        self._instances.forget(instance)
         return {}
 
     def _op_note(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -404,12 +333,12 @@ class ForkServer:
         return {}
 
     def _lookup(self, message: dict[str, Any]) -> Instance:
-        instance = self._instances.get(message.get("instance_id"))  # type: ignore[arg-type]
+        instance = self._instances.get(message.get("instance_id"))
         if instance is None:
             raise RequestError(protocol.KIND_NOT_FOUND, f"no instance {message.get('instance_id')!r}")
         return instance
 
-    # ----------------------------------------------------------------- stopping and reaping
+    # ----------------------------------------------------------------- stopping
 
     def _begin_shutdown(self, grace: float) -> None:
         if self._shutdown_grace is None:
@@ -418,54 +347,10 @@ class ForkServer:
                 self._selector.unregister(self._listener)
             except (KeyError, ValueError):
                 pass
-        for instance in self._live_instances():
-            self._stop(instance, grace)
+        for instance in self._instances.live():
+            self._instances.stop(instance, grace)
 
-    def _stop(self, instance: Instance, grace: float) -> None:
-        if instance.finished or instance.exit_code is not None:
-            return
-        instance.remember_segments()
-        deadline = time.monotonic() + grace
-        if instance.stop_deadline is None or deadline < instance.stop_deadline:
-            instance.stop_deadline = deadline
-        osutil.signal_instance(instance.pid, signal.SIGTERM)
-        if grace == 0:
-            osutil.signal_instance(instance.pid, signal.SIGKILL)
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
-            instance = self._by_pid.pop(pid, None)
-            if instance is None:
-                continue  # an orphaned helper reparented to us (we are a subreaper)
-            instance.exit_code = osutil.exit_code_from_status(status)
-            instance.remember_segments()  # its helpers may still map them
-            # The main process is gone; whatever it left in its group goes now.
-            osutil.signal_group(instance.pid, signal.SIGKILL)
-
-    def _advance_stops(self) -> None:
-        now = time.monotonic()
-        for instance in self._live_instances():
-            if instance.exit_code is not None:
-                if osutil.group_alive(instance.pid):
-                    osutil.signal_group(instance.pid, signal.SIGKILL)
-                else:
-                    self._finish(instance)
-            elif instance.stop_deadline is not None and now >= instance.stop_deadline:
-                osutil.signal_instance(instance.pid, signal.SIGKILL)
-                instance.stop_deadline = now + SWEEP_INTERVAL  # re-check soon, without spinning
-
-    def _finish(self, instance: Instance) -> None:
-        instance.stopped_at = time.time()
-        shutil.rmtree(instance.tmpdir, ignore_errors=True)
-        leftovers.remove_segments(instance.shm_segments)
+    def _report_exit(self, instance: Instance) -> None:
         self._broadcast({"event": protocol.EVENT_EXITED, **instance.describe()})
 
 

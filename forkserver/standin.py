@@ -40,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
 class _Health(BaseHTTPRequestHandler):
     model = ""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if self.path == "/health":
             self._answer(200, b"")
         elif self.path == "/v1/models":
@@ -54,7 +54,7 @@ class _Health(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

@@ -72,7 +72,8 @@ class ForkserverClient:
                 header = await self._reader.readexactly(protocol.HEADER.size)
                 body = await self._reader.readexactly(protocol.frame_length(header))
                 message = protocol.decode_body(body)
-                future = self._waiting.get(message.get("id")) if "id" in message else None
+                request_id = message.get("id")
+                future = self._waiting.get(request_id) if isinstance(request_id, int) else None
                 if future is not None and not future.done():
                     future.set_result(message)
                 elif "event" in message:

@@ -104,7 +104,7 @@ class ForkserverSupervisor:
                 await asyncio.sleep(1.0)
                 continue
             assert self._client is not None
-            waits = {asyncio.create_task(self._client.closed.wait())}
+            waits: set[asyncio.Task[Any]] = {asyncio.create_task(self._client.closed.wait())}
             if self._process is not None:
                 waits.add(asyncio.create_task(self._process.wait()))
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -30,8 +30,8 @@ from launcher.errors import (
 )
 from launcher.events import EventLog
 from launcher.forkserver_client import ForkserverError, ForkserverGone
-from launcher.metrics import LauncherMetrics, exit_kind
 from launcher.forkserver_process import ForkserverSupervisor
+from launcher.metrics import LauncherMetrics, exit_kind
 from launcher.models import VllmConfig, check_instance_id
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
@@ -266,8 +266,9 @@ class InstanceManager:
         def became_ready() -> None:
             if record.mark_ready():
                 self._publish(events.READY, record)
-                self.metrics.start_seconds.observe(max(0.0, (record.ready_at or 0.0) - record.received_at))
-                log.info("instance %s ready in %.2fs", record.instance_id, record.ready_at - record.received_at)
+                seconds = (record.ready_at or record.received_at) - record.received_at
+                self.metrics.start_seconds.observe(max(0.0, seconds))
+                log.info("instance %s ready in %.2fs", record.instance_id, seconds)
                 note = asyncio.create_task(self._note(record.instance_id, {"ready_at": record.ready_at}))
                 self._background.add(note)  # keep a reference until it is done
                 note.add_done_callback(self._background.discard)

@@ -25,7 +25,7 @@ def _default_state_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"vllm-launcher-{os.getuid()}")
 
 
-def _setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 

@@ -231,12 +231,19 @@ def test_instance_inherits_no_launcher_fds(standin: LauncherProcess) -> None:
     assert standin.create("fds", options=_standin_options()).status_code == 201
     pid = standin.state("fds")["pid"]
     _wait_serving(standin.state("fds")["port"])
-    fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+    def fd_targets(process_id: int) -> dict[int, str]:
+        return {int(fd): os.readlink(f"/proc/{process_id}/fd/{fd}") for fd in os.listdir(f"/proc/{process_id}/fd")}
+
+    fds = fd_targets(pid)
     assert fds[0] == "/dev/null"
     assert fds[1] == fds[2] == str(standin.log_dir / "fds.log")
-    sockets = [target for fd, target in fds.items() if fd > 2 and target.startswith("socket:")]
-    assert len(sockets) <= 1  # only the instance's own listening socket
-    assert not [target for fd, target in fds.items() if fd > 2 and not target.startswith("socket:")]
+    inherited = {target for fd, target in fds.items() if fd > 2}
+    # Only its own sockets (its listener, perhaps a probe's connection): nothing of the forkserver
+    # (listener, clients, wakeup pair, epoll) or of the launcher.
+    assert all(target.startswith("socket:") for target in inherited), inherited
+    for parent in (standin.forkserver_pid(), standin.process.pid):
+        assert not inherited & set(fd_targets(parent).values())
 
 
 def test_stdout_and_stderr_flood_loses_and_splits_no_line(standin: LauncherProcess) -> None:

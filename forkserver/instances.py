@@ -1,0 +1,164 @@
+"""The forkserver's instances: stopping them with a deadline, reaping them, cleaning up after them.
+
+No sockets here: :class:`InstanceTable` is driven by the server loop, which calls
+:meth:`InstanceTable.tick` after every wake-up and reports finished instances to its clients.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from forkserver import leftovers, osutil
+
+SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
+SHM_SCAN_INTERVAL = 5.0  # seconds between looks at which /dev/shm segments live instances map
+
+
+@dataclass
+class Instance:
+    """What the forkserver knows about one forked instance."""
+
+    instance_id: str
+    pid: int  # also its process group and session id
+    model: str
+    port: int
+    log_path: str
+    tmpdir: str
+    forked_at: float
+    stop_deadline: float | None = None
+    exit_code: int | None = None  # set when the main process is reaped
+    stopped_at: float | None = None  # set when no process of the group is left
+    timestamps: dict[str, float] = field(default_factory=dict)
+    shm_segments: set[str] = field(default_factory=set)  # removed once the group is gone
+    meta: dict[str, Any] = field(default_factory=dict)  # the API's own notes, returned by hello
+
+    @property
+    def finished(self) -> bool:
+        """True once no process of the instance is left."""
+        return self.stopped_at is not None
+
+    def remember_segments(self) -> None:
+        """Note the /dev/shm segments the instance's processes map right now."""
+        self.shm_segments |= leftovers.mapped_segments(leftovers.group_pids(self.pid))
+
+    def describe(self) -> dict[str, Any]:
+        """The instance as the protocol reports it."""
+        return {
+            "instance_id": self.instance_id,
+            "pid": self.pid,
+            "model": self.model,
+            "port": self.port,
+            "log_path": self.log_path,
+            "forked_at": self.forked_at,
+            "timestamps": self.timestamps,
+            "exit_code": self.exit_code if self.finished else None,
+            "stopped_at": self.stopped_at,
+            "running": not self.finished,
+            "meta": self.meta,
+        }
+
+
+class InstanceTable:
+    """Every instance the forkserver forked and has not forgotten yet."""
+
+    def __init__(self, on_finished: Callable[[Instance], None]) -> None:
+        self._on_finished = on_finished
+        self._instances: dict[str, Instance] = {}
+        self._by_pid: dict[int, Instance] = {}
+        self._next_shm_scan = time.monotonic() + SHM_SCAN_INTERVAL
+
+    def add(self, instance: Instance) -> None:
+        """Track a freshly forked instance."""
+        self._instances[instance.instance_id] = instance
+        self._by_pid[instance.pid] = instance
+
+    def get(self, instance_id: object) -> Instance | None:
+        """The instance named ``instance_id``, if any."""
+        return self._instances.get(instance_id) if isinstance(instance_id, str) else None
+
+    def forget(self, instance: Instance) -> None:
+        """Drop a finished instance."""
+        self._instances.pop(instance.instance_id, None)
+
+    def all(self) -> list[Instance]:
+        """Every tracked instance, finished or not."""
+        return list(self._instances.values())
+
+    def live(self) -> list[Instance]:
+        """Instances with a process left."""
+        return [instance for instance in self._instances.values() if not instance.finished]
+
+    def stop(self, instance: Instance, grace: float) -> None:
+        """SIGTERM the instance's group now, SIGKILL it ``grace`` seconds later."""
+        if instance.finished or instance.exit_code is not None:
+            return
+        instance.remember_segments()
+        deadline = time.monotonic() + grace
+        if instance.stop_deadline is None or deadline < instance.stop_deadline:
+            instance.stop_deadline = deadline
+        osutil.signal_instance(instance.pid, signal.SIGTERM)
+        if grace == 0:
+            osutil.signal_instance(instance.pid, signal.SIGKILL)
+
+    def timeout(self) -> float | None:
+        """How long the loop may sleep before :meth:`tick` has something to do."""
+        live = self.live()
+        if not live:
+            return None
+        now = time.monotonic()
+        timeout = max(0.0, self._next_shm_scan - now)
+        for instance in live:
+            if instance.exit_code is not None:
+                return SWEEP_INTERVAL  # waiting for its helpers to go
+            if instance.stop_deadline is not None:
+                timeout = min(timeout, max(0.0, instance.stop_deadline - now))
+        return timeout
+
+    def tick(self) -> None:
+        """Reap, enforce deadlines, sweep dead groups, and look at segments when due."""
+        self._reap()
+        now = time.monotonic()
+        for instance in self.live():
+            if instance.exit_code is not None:
+                if osutil.group_alive(instance.pid):
+                    osutil.signal_group(instance.pid, signal.SIGKILL)
+                else:
+                    self._finish(instance)
+            elif instance.stop_deadline is not None and now >= instance.stop_deadline:
+                osutil.signal_instance(instance.pid, signal.SIGKILL)
+                instance.stop_deadline = now + SWEEP_INTERVAL  # re-check soon, without spinning
+        if now >= self._next_shm_scan:
+            self._next_shm_scan = now + SHM_SCAN_INTERVAL
+            for instance in self.live():
+                if instance.exit_code is None:
+                    instance.remember_segments()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            instance = self._by_pid.pop(pid, None)
+            if instance is None:
+                continue  # an orphaned helper reparented to us (we are a subreaper)
+            instance.exit_code = osutil.exit_code_from_status(status)
+            instance.remember_segments()  # its helpers may still map them
+            # The main process is gone; whatever it left in its group goes now.
+            osutil.signal_group(instance.pid, signal.SIGKILL)
+
+    def _finish(self, instance: Instance) -> None:
+        instance.stopped_at = time.time()
+        shutil.rmtree(instance.tmpdir, ignore_errors=True)
+        leftovers.remove_segments(instance.shm_segments)
+        self._on_finished(instance)
