@@ -6,7 +6,7 @@ memory would drop under ``--reserve-gib``. Reports the count, the PSS of each in
 tree, the forkserver's PSS and the memory the machine had left. Writes
 ``benchmarks/results/density.{json,md}``.
 
-    .venv/bin/python -m benchmarks.density --max 24
+    .venv/bin/python -m benchmarks.density --max 64
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from benchmarks.common import (
 )
 from tests.launcher_process import LauncherProcess, free_port, wait_until
 
-BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"}
+# Launcher defaults, except the instance limit (32 by default): this measures the machine.
+BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1", "LAUNCHER_MAX_INSTANCES": "0"}
 
 
 def _start(launcher: LauncherProcess, model: Path, index: int) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def _start(launcher: LauncherProcess, model: Path, index: int) -> dict[str, Any]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max", type=int, default=24, help="stop after this many instances")
+    parser.add_argument("--max", type=int, default=64, help="stop after this many instances")
     parser.add_argument("--reserve-gib", type=float, default=3.0, help="stop before available memory drops below this")
     args = parser.parse_args()
 
@@ -112,7 +113,7 @@ def main() -> int:
             "",
             f"Stopped because: {stop_reason}. Machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs, "
             f"{results['machine']['memory_gib']} GiB, {results['machine']['date']}.",
-            "Reproduce: `make bench-density` (or `.venv/bin/python -m benchmarks.density --max 24`).",
+            "Reproduce: `make bench-density` (or `.venv/bin/python -m benchmarks.density --max 64`).",
         ]
     )
     print(table)
