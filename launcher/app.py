@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await manager.shutdown()
 
-    return Starlette(
+    app = Starlette(
         routes=[*routes(), Route("/metrics", metrics_endpoint, methods=["GET"])],
         middleware=[Middleware(BearerTokenMiddleware)],
         lifespan=lifespan,
@@ -69,6 +69,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Exception: _unexpected,
         },
     )
+    # No 307 from /x/ to /x: a client following it from `DELETE /v2/vllm/instances/` would
+    # delete every instance.
+    app.router.redirect_slashes = False
+    return app
 
 
 app = create_app()

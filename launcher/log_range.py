@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from launcher.errors import BadRequest, RangeNotSatisfiable
 
 LOG_CAP = 1 << 20  # 1 MiB per answer
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]{1,18})-([0-9]{0,18})$")  # 18 digits: far past any log, still an int64
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class LogSlice:
 def parse_range(header: str) -> ByteRange:
     """Parse a ``Range`` header value; raise :class:`BadRequest` naming what is wrong."""
     value = header.strip()
+    header = header[:100]  # for messages: never echo a huge header back
     if not value.startswith("bytes="):
         raise BadRequest(f"unsupported Range {header!r}: only 'bytes=START-END' or 'bytes=START-' is supported")
     if "," in value:

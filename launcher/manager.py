@@ -249,6 +249,8 @@ class InstanceManager:
         return taken | {item.port for item in self._reserved.values() if item.port is not None}
 
     def _check_port(self, port: int) -> int:
+        if not 1 <= port <= 65535:
+            raise BadRequest(f"--port {port} is not a TCP port: use 1-65535 (or leave it out to get a free one)")
         for record in self._records.values():
             if record.live and record.port == port:
                 raise Conflict(f"port {port} is already used by instance {record.instance_id!r}")

@@ -6,7 +6,7 @@ import json
 import shlex
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
 from forkserver.protocol import valid_instance_id
 from launcher.errors import BadRequest, Unprocessable
@@ -31,6 +31,27 @@ class VllmConfig(BaseModel):
         default=None, description="opaque labels, echoed back in the instance's state"
     )
 
+    @model_validator(mode="after")
+    def _strings_fit_a_process(self) -> VllmConfig:
+        # Every string must survive UTF-8 (no lone surrogates) and the exec environment.
+        strings: list[tuple[str, str]] = [("options", self.options)]
+        strings += [(f"env_vars.{key}", key) for key in self.env_vars or {}]
+        strings += [(f"env_vars.{key}", value) for key, value in (self.env_vars or {}).items()]
+        strings += [(f"gpu_uuids.{index}", uuid) for index, uuid in enumerate(self.gpu_uuids or [])]
+        for key, value in (self.annotations or {}).items():
+            strings += [(f"annotations.{key}", key), (f"annotations.{key}", value)]
+        for where, text in strings:
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError(f"{where[:100]!a} is not valid Unicode text (a lone surrogate)") from None
+            if "\0" in text and not where.startswith("annotations"):
+                raise ValueError(f"{where[:100]!r} contains a NUL character")
+        for name in self.env_vars or {}:
+            if not name or "=" in name:
+                raise ValueError(f"env_vars: {name[:100]!r} is not a valid environment variable name")
+        return self
+
     def argv(self) -> list[str]:
         """``options`` split as a POSIX shell would (quotes respected, nothing expanded)."""
         try:
@@ -47,7 +68,7 @@ def _describe(error: ValidationError) -> str:
     problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "body"
-        problems.append(f"{where}: {item['msg']}")
+        problems.append(f"{where[:200]}: {item['msg'][:500]}")
     return "invalid request body: " + "; ".join(problems)
 
 

@@ -116,7 +116,7 @@ def _parse_detail(value: str | None) -> bool:
         return True
     if word in ("false", "0", "no"):
         return False
-    raise BadRequest(f"invalid detail={value!r}: use True or False")
+    raise BadRequest(f"invalid detail={value[:50]!r}: use True or False")
 
 
 async def list_instances(request: Request) -> JSONResponse:
@@ -171,7 +171,8 @@ async def get_instance_log(request: Request) -> Response:
 def _parse_since(value: str | None) -> int | None:
     if value is None:
         return None
-    if not value.strip().isdigit():
+    digits = value.strip()
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
         raise BadRequest(f"invalid since={value[:50]!r}: use a revision number (0 or more)")
     return int(value)
 

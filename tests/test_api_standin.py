@@ -138,6 +138,14 @@ def test_delete_all(standin: LauncherProcess) -> None:
         (b'{"options": "--port 8000"}', 400, "model"),
         (b'{"options": "--model m --port 1 --no-such-flag"}', 400, "unrecognized arguments: --no-such-flag"),
         (b'{"options": "--model m --port notaport"}', 400, "--port"),
+        # Found by the fuzz suite (tests/test_hostile_input.py): each was a 500 or a doomed 201.
+        (b'{"options": "--model m --port 70000"}', 400, "1-65535"),
+        (b'{"options": "--model m --port 0"}', 400, "1-65535"),
+        (b'{"options": "--model m", "env_vars": {"A=B": "1"}}', 422, "environment variable name"),
+        (b'{"options": "--model m", "env_vars": {"": "1"}}', 422, "environment variable name"),
+        (b'{"options": "--model m", "env_vars": {"A": "a\\u0000b"}}', 422, "NUL"),
+        (b'{"options": "--model m", "annotations": {"k": "\\ud800"}}', 422, "surrogate"),
+        (b'{"options": "--model m", "gpu_uuids": ["\\udfff"]}', 422, "surrogate"),
     ],
 )
 def test_bad_create_bodies_get_a_clear_4xx_and_create_nothing(
@@ -294,7 +302,7 @@ def test_log_range_rules(standin: LauncherProcess) -> None:
     assert unsatisfiable.headers["content-range"] == f"bytes */{total}"
     assert unsatisfiable.content == b""
 
-    for bad in ("bytes=-5", "bytes=5-2", "bytes=a-b", "items=0-1", "bytes=0-1,3-4", "bytes="):
+    for bad in ("bytes=-5", "bytes=5-2", "bytes=a-b", "items=0-1", "bytes=0-1,3-4", "bytes=", "bytes=0-" + "9" * 4400):
         response = standin.client.get(url, headers={"Range": bad})
         assert response.status_code == 400, bad
         assert "Range" in response.json()["detail"]
@@ -324,3 +332,18 @@ def test_delete_right_after_create_is_honoured_by_sigterm() -> None:
             assert time.monotonic() - started < 30
     finally:
         assert not launcher.stop()
+
+
+@pytest.mark.parametrize("since", ["\u00b2", "1" * 5000, "-1", "1.5"])
+def test_odd_since_values_are_400(standin: LauncherProcess, since: str) -> None:
+    response = standin.client.get("/v2/vllm/instances/watch", params={"since": since})
+    assert response.status_code == 400
+    assert len(response.json()["detail"]) < 200  # never echoes a huge value back
+
+
+def test_no_trailing_slash_redirect(standin: LauncherProcess) -> None:
+    # A 307 to /v2/vllm/instances would turn this into a delete-all for redirect-following clients.
+    assert standin.create("survivor", options=_standin_options()).status_code == 201
+    response = standin.client.delete("/v2/vllm/instances/")
+    assert response.status_code == 404
+    assert standin.client.get("/v2/vllm/instances/survivor").status_code == 200

@@ -1,0 +1,262 @@
+"""The OpenAPI 3.1 document of ``GET /openapi.json``, built from one table and the pydantic models.
+
+Request and response bodies come from the models (:class:`launcher.models.VllmConfig` and
+:mod:`launcher.schemas`), so the document cannot drift from what the code validates; the tests
+check that every route of the app is in :data:`OPERATIONS` (and the reverse) and that real
+answers of a running launcher validate against the document.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any, NamedTuple
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from forkserver.protocol import INSTANCE_ID_PATTERN
+from launcher import __version__
+from launcher.models import VllmConfig
+from launcher.schemas import (
+    RESPONSE_MODELS,
+    CreateResponse,
+    DeleteAllResponse,
+    DeleteResponse,
+    ErrorResponse,
+    GpuList,
+    HealthResponse,
+    IndexResponse,
+    InstanceIdList,
+    InstanceList,
+    InstanceState,
+    WatchEvent,
+)
+
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+NDJSON = "application/x-ndjson"
+PROMETHEUS = CONTENT_TYPE_LATEST  # what GET /metrics sends (the Prometheus text format)
+
+REF = "#/components/schemas/{model}"
+SECURITY_SCHEME = "bearerAuth"
+
+# A response body: a model, several models (oneOf), or a raw JSON schema (non-JSON media types).
+Body = type[BaseModel] | tuple[type[BaseModel], ...] | dict[str, Any] | None
+
+
+class Answer(NamedTuple):
+    """One documented response: body, description, media type and response headers."""
+
+    body: Body
+    description: str
+    media_type: str = JSON
+    headers: dict[str, str] | None = None  # header name -> description (always sent)
+
+
+class Operation(NamedTuple):
+    """One row of the table: a method on a path."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    request: type[BaseModel] | None
+    responses: dict[int, Answer]
+    parameters: tuple[str, ...] = ()  # names in PARAMETERS
+    secured: bool = True  # 401 without the bearer token, when the launcher has one
+
+
+def _error(description: str, headers: dict[str, str] | None = None) -> Answer:
+    return Answer(ErrorResponse, description, JSON, headers)
+
+
+UNAUTHORIZED = _error(
+    "missing or wrong bearer token (only when the launcher runs with --api-token or --api-token-file)",
+    {"WWW-Authenticate": 'Bearer realm="vllm-launcher"'},
+)
+_CREATE_ERRORS: dict[int, Answer] = {
+    400: _error("bad JSON, options that cannot be split or that the vLLM parser rejects, unknown GPU UUIDs"),
+    409: _error("the port is used by another instance or process"),
+    413: _error("the body is larger than --max-body-bytes (64 KiB by default)"),
+    415: _error("the content type is not application/json"),
+    422: _error("the body is JSON of the wrong shape (unknown fields, non-string values, missing options)"),
+    429: _error("the launcher already runs --max-instances instances", {"Retry-After": "seconds to wait"}),
+    500: _error("the forkserver failed to create the instance"),
+    503: _error("the forkserver is not available (preloading or restarting)"),
+}
+
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "instance_id": {
+        "name": "instance_id",
+        "in": "path",
+        "required": True,
+        "description": "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit ('watch' is reserved)",
+        "schema": {"type": "string", "pattern": f"^{INSTANCE_ID_PATTERN}$"},
+    },
+    "detail": {
+        "name": "detail",
+        "in": "query",
+        "required": False,
+        "description": "full states (True, the default) or ids only (False); case-insensitive, also 1/0 and yes/no",
+        "schema": {
+            "type": "string",
+            "enum": ["True", "False", "true", "false", "1", "0", "yes", "no"],
+            "default": "True",
+        },
+    },
+    "since": {
+        "name": "since",
+        "in": "query",
+        "required": False,
+        "description": "replay the kept events after this revision, then follow; without it, a CREATED event "
+        "for each existing instance comes first",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "range": {
+        "name": "Range",
+        "in": "header",
+        "required": False,
+        "description": "one byte range, 'bytes=START-END' (inclusive) or 'bytes=START-'; suffix ranges, several "
+        "ranges and other units are a 400",
+        "schema": {"type": "string", "pattern": r"^bytes=[0-9]+-[0-9]*$"},
+    },
+}
+
+_INSTANCE = "/v2/vllm/instances/{instance_id}"
+_NOT_FOUND = _error("no instance with this id")
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("GET", "/", "index", "Service name, version and endpoints", None,
+              {200: Answer(IndexResponse, "the service")}),
+    Operation("GET", "/health", "health", "Whether instances can be created", None,
+              {200: Answer(HealthResponse, "the forkserver is ready: status OK"),
+               503: Answer(HealthResponse, "the forkserver is preloading or restarting: status unavailable")},
+              secured=False),
+    Operation("GET", "/openapi.json", "openapi", "This document", None,
+              {200: Answer({"type": "object"}, "the OpenAPI 3.1 document")}),
+    Operation("GET", "/metrics", "metrics", "Prometheus metrics", None,
+              {200: Answer({"type": "string"}, "metrics in the Prometheus text format", PROMETHEUS)}),
+    Operation("POST", "/v2/vllm/instances", "create_instance", "Create an instance with a new UUID", VllmConfig,
+              {201: Answer(CreateResponse, "the instance is forked (not yet ready: see its state's 'ready')"),
+               **_CREATE_ERRORS}),
+    Operation("GET", "/v2/vllm/instances", "get_all_instances", "List the instances", None,
+              {200: Answer((InstanceList, InstanceIdList), "full states (detail=True) or ids (detail=False)"),
+               400: _error("invalid detail value")},
+              parameters=("detail",)),
+    Operation("DELETE", "/v2/vllm/instances", "delete_all_instances", "Stop and delete every instance", None,
+              {200: Answer(DeleteAllResponse, "every instance is stopped, no process of any is left")}),
+    Operation("GET", "/v2/vllm/instances/watch", "watch_instances", "Follow instance events (NDJSON stream)", None,
+              {200: Answer(WatchEvent, "one event per line, until the launcher stops or the watcher falls behind "
+                           "(then an ERROR event says where to resume)", NDJSON),
+               400: _error("since is not a revision number, or is in the future"),
+               410: _error("since is older than the kept window: watch without since")},
+              parameters=("since",)),
+    Operation("GET", "/v2/vllm/gpus", "list_gpus", "The node's GPUs and the instances using each", None,
+              {200: Answer(GpuList, "the GPUs (NVML, or the mock set)")}),
+    Operation("PUT", _INSTANCE, "create_named_instance", "Create an instance with this id", VllmConfig,
+              {201: Answer(CreateResponse, "the instance is forked (not yet ready: see its state's 'ready')"),
+               **_CREATE_ERRORS,
+               400: _error("invalid or reserved id; bad JSON, options the vLLM parser rejects, unknown GPU UUIDs"),
+               409: _error("an instance with this id exists, or the port is used")},
+              parameters=("instance_id",)),
+    Operation("GET", _INSTANCE, "get_instance_status", "One instance's state", None,
+              {200: Answer(InstanceState, "the instance's state"), 404: _NOT_FOUND},
+              parameters=("instance_id",)),
+    Operation("DELETE", _INSTANCE, "delete_instance", "Stop and delete an instance", None,
+              {200: Answer(DeleteResponse, "no process of the instance is left; its log is removed"), 404: _NOT_FOUND},
+              parameters=("instance_id",)),
+    Operation("GET", _INSTANCE + "/log", "get_instance_logs", "The instance's stdout and stderr, raw", None,
+              {200: Answer({"type": "string", "format": "binary"}, "no Range: the first MiB of the log", OCTET_STREAM),
+               206: Answer({"type": "string", "format": "binary"}, "the requested range, at most 1 MiB", OCTET_STREAM,
+                           {"Content-Range": "bytes START-END/TOTAL"}),
+               400: _error("a Range this endpoint does not serve"),
+               404: _NOT_FOUND,
+               416: Answer(None, "the range starts at or past the end of the log (empty body)", JSON,
+                           {"Content-Range": "bytes */TOTAL"})},
+              parameters=("instance_id", "range")),
+)  # fmt: skip
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _body_schema(body: Body) -> dict[str, Any]:
+    if isinstance(body, tuple):
+        return {"oneOf": [_ref(model) for model in body]}
+    if isinstance(body, dict):
+        return body
+    assert body is not None
+    return _ref(body)
+
+
+def _response(answer: Answer) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": answer.description}
+    if answer.headers:
+        response["headers"] = {
+            name: {"description": text, "required": True, "schema": {"type": "string"}}
+            for name, text in answer.headers.items()
+        }
+    if answer.body is not None:
+        response["content"] = {answer.media_type: {"schema": _body_schema(answer.body)}}
+    return response
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    responses = dict(op.responses)
+    if op.secured:
+        responses.setdefault(401, UNAUTHORIZED)
+    item: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "responses": {str(code): _response(responses[code]) for code in sorted(responses)},
+    }
+    if op.parameters:
+        item["parameters"] = [PARAMETERS[name] for name in op.parameters]
+    if op.request is not None:
+        item["requestBody"] = {"required": True, "content": {JSON: {"schema": _ref(op.request)}}}
+    # The token is optional (only when configured): '{}' is "no authentication" as an alternative.
+    item["security"] = [{SECURITY_SCHEME: []}, {}] if op.secured else []
+    return item
+
+
+def component_schemas() -> dict[str, Any]:
+    """Every model's JSON schema, with references between them as ``#/components/schemas/...``."""
+    models: list[type[BaseModel]] = [VllmConfig, *RESPONSE_MODELS]
+    _, definitions = models_json_schema([(model, "validation") for model in models], ref_template=REF)
+    schemas: dict[str, Any] = definitions["$defs"]
+    return schemas
+
+
+@functools.lru_cache(maxsize=1)
+def _document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Multi-Instance vLLM Management API",
+            "version": __version__,
+            "description": "Creates, lists, inspects and deletes vLLM OpenAI-compatible servers forked from a "
+            'preloaded process. Errors are JSON {"detail": "..."}.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": component_schemas(),
+            "securitySchemes": {
+                SECURITY_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "required on every endpoint but /health when the launcher has a token",
+                }
+            },
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document (a fresh copy: callers may change it)."""
+    return copy.deepcopy(_document())

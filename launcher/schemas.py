@@ -1,0 +1,172 @@
+"""Response bodies of the API, as pydantic models.
+
+They are the single source of the response schemas in ``GET /openapi.json`` (see
+:mod:`launcher.openapi`), and the tests validate real answers of a running launcher against
+them. Every model forbids unknown fields, so a field added to an answer without being added
+here fails those tests instead of drifting silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
+from pydantic.json_schema import SkipJsonSchema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _drop_default(schema: JsonDict) -> None:
+    schema.pop("default", None)
+
+
+def _sometimes(description: str) -> Any:
+    """A field that is either absent or has a value (never null): the schema has no default."""
+    return Field(default=None, description=description, json_schema_extra=_drop_default)
+
+
+class CreateResponse(_Strict):
+    """``201`` answer of ``POST /v2/vllm/instances`` and ``PUT /v2/vllm/instances/{id}``."""
+
+    status: Literal["started"]
+    instance_id: str = Field(description="the id given in the path, or a new UUID for POST")
+    pid: int = Field(description="the instance's main process")
+    port: int = Field(description="the port the instance serves on")
+    model: str = Field(description="the model the instance serves")
+
+
+class InstanceState(_Strict):
+    """One instance's state: ``GET /v2/vllm/instances/{id}`` and each item of the detailed list."""
+
+    status: Literal["running", "stopped"] = Field(
+        description="'stopped' once the instance's process ended by itself or was killed"
+    )
+    instance_id: str
+    options: str = Field(description="echo of the request's options")
+    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
+    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
+    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
+    pid: int = Field(description="the instance's main process")
+    port: int = Field(description="the port the instance serves on")
+    model: str = Field(description="the model the instance serves")
+    created_at: float = Field(description="Unix time the instance was forked")
+    ready: bool = Field(description="true once the instance answered its /health with 200")
+    ready_at: float | None = Field(description="Unix time of the first healthy answer; null before")
+    start_seconds: float | None = Field(description="seconds from the create request to ready; null before")
+    revision: int = Field(description="the event revision of the instance's last change")
+    exit_code: int | None = Field(
+        default=None,
+        description="stopped instances only: exit code; negative is the killing signal (-9 = SIGKILL); null if unknown",
+        json_schema_extra=_drop_default,
+    )
+    stopped_at: float | SkipJsonSchema[None] = _sometimes(
+        "stopped instances only: Unix time no process of the instance was left"
+    )
+    stop_reason: str | SkipJsonSchema[None] = _sometimes(
+        "stopped instances only, when known (e.g. the forkserver died)"
+    )
+
+
+class InstanceList(_Strict):
+    """``GET /v2/vllm/instances`` (``detail=True``, the default)."""
+
+    total_instances: int
+    running_instances: int
+    instances: list[InstanceState]
+    revision: int = Field(description="the current event revision: watch with since=<revision> from here")
+
+
+class InstanceIdList(_Strict):
+    """``GET /v2/vllm/instances?detail=False``."""
+
+    instance_ids: list[str]
+    count: int
+    revision: int = Field(description="the current event revision: watch with since=<revision> from here")
+
+
+class DeleteResponse(_Strict):
+    """``DELETE /v2/vllm/instances/{id}``: sent once no process of the instance is left."""
+
+    status: Literal["terminated"]
+    instance_id: str
+
+
+class DeleteAllResponse(_Strict):
+    """``DELETE /v2/vllm/instances``."""
+
+    status: Literal["all_stopped"]
+    stopped_instances: list[DeleteResponse]
+    total_stopped: int
+
+
+class HealthResponse(_Strict):
+    """``GET /health``: ``OK`` (200) or ``unavailable`` (503) with the reason."""
+
+    status: Literal["OK", "unavailable"]
+    detail: str | SkipJsonSchema[None] = _sometimes("with status unavailable: why")
+
+
+class IndexResponse(_Strict):
+    """``GET /``."""
+
+    name: str
+    version: str
+    endpoints: dict[str, str] = Field(description="endpoint name -> 'METHOD /path'")
+
+
+class Gpu(_Strict):
+    """One GPU of the node and the live instances pinned to it."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_mib: int | None
+    instances: list[str] = Field(description="ids of the running instances using this GPU")
+
+
+class GpuList(_Strict):
+    """``GET /v2/vllm/gpus``."""
+
+    gpus: list[Gpu]
+    count: int
+    mock: bool = Field(description="true when the GPUs are the mock set (--mock-gpus)")
+
+
+class WatchError(_Strict):
+    """The object of an ``ERROR`` event: the stream ends; resume with ``since=revision``."""
+
+    detail: str
+    revision: int
+
+
+class WatchEvent(_Strict):
+    """One line of ``GET /v2/vllm/instances/watch`` (NDJSON)."""
+
+    type: Literal["CREATED", "READY", "STOPPED", "DELETED", "ERROR"]
+    object: InstanceState | WatchError = Field(description="the instance's state after the change; for ERROR, why")
+
+
+class ErrorResponse(_Strict):
+    """Every error answer."""
+
+    detail: str = Field(description="what is wrong")
+
+
+RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    CreateResponse,
+    InstanceState,
+    InstanceList,
+    InstanceIdList,
+    DeleteResponse,
+    DeleteAllResponse,
+    HealthResponse,
+    IndexResponse,
+    Gpu,
+    GpuList,
+    WatchError,
+    WatchEvent,
+    ErrorResponse,
+)
