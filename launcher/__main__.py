@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         # Streaming responses must not hold up a shutdown for long.
         timeout_graceful_shutdown=5,
     )
-    LauncherServer(config, app).run()
+    try:
+        LauncherServer(config, app).run()
+    except KeyboardInterrupt:
+        return 130  # uvicorn re-raises Ctrl-C after a clean shutdown: no traceback for that
     return 0
 
 
