@@ -144,8 +144,10 @@ def run_preloaded(launcher: LauncherProcess, model: Path, run: int) -> dict[str,
         marks = phases.read(launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").content)
     finally:
         launcher.client.delete(f"/v2/vllm/instances/{instance_id}")
+    parsed_at = marks.get("options_parsed", state["created_at"])
     phase_times = {
-        "request_to_fork_done": state["created_at"] - requested,
+        "request_to_options_parsed": parsed_at - requested,
+        "options_parsed_to_fork_done": state["created_at"] - parsed_at,
         "fork_to_child_ready": marks.get("child_ready", state["created_at"]) - state["created_at"],
         "child_ready_to_engine_ready": marks.get("engine_ready", health_at) - marks.get("child_ready", state["created_at"]),
         "engine_ready_to_healthy": health_at - marks.get("engine_ready", health_at),

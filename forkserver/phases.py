@@ -14,9 +14,9 @@ PREFIX = "launcher: phase"
 LINE = re.compile(rb"^launcher: phase (\w+) at ([0-9.]+)$", re.MULTILINE)
 
 
-def mark(name: str) -> None:
-    """Write the marker for phase ``name`` now."""
-    print(f"{PREFIX} {name} at {time.time():.6f}", file=sys.stdout, flush=True)
+def mark(name: str, at: float | None = None) -> None:
+    """Write the marker for phase ``name``, reached now or at wall-clock time ``at``."""
+    print(f"{PREFIX} {name} at {time.time() if at is None else at:.6f}", file=sys.stdout, flush=True)
 
 
 def read(log: bytes) -> dict[str, float]:

@@ -6,6 +6,7 @@ starts one. Signals only write to the wakeup socket; the loop does the work.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import selectors
@@ -258,6 +259,7 @@ class ForkServer:
             raise RequestError(protocol.KIND_INVALID, "log_path must be an absolute path")
         parsed = self._parse(message)
         parsed_at = time.time()
+        parsed = dataclasses.replace(parsed, parsed_at=parsed_at)
         received_at = message.get("received_at")
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)

@@ -67,6 +67,8 @@ class VllmWorkload:
         """Serve until stopped (SIGTERM ends uvicorn, then vLLM shuts its engine down)."""
         import uvloop
 
+        if parsed.parsed_at is not None:
+            phases.mark("options_parsed", at=parsed.parsed_at)
         phases.mark("child_ready")
         vllm_entrypoints.reconfigure_logging_from_env()
         if self._options.fork_engine and os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "spawn":

@@ -26,6 +26,7 @@ class ParsedOptions:
     port_given: bool
     host: str | None = None
     namespace: Any = field(repr=False, default=None)
+    parsed_at: float | None = None  # wall clock, set by the forkserver (for the phase markers)
 
 
 @dataclass(frozen=True)

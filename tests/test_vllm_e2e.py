@@ -80,7 +80,9 @@ def test_real_vllm_instance_serves_completions_logs_and_leaves_nothing(
     children = psutil.Process(pid).children(recursive=True)
     assert len(children) == 1, [child.cmdline() for child in children]
     assert children[0].cmdline() == psutil.Process(pid).cmdline()
-    assert set(phases.read(full.content)) >= {"child_ready", "engine_ready"}
+    marks = phases.read(full.content)
+    assert set(marks) >= {"options_parsed", "child_ready", "engine_ready"}
+    assert marks["options_parsed"] <= marks["child_ready"] <= marks["engine_ready"]
 
     group = _group_members(pid)
     assert pid in group
