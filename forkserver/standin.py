@@ -2,7 +2,7 @@
 
 Used by the fast lifecycle tests and the API-overhead benchmark, never instead of the real
 vLLM tests. It takes ``--model`` and ``--port`` like vLLM, answers ``GET /health`` and
-``GET /v1/models``, and can be told to crash, ignore SIGTERM, start a helper process (as vLLM
+``GET /v1/models``, and can be told to crash (at start or later), ignore SIGTERM, start a helper process (as vLLM
 starts its EngineCore), flood stdout and stderr, or print environment variables.
 """
 
@@ -30,6 +30,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--startup-delay", type=float, default=0.0, help="seconds before serving")
     parser.add_argument("--crash-after", type=float, default=None, help="exit after this many seconds")
     parser.add_argument("--exit-code", type=int, default=3)
+    parser.add_argument("--fail-at-start", action="store_true", help="exit with --exit-code before serving")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-helper", action="store_true", help="fork a long-lived helper")
     parser.add_argument("--spam-lines", type=int, default=0, help="lines on stdout and stderr each")
@@ -120,6 +121,9 @@ class StandinWorkload:
             for writer in writers:
                 writer.join()
         time.sleep(args.startup_delay)
+        if args.fail_at_start:
+            print(f"standin failing at start with code {args.exit_code}", flush=True)
+            return int(args.exit_code)
         _Health.model = args.model
         server = HTTPServer((args.host or "0.0.0.0", args.port), _Health)
         server.timeout = 0.1

@@ -33,8 +33,8 @@ from launcher.client import (
 from tests.launcher_process import REPO, LauncherProcess, free_port
 
 MODEL = "--model standin-model"
-# A --host no interface has (TEST-NET-1): the stand-in cannot bind and exits before it is ready.
-UNBINDABLE = f"{MODEL} --host 192.0.2.1"
+# The stand-in exits (code 3) before it ever serves, so it can never become ready.
+FAILS_AT_START = f"{MODEL} --fail-at-start"
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_wait_ready_returns_the_ready_state(client: LauncherClient) -> None:
 
 
 def test_wait_ready_raises_when_the_instance_stops(client: LauncherClient) -> None:
-    client.create(UNBINDABLE, instance_id="doomed")
+    client.create(FAILS_AT_START, instance_id="doomed")
     with pytest.raises(InstanceStoppedError) as stopped:
         client.wait_ready("doomed", timeout=20)
     assert stopped.value.exit_code not in (0, None)
@@ -362,7 +362,7 @@ def test_cli_exit_codes(launcher: LauncherProcess) -> None:
 
 
 def test_cli_create_wait_of_a_crashing_instance_exits_5(launcher: LauncherProcess) -> None:
-    crashed = run_cli(launcher, "create", UNBINDABLE, "--id", "crasher", "--wait", "--timeout", "30")
+    crashed = run_cli(launcher, "create", FAILS_AT_START, "--id", "crasher", "--wait", "--timeout", "30")
     assert crashed.returncode == 5, crashed.stderr
     assert crashed.stdout == ""
     assert "exit code" in crashed.stderr and "crasher" in crashed.stderr
