@@ -10,7 +10,7 @@ VLLM_VARIANT ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -
 PORT ?= 8001
 TINY_MODEL ?= .tiny-model
 
-.PHONY: venv run test test-fast tiny-model bench bench-start bench-density bench-api bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv run test test-fast tiny-model bench bench-start bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -48,7 +48,10 @@ bench-density: bench-deps
 bench-api: bench-deps
 	$(PY) -m benchmarks.api_overhead
 
-bench: bench-start bench-density bench-api
+bench-fuzz: venv
+	LAUNCHER_FUZZ_REPORT=benchmarks/results/fuzz.json $(PY) -m pytest -q tests/test_hostile_input.py
+
+bench: bench-start bench-density bench-api bench-fuzz
 
 build-launcher:
 	docker build -t $(IMAGE) .

@@ -16,9 +16,12 @@ from typing import Any
 import httpx
 import psutil
 
+from tests.launcher_process import SERVE_FLAGS as TEST_SERVE_FLAGS
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-SERVE_FLAGS = ["--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-bytes", "32M"]
+# The same model flags and vLLM environment as the tests (tests/launcher_process.py).
+SERVE_FLAGS = TEST_SERVE_FLAGS.split()
 
 
 def machine() -> dict[str, Any]:

@@ -31,10 +31,10 @@ from benchmarks.common import (
     tree_pss_mib,
     write_results,
 )
-from tests.launcher_process import LauncherProcess, free_port, wait_until
+from tests.launcher_process import VLLM_ENV, LauncherProcess, free_port, wait_until
 
 # Launcher defaults, except the instance limit (32 by default): this measures the machine.
-BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1", "LAUNCHER_MAX_INSTANCES": "0"}
+BASE_ENV = {**VLLM_ENV, "LAUNCHER_MAX_INSTANCES": "0"}
 
 
 def _start(launcher: LauncherProcess, model: Path, index: int) -> dict[str, Any]:

@@ -45,11 +45,10 @@ from benchmarks.common import (
     write_results,
 )
 from forkserver import phases
-from tests.launcher_process import LauncherProcess, free_port, wait_until
+from tests.launcher_process import VLLM_ENV, LauncherProcess, free_port, wait_until
 
 SHALLOW_PRELOAD = "vllm.entrypoints.launchers.api_server.entry,vllm.entrypoints.launchers.cli_args,vllm.utils.argparse_utils"
 START_TIMEOUT = 300.0
-BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"}
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def run_cold(model: Path, workdir: Path) -> dict[str, Any]:
     started = time.time()
     process = subprocess.Popen(
         command + SERVE_FLAGS,
-        env={**os.environ, **BASE_ENV, "TMPDIR": str(tmpdir)},
+        env={**os.environ, **VLLM_ENV, "TMPDIR": str(tmpdir)},
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -231,7 +230,7 @@ def main() -> int:
         model = build_tiny_model(workdir / "tiny-llama")
         for variant in chosen:
             if variant.launcher_env is not None:
-                launchers[variant.name] = LauncherProcess(workload="vllm", env={**BASE_ENV, **variant.launcher_env})
+                launchers[variant.name] = LauncherProcess(workload="vllm", env={**VLLM_ENV, **variant.launcher_env})
         for run in range(args.runs):
             for variant in chosen:
                 if variant.launcher_env is None:

@@ -34,7 +34,6 @@ class Instance:
     stop_deadline: float | None = None
     exit_code: int | None = None  # set when the main process is reaped
     stopped_at: float | None = None  # set when no process of the group is left
-    timestamps: dict[str, float] = field(default_factory=dict)
     shm_segments: set[str] = field(default_factory=set)  # removed once the group is gone
     meta: dict[str, Any] = field(default_factory=dict)  # the API's own notes, returned by hello
 
@@ -43,9 +42,14 @@ class Instance:
         """True once no process of the instance is left."""
         return self.stopped_at is not None
 
-    def remember_segments(self) -> None:
-        """Note the /dev/shm segments the instance's processes map right now."""
-        self.shm_segments |= leftovers.mapped_segments(leftovers.group_pids(self.pid))
+    def remember_segments(self, groups: dict[int, list[int]] | None = None) -> None:
+        """Note the /dev/shm segments the instance's processes map right now.
+
+        ``groups`` (from :func:`leftovers.pids_by_group`) saves a pass over /proc per instance
+        when many are scanned at once.
+        """
+        pids = groups.get(self.pid, []) if groups is not None else leftovers.group_pids(self.pid)
+        self.shm_segments |= leftovers.mapped_segments(pids)
 
     def describe(self) -> dict[str, Any]:
         """The instance as the protocol reports it."""
@@ -56,7 +60,6 @@ class Instance:
             "port": self.port,
             "log_path": self.log_path,
             "forked_at": self.forked_at,
-            "timestamps": self.timestamps,
             "exit_code": self.exit_code if self.finished else None,
             "stopped_at": self.stopped_at,
             "running": not self.finished,
@@ -135,9 +138,11 @@ class InstanceTable:
                 instance.stop_deadline = now + SWEEP_INTERVAL  # re-check soon, without spinning
         if now >= self._next_shm_scan:
             self._next_shm_scan = now + SHM_SCAN_INTERVAL
-            for instance in self.live():
-                if instance.exit_code is None:
-                    instance.remember_segments()
+            running = [instance for instance in self.live() if instance.exit_code is None]
+            if running:
+                groups = leftovers.pids_by_group()
+                for instance in running:
+                    instance.remember_segments(groups)
 
     def _reap(self) -> None:
         while True:

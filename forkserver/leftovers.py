@@ -16,9 +16,9 @@ SHM_DIR = "/dev/shm"
 SEGMENT_PREFIXES = ("psm_", "sem.mp-")  # SharedMemory segments; multiprocessing semaphores
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Pids of every live process in process group ``pgid``."""
-    members = []
+def pids_by_group() -> dict[int, list[int]]:
+    """Every live process, grouped by process group: one pass over /proc."""
+    groups: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -28,9 +28,14 @@ def group_pids(pgid: int) -> list[int]:
         except OSError:
             continue  # exited meanwhile
         # After the command name: state, ppid, pgrp, ...
-        if len(fields) > 2 and int(fields[2]) == pgid:
-            members.append(int(name))
-    return members
+        if len(fields) > 2:
+            groups.setdefault(int(fields[2]), []).append(int(name))
+    return groups
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Pids of every live process in process group ``pgid``."""
+    return pids_by_group().get(pgid, [])
 
 
 def mapped_segments(pids: list[int]) -> set[str]:

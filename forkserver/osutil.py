@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
 
@@ -69,25 +68,9 @@ def exit_code_from_status(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def describe_exit(code: int) -> str:
-    """Human words for an exit code from :func:`exit_code_from_status`."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"killed by {name}"
-    return f"exited with code {code}"
-
-
 def open_fds() -> list[int]:
     """Every file descriptor open in this process."""
-    try:
-        return sorted(int(name) for name in os.listdir("/proc/self/fd"))
-    except OSError as exc:  # pragma: no cover - /proc is always there on Linux
-        if exc.errno != errno.ENOENT:
-            raise
-        return list(range(os.sysconf("SC_OPEN_MAX")))
+    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
 
 
 def os_thread_count() -> int:

@@ -35,7 +35,7 @@ def valid_instance_id(value: object) -> bool:
     return isinstance(value, str) and INSTANCE_ID.fullmatch(value) is not None
 
 # Request operations.
-OP_HELLO = "hello"  # -> {"pid", "version", "preload_seconds", "preloaded", "instances": [...]}
+OP_HELLO = "hello"  # -> {"pid", "version", "workload", "preload_seconds", "threads", "instances": [...]}
 OP_VALIDATE = "validate"  # {"argv"} -> {"model", "port", "port_given", "host"}
 OP_SPAWN = "spawn"  # {"instance_id", "argv", "env", "log_path", "meta"} -> {"pid", "model", "port", ...}
 OP_STOP = "stop"  # {"instance_id", "grace_seconds"} -> {} ; an "exited" event follows
@@ -43,7 +43,7 @@ OP_FORGET = "forget"  # {"instance_id"} -> {} ; drops the record of a stopped in
 OP_NOTE = "note"  # {"instance_id", "meta"} -> {} ; merges into the instance's API notes
 OP_SHUTDOWN = "shutdown"  # {"grace_seconds"} -> {} ; stops every instance, then the server exits
 
-EVENT_EXITED = "exited"  # {"instance_id", "pid", "exit_code", "stopped_at", "timestamps"}
+EVENT_EXITED = "exited"  # an instance's description (see hello) once no process of it is left
 
 # Error kinds in replies.
 KIND_INVALID = "invalid"

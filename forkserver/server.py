@@ -257,15 +257,16 @@ class ForkServer:
         log_path = message.get("log_path")
         if not isinstance(log_path, str) or not os.path.isabs(log_path):
             raise RequestError(protocol.KIND_INVALID, "log_path must be an absolute path")
-        parsed = self._parse(message)
-        parsed_at = time.time()
-        parsed = dataclasses.replace(parsed, parsed_at=parsed_at)
-        received_at = message.get("received_at")
+        parsed = dataclasses.replace(self._parse(message), parsed_at=time.time())
+        try:
+            tmpdir = tempfile.mkdtemp(prefix="i", dir=self._tmp_root)
+        except OSError as exc:
+            raise RequestError(protocol.KIND_INTERNAL, f"cannot make the instance's temp dir: {exc}") from None
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as exc:
+            shutil.rmtree(tmpdir, ignore_errors=True)
             raise RequestError(protocol.KIND_INTERNAL, f"cannot open log file: {exc}") from None
-        tmpdir = tempfile.mkdtemp(prefix="i", dir=self._tmp_root)
         child_env = {**self._base_env, **env}
         sys.stdout.flush()
         sys.stderr.flush()
@@ -300,9 +301,6 @@ class ForkServer:
             forked_at=time.time(),
             meta=meta,
         )
-        instance.timestamps["parsed"] = parsed_at
-        if isinstance(received_at, (int, float)):
-            instance.timestamps["received"] = float(received_at)
         self._instances.add(instance)
         return instance.describe()
 

@@ -120,11 +120,9 @@ class InstanceManager:
             if runtime.probe is not None:
                 runtime.probe.cancel()
         await self.forkserver.stop(self._settings.stop_timeout)
-        if self.forkserver.external:
-            self._records.clear()
-        for record in list(self._records.values()):
-            record.mark_stopped(exit_code=None, stopped_at=None, reason="launcher shut down")
-            self._remove_log(record.log_path)
+        if not self.forkserver.external:
+            for record in self._records.values():
+                self._remove_log(record.log_path)
         self._records.clear()
         if self._http is not None:
             await self._http.aclose()
@@ -186,13 +184,11 @@ class InstanceManager:
                 argv=argv,
                 env=env,
                 log_path=os.path.join(self.log_dir, f"{instance_id}.log"),
-                received_at=received_at,
                 # Kept by the forkserver so that an API attaching later can rebuild the state.
                 meta={
                     "config": config.model_dump(exclude_none=True),
                     "received_at": received_at,
                     "host": parsed.get("host"),
-                    "gpu_indices": env.get("CUDA_VISIBLE_DEVICES") if config.gpu_uuids else None,
                 },
             )
         except ForkserverError as exc:
@@ -209,7 +205,6 @@ class InstanceManager:
             received_at=received_at,
             created_at=float(reply["forked_at"]),
             host=parsed.get("host"),
-            gpu_indices=env.get("CUDA_VISIBLE_DEVICES") if config.gpu_uuids else None,
         )
         self._records[instance_id] = record
         runtime = self._runtime[instance_id] = _Runtime()
@@ -319,7 +314,6 @@ class InstanceManager:
             received_at=float(meta.get("received_at") or item["forked_at"]),
             created_at=float(item["forked_at"]),
             host=meta.get("host"),
-            gpu_indices=meta.get("gpu_indices"),
         )
         if meta.get("ready_at"):
             record.mark_ready(at=float(meta["ready_at"]))

@@ -187,15 +187,14 @@ async def watch_instances(request: Request) -> StreamingResponse:
     watcher = manager.events.watch()
     if since is None:
         backlog = [{"type": events.CREATED, "object": record.to_json()} for record in manager.all()]
-        last = manager.events.revision
     else:
         try:
             backlog = [event.to_json() for event in manager.events.since(since)]
         except events.Gone as exc:
             manager.events.unwatch(watcher)
             raise GoneError(str(exc)) from None
-        last = manager.events.revision
-    return StreamingResponse(_stream(manager.events, watcher, backlog, last), media_type="application/x-ndjson")
+    stream = _stream(manager.events, watcher, backlog, manager.events.revision)
+    return StreamingResponse(stream, media_type="application/x-ndjson")
 
 
 async def _stream(log: events.EventLog, watcher: events.Watcher, backlog: list[dict[str, Any]], last: int) -> Any:

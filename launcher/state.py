@@ -30,7 +30,6 @@ class InstanceRecord:
     received_at: float  # wall clock when the create request arrived
     created_at: float = field(default_factory=time.time)  # when the fork was done
     host: str | None = None  # the instance's --host, if given
-    gpu_indices: str | None = None  # CUDA_VISIBLE_DEVICES derived from gpu_uuids
     status: Status = Status.RUNNING
     ready: bool = False
     ready_at: float | None = None

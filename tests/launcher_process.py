@@ -35,6 +35,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie, awaiting its reaper, counts as gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; raise AssertionError on timeout."""
     deadline = time.monotonic() + timeout

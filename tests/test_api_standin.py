@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.launcher_process import LauncherProcess, free_port, wait_until
+from tests.launcher_process import LauncherProcess, free_port, process_alive, wait_until
 
 
 def _standin_options(port: int | None = None, extra: str = "") -> str:
@@ -81,7 +81,7 @@ def test_create_get_list_delete_round_trip(standin: LauncherProcess) -> None:
     deleted = standin.client.delete(f"/v2/vllm/instances/{instance_id}")
     assert deleted.status_code == 200
     assert deleted.json() == {"status": "terminated", "instance_id": instance_id}
-    assert not psutil.pid_exists(state["pid"]) or psutil.Process(state["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert not process_alive(state["pid"])
     assert standin.client.get(f"/v2/vllm/instances/{instance_id}").status_code == 404
     assert not (standin.log_dir / f"{instance_id}.log").exists()
 
@@ -212,7 +212,7 @@ def test_instance_ignoring_sigterm_is_killed_at_the_deadline_with_its_group(stan
     started = time.monotonic()
     assert standin.client.delete("/v2/vllm/instances/stubborn").status_code == 200
     assert time.monotonic() - started >= 1.5  # waited for the 2 s deadline before SIGKILL
-    assert not [p for p in group if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in group if process_alive(p)]
 
 
 def test_helper_processes_go_with_their_instance(standin: LauncherProcess) -> None:

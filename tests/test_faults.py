@@ -18,23 +18,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
+from tests.launcher_process import REPO, LauncherProcess, free_port, process_alive, wait_until
 
 
 def _options(extra: str = "") -> str:
     return f"--model standin-model --port {free_port()} {extra}".strip()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _instance_tree(launcher: LauncherProcess, instance_id: str) -> list[int]:
     pid = launcher.state(instance_id)["pid"]
-    wait_until(lambda: _alive(pid), 5, what="the instance")
+    wait_until(lambda: process_alive(pid), 5, what="the instance")
     return [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
 
 
@@ -50,7 +43,7 @@ def test_killed_forkserver_takes_its_instances_and_is_replaced() -> None:
         for name in ("one", "two"):
             state = wait_until(lambda n=name: (s := launcher.state(n))["status"] == "stopped" and s, 10, what=name)
             assert "forkserver" in state["stop_reason"]
-        wait_until(lambda: not [pid for pid in doomed if _alive(pid)], 10, what="the instances to die with it")
+        wait_until(lambda: not [pid for pid in doomed if process_alive(pid)], 10, what="the instances to die with it")
         wait_until(lambda: launcher.client.get("/health").status_code == 200, 30, what="a new forkserver")
         assert launcher.forkserver_pid() != old_forkserver
         assert launcher.create("three", options=_options()).status_code == 201
@@ -118,7 +111,7 @@ def test_a_standalone_forkserver_outlives_an_api_restart() -> None:
         keeper = first.state("keeper")
         log = first.client.get("/v2/vllm/instances/keeper/log").content
         assert first.stop() == []  # it has no descendants: the forkserver is not its child
-        assert _alive(keeper["pid"]), "the instance must outlive the API"
+        assert process_alive(keeper["pid"]), "the instance must outlive the API"
 
         second = LauncherProcess(workload="standin", env=env)
         try:
@@ -131,7 +124,7 @@ def test_a_standalone_forkserver_outlives_an_api_restart() -> None:
             assert second.client.get("/v2/vllm/instances/keeper/log").content.startswith(log)
             assert b"ENV KEEP=me" in log
             assert second.client.delete("/v2/vllm/instances/keeper").status_code == 200
-            assert not _alive(keeper["pid"])
+            assert not process_alive(keeper["pid"])
         finally:
             second.stop()
     finally:

@@ -12,16 +12,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.launcher_process import SERVE_FLAGS, VLLM_ENV, LauncherProcess, wait_until
+from tests.launcher_process import SERVE_FLAGS, VLLM_ENV, LauncherProcess, process_alive, wait_until
 
 pytestmark = pytest.mark.vllm
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _start_ready(launcher: LauncherProcess, instance_id: str, model: Path) -> dict:
@@ -55,7 +48,7 @@ def test_instance_killed_from_outside(vllm_launcher: LauncherProcess, tiny_model
         # vLLM notices its engine died and shuts its server down by itself: its own exit code.
         assert isinstance(stopped["exit_code"], int)
         assert b"EngineCore" in vllm_launcher.client.get(f"/v2/vllm/instances/{name}/log").content
-    assert not [pid for pid in tree if _alive(pid)]
+    assert not [pid for pid in tree if process_alive(pid)]
     assert len(vllm_launcher.client.get(f"/v2/vllm/instances/{name}/log").content) > 0
     assert vllm_launcher.client.delete(f"/v2/vllm/instances/{name}").status_code == 200
 
@@ -72,7 +65,7 @@ def test_killed_forkserver_is_reported_and_replaced(tiny_model: Path) -> None:
         # Honest while the new forkserver preloads vLLM again.
         health = launcher.client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
-        wait_until(lambda: not [pid for pid in tree if _alive(pid)], 10, what="the instance to die with it")
+        wait_until(lambda: not [pid for pid in tree if process_alive(pid)], 10, what="the instance to die with it")
         wait_until(lambda: launcher.client.get("/health").status_code == 200, 300, 0.5, "a new forkserver")
         again = _start_ready(launcher, "after", tiny_model)
         answer = httpx.post(
