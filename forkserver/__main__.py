@@ -15,7 +15,7 @@ import time
 _ORIGINAL_ENV = dict(os.environ)
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
-from forkserver import osutil
+from forkserver import fork_safety, osutil
 from forkserver.server import ForkServer, bind_listener
 from forkserver.workload import WorkloadOptions, load_workload
 
@@ -52,12 +52,24 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _preload_list(value: str | None) -> list[str]:
+def _preload_list(value: str | None) -> list[str] | None:
+    """The modules named by ``--preload``; None (the workload's default) when it is not given."""
     if value is None:
-        from forkserver.vllm_entrypoints import DEFAULT_PRELOAD
-
-        return list(DEFAULT_PRELOAD)
+        return None
     return [module.strip() for module in value.split(",") if module.strip()]
+
+
+def _prepare_for_fork() -> None:
+    """Release what children cannot inherit (see fork_safety.py) and say what is left."""
+    shutdowns = fork_safety.release_nvml()
+    if shutdowns:
+        print(f"forkserver: released NVML (left initialised by preload; {shutdowns} shutdown(s))",
+              file=sys.stderr, flush=True)
+    leftover = fork_safety.device_fds()
+    if leftover:
+        print(f"forkserver: warning: GPU device fds still open at fork time: {leftover}", file=sys.stderr, flush=True)
+    if fork_safety.cuda_initialized():
+        raise SystemExit("forkserver: CUDA is initialised in the forkserver; forked instances could not use the GPU")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,18 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     workload = load_workload(args.workload)
     workload.configure(WorkloadOptions(fork_engine=args.fork_engine, in_process_worker=args.in_process_worker))
     started = time.monotonic()
-    workload.preload(_preload_list(args.preload) if workload.name == "vllm" else [])
+    try:
+        workload.preload(_preload_list(args.preload))
+    except Exception as exc:  # noqa: BLE001 - a start-up error, said in one line the launcher shows
+        print(f"forkserver: cannot preload {workload.name}: {exc}", file=sys.stderr, flush=True)
+        return 2
     preload_seconds = time.monotonic() - started
-    threads = osutil.os_thread_count()
+    _prepare_for_fork()
+    extra = fork_safety.extra_threads()
     print(
         f"forkserver: pid {os.getpid()} preloaded {workload.name} in {preload_seconds:.2f}s, "
-        f"{threads} OS thread(s), listening on {args.socket}",
+        f"{1 + len(extra)} OS thread(s), listening on {args.socket}",
         file=sys.stderr,
         flush=True,
     )
-    if threads > 1:
+    if extra:
         print(
-            f"forkserver: warning: {threads} OS threads at fork time; children inherit only one",
+            f"forkserver: warning: {len(extra)} extra OS thread(s) at fork time ({', '.join(extra)}); "
+            "children inherit only the main one",
             file=sys.stderr,
             flush=True,
         )

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkserver import osutil, protocol
+from forkserver import fork_safety, osutil, protocol
 from forkserver.child import become_instance
 from forkserver.instances import Instance, InstanceTable
 from forkserver.workload import OptionsError, ParsedOptions, Workload
@@ -67,6 +67,7 @@ class ForkServer:
         self._instances = InstanceTable(on_finished=self._report_exit)
         self._shutdown_grace: float | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._threads_seen = fork_safety.extra_threads()  # reported at start-up by __main__
 
     # ----------------------------------------------------------------- main loop
 
@@ -268,6 +269,7 @@ class ForkServer:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise RequestError(protocol.KIND_INTERNAL, f"cannot open log file: {exc}") from None
         child_env = {**self._base_env, **env}
+        self._report_new_threads()
         sys.stdout.flush()
         sys.stderr.flush()
         my_pid = os.getpid()
@@ -303,6 +305,14 @@ class ForkServer:
         )
         self._instances.add(instance)
         return instance.describe()
+
+    def _report_new_threads(self) -> None:
+        """Name OS threads that appeared since start-up: the child inherits none of them."""
+        extra = fork_safety.extra_threads()
+        if extra != self._threads_seen:
+            self._threads_seen = extra
+            print(f"forkserver: warning: extra OS threads at fork time: {', '.join(extra) or 'none'}",
+                  file=sys.stderr, flush=True)
 
     def _op_stop(self, message: dict[str, Any]) -> dict[str, Any]:
         instance = self._lookup(message)

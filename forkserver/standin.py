@@ -78,7 +78,7 @@ class StandinWorkload:
     def configure(self, options: WorkloadOptions) -> None:
         """The stand-in has no helpers to fork: nothing to configure."""
 
-    def preload(self, modules: list[str]) -> None:
+    def preload(self, modules: list[str] | None) -> None:
         """Nothing to preload: start-up is instant."""
 
     def parse(self, argv: list[str]) -> ParsedOptions:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from forkserver import cpu_compat, phases, vllm_entrypoints
+from forkserver import cpu_compat, fork_safety, phases, vllm_entrypoints
 from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
 
@@ -26,13 +26,32 @@ class VllmWorkload:
         """Remember the CPU compatibility switches for the children."""
         self._options = options
 
-    def preload(self, modules: list[str]) -> None:
-        """Import ``modules`` (failures are reported, not fatal) and build the parser once."""
+    def preload(self, modules: list[str] | None) -> None:
+        """Import ``modules`` (None: the default for this vLLM and platform) and build the parser.
+
+        A module that fails to import is reported, not fatal. Fatal, with a message naming the
+        cause: a vLLM layout the launcher does not know, or a module that initialises CUDA
+        (forked instances could not use the GPU after that).
+        """
+        found = vllm_entrypoints.check_layout()
+        print(
+            f"forkserver: vLLM {_vllm_version()}: "
+            + ", ".join(f"{name} from {module}" for name, module in found.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+        if modules is None:
+            modules = vllm_entrypoints.default_preload(_device_type())
         for module in modules:
             try:
                 importlib.import_module(module)
             except Exception as exc:  # noqa: BLE001 - a bad preload entry must not stop the server
                 print(f"forkserver: could not preload {module}: {exc}", file=sys.stderr, flush=True)
+            if fork_safety.cuda_initialized():
+                raise RuntimeError(
+                    f"importing {module} initialised CUDA in the forkserver: forked instances could not use "
+                    "the GPU; leave it out of --preload"
+                )
         self._parser = vllm_entrypoints.make_parser()
 
     def parse(self, argv: list[str]) -> ParsedOptions:
@@ -75,9 +94,20 @@ class VllmWorkload:
             cpu_compat.keep_helpers_forked(in_process_worker=self._options.in_process_worker)
         vllm_entrypoints.mark_engine_ready(lambda: phases.mark("engine_ready"))
         args = parsed.namespace
-        vllm_entrypoints.configure_logging_from_args()(args)
+        vllm_entrypoints.configure_logging_from_args(args)
         uvloop.run(vllm_entrypoints.run_server()(args))
         return 0
+
+
+def _vllm_version() -> str:
+    return str(getattr(importlib.import_module("vllm"), "__version__", "unknown"))
+
+
+def _device_type() -> str:
+    """vLLM's platform here (``cpu``, ``cuda``, ...). Detecting it uses NVML, never CUDA."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
 
 
 WORKLOAD = VllmWorkload()

@@ -45,8 +45,8 @@ class Workload(Protocol):
     def configure(self, options: WorkloadOptions) -> None:
         """Take the launcher's switches (called once, before preload)."""
 
-    def preload(self, modules: list[str]) -> None:
-        """Import what children will need, once, in the forkserver."""
+    def preload(self, modules: list[str] | None) -> None:
+        """Import what children will need, once, in the forkserver (None: the workload's default)."""
 
     def parse(self, argv: list[str]) -> ParsedOptions:
         """Parse instance options with the workload's own parser; raise OptionsError."""
