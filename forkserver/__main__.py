@@ -49,6 +49,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="on CPU, run a single-process model inside the EngineCore (no Worker process)",
     )
+    parser.add_argument(
+        "--inspect-models-in-fork",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="inspect a new model architecture in a fork of the instance (see forkserver/model_inspection.py)",
+    )
     return parser.parse_args(argv)
 
 
@@ -86,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(tmp_root, mode=0o700, exist_ok=True)
 
     workload = load_workload(args.workload)
-    workload.configure(WorkloadOptions(fork_engine=args.fork_engine, in_process_worker=args.in_process_worker))
+    workload.configure(
+        WorkloadOptions(
+            fork_engine=args.fork_engine,
+            in_process_worker=args.in_process_worker,
+            inspect_models_in_fork=args.inspect_models_in_fork,
+        )
+    )
     started = time.monotonic()
     try:
         workload.preload(_preload_list(args.preload))

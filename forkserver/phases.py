@@ -1,7 +1,9 @@
 """Start-up phase markers an instance writes into its own log, for the start-latency benchmark.
 
 A line looks like ``launcher: phase engine_ready at 1795730000.123456``: wall-clock time, so it
-lines up with the API's and the forkserver's timestamps.
+lines up with the API's and the forkserver's timestamps. Once vLLM's server runs, some releases
+(0.26-0.28) prefix every line the process prints with ``(APIServer pid=N) ``; the reader
+accepts that prefix.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 import time
 
 PREFIX = "launcher: phase"
-LINE = re.compile(rb"^launcher: phase (\w+) at ([0-9.]+)$", re.MULTILINE)
+LINE = re.compile(rb"^(?:\([^)\n]*\) )?launcher: phase (\w+) at ([0-9.]+)$", re.MULTILINE)
 
 
 def mark(name: str, at: float | None = None) -> None:

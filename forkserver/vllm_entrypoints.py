@@ -29,6 +29,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from forkserver import model_inspection
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -55,6 +57,10 @@ ARG_PARSER = Entry("FlexibleArgumentParser", ("vllm.utils.argparse_utils", "vllm
 CONFIGURE_LOGGING_FROM_ARGS = Entry("configure_logging_from_args", ("vllm.logger",), optional=True)
 CONFIGURE_ROOT_LOGGER = Entry("_configure_vllm_root_logger", ("vllm.logger",))
 DISABLE_ENVS_CACHE = Entry("disable_envs_cache", ("vllm.envs",))
+# The model registry's "inspect in a new Python" helper, looked up by global name by
+# _LazyRegisteredModel.inspect_model_cls (identical from 0.26 through 0.33).
+RUN_IN_SUBPROCESS = Entry("_run_in_subprocess", ("vllm.model_executor.models.registry",), optional=True)
+LOAD_GENERAL_PLUGINS = Entry("load_general_plugins", ("vllm.plugins",), optional=True)
 
 REQUIRED: tuple[Entry, ...] = (
     RUN_SERVER,
@@ -134,7 +140,7 @@ def check_layout() -> dict[str, str]:
     """
     found: dict[str, str] = {}
     missing: list[Entry] = []
-    for entry in (*REQUIRED, CONFIGURE_LOGGING_FROM_ARGS):
+    for entry in (*REQUIRED, CONFIGURE_LOGGING_FROM_ARGS, RUN_IN_SUBPROCESS):
         where = find(entry)
         if where is not None:
             found[entry.attribute] = where[0]
@@ -196,6 +202,25 @@ def configure_logging_from_args(args: Any) -> None:
     found = find(CONFIGURE_LOGGING_FROM_ARGS)
     if found is not None:
         found[1](args)
+
+
+def inspect_models_in_fork() -> bool:
+    """Make vLLM inspect a new model class in a fork of this process, not a new Python.
+
+    See forkserver/model_inspection.py. False (nothing changed) where vLLM has no such helper.
+    """
+    found = find(RUN_IN_SUBPROCESS)
+    if found is None:
+        return False
+    registry = importlib.import_module(found[0])
+    plugins = find(LOAD_GENERAL_PLUGINS)
+    before = plugins[1] if plugins is not None else None
+
+    def run_in_fork(fn: Callable[[], Any]) -> Any:
+        return model_inspection.run_in_fork(fn, before)
+
+    setattr(registry, RUN_IN_SUBPROCESS.attribute, run_in_fork)
+    return True
 
 
 def reconfigure_logging_from_env() -> None:

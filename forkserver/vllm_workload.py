@@ -93,6 +93,8 @@ class VllmWorkload:
         if self._options.fork_engine and os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "spawn":
             cpu_compat.keep_helpers_forked(in_process_worker=self._options.in_process_worker)
         vllm_entrypoints.mark_engine_ready(lambda: phases.mark("engine_ready"))
+        if self._options.inspect_models_in_fork:
+            vllm_entrypoints.inspect_models_in_fork()
         args = parsed.namespace
         vllm_entrypoints.configure_logging_from_args(args)
         uvloop.run(vllm_entrypoints.run_server()(args))

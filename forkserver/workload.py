@@ -35,6 +35,7 @@ class WorkloadOptions:
 
     fork_engine: bool = True  # on CPU, fork vLLM's EngineCore instead of spawning it
     in_process_worker: bool = True  # on CPU, run a single-process model inside the EngineCore
+    inspect_models_in_fork: bool = True  # vLLM's model inspection in a fork, not a new Python
 
 
 class Workload(Protocol):

@@ -144,6 +144,7 @@ class ForkserverSupervisor:
             str(os.getpid()),
             "--fork-engine" if self._settings.fork_engine else "--no-fork-engine",
             "--in-process-worker" if self._settings.in_process_worker else "--no-in-process-worker",
+            "--inspect-models-in-fork" if self._settings.inspect_models_in_fork else "--no-inspect-models-in-fork",
         ]
         if self._settings.forkserver_preload:
             command += ["--preload", self._settings.forkserver_preload]

@@ -54,6 +54,9 @@ class Settings:
     forkserver_python: str = _setting(sys.executable, "Python interpreter that runs the forkserver")
     fork_engine: bool = _setting(True, "on CPU, fork vLLM's EngineCore from the instance instead of spawning it")
     in_process_worker: bool = _setting(True, "on CPU, run a single-process model inside the EngineCore")
+    inspect_models_in_fork: bool = _setting(
+        True, "inspect a new model architecture in a fork of the instance (off: in a new Python, as vLLM does)"
+    )
     forkserver_start_timeout: float = _setting(300.0, "seconds to wait for the forkserver to preload")
     api_token: str = _setting("", "bearer token every endpoint but /health requires (empty: no token)")
     api_token_file: str = _setting("", "file holding the bearer token (beats --api-token)")

@@ -55,10 +55,27 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+def wait_instance_healthy(launcher: LauncherProcess, instance_id: str, port: int, timeout: float = 240.0) -> None:
+    """Wait for the instance's own ``/health``; fail at once, with its log, if it stops."""
+
+    def healthy() -> bool:
+        state = launcher.state(instance_id)
+        if state["status"] != "running":
+            log = launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").text
+            raise AssertionError(f"instance stopped: {state}\n{log[-4000:]}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, timeout, 0.25, f"{instance_id}'s /health")
+
+
 class LauncherProcess:
     """A launcher subprocess with its own log and runtime directories."""
 
     def __init__(self, *, workload: str = "standin", env: Mapping[str, str] | None = None, ready_timeout: float = 180.0):
+        self.env = dict(env or {})  # what the test set on top of os.environ
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="lt-"))

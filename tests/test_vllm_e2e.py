@@ -10,7 +10,14 @@ import psutil
 import pytest
 
 from forkserver import phases
-from tests.launcher_process import SERVE_FLAGS, LauncherProcess, WatchReader, free_port, wait_until
+from tests.launcher_process import (
+    SERVE_FLAGS,
+    LauncherProcess,
+    WatchReader,
+    free_port,
+    wait_instance_healthy,
+    wait_until,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -18,17 +25,7 @@ INSTANCE_READY_TIMEOUT = 240.0
 
 
 def _wait_healthy(port: int, launcher: LauncherProcess, instance_id: str) -> None:
-    def healthy() -> bool:
-        state = launcher.state(instance_id)
-        if state["status"] != "running":
-            log = launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").text
-            raise AssertionError(f"instance stopped: {state}\n{log[-4000:]}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(healthy, INSTANCE_READY_TIMEOUT, 0.25, f"{instance_id}'s /health")
+    wait_instance_healthy(launcher, instance_id, port, INSTANCE_READY_TIMEOUT)
 
 
 def _group_members(pgid: int) -> list[int]:
