@@ -2,7 +2,8 @@
 
 Used by the fast lifecycle tests and the API-overhead benchmark, never instead of the real
 vLLM tests. It takes ``--model`` and ``--port`` like vLLM, answers ``GET /health`` and
-``GET /v1/models``, and can be told to crash (at start or later), ignore SIGTERM, start a
+``GET /v1/models``, answers ``POST /v1/...`` with a small JSON echo (or, with ``"stream": true``,
+a few server-sent events, ``"chunks"`` of them ``"interval"`` seconds apart), and can be told to crash (at start or later), ignore SIGTERM, start a
 helper process (as vLLM starts its EngineCore), flood stdout and stderr, or print environment
 variables.
 """
@@ -18,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
@@ -36,11 +37,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spawn-helper", action="store_true", help="fork a long-lived helper")
     parser.add_argument("--spam-lines", type=int, default=0, help="lines on stdout and stderr each")
     parser.add_argument("--print-env", action="append", default=[], help="print VAR=value at start")
+    parser.add_argument("--served-model-name", nargs="+", default=None, help="names POST requests may use")
     return parser
 
 
 class _Health(BaseHTTPRequestHandler):
     model = ""
+    served: list[str] = []
+    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         if self.path == "/health":
@@ -49,6 +53,29 @@ class _Health(BaseHTTPRequestHandler):
             self._answer(200, json.dumps({"data": [{"id": self.model}]}).encode())
         else:
             self._answer(404, b"")
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if request.get("model") not in self.served:
+            self._answer(404, json.dumps({"error": {"message": f"no model {request.get('model')!r}"}}).encode())
+            return
+        echo = {"object": "standin", "model": request["model"], "path": self.path, "pid": os.getpid()}
+        if not request.get("stream"):
+            self._answer(200, json.dumps(echo).encode())
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for number in range(int(request.get("chunks", 3))):
+            time.sleep(float(request.get("interval", 0.0)))
+            self._chunk(f"data: {json.dumps({**echo, 'chunk': number})}\n\n".encode())
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -126,7 +153,9 @@ class StandinWorkload:
             print(f"standin failing at start with code {args.exit_code}", flush=True)
             return int(args.exit_code)
         _Health.model = args.model
-        server = HTTPServer((args.host or "0.0.0.0", args.port), _Health)
+        _Health.served = args.served_model_name or [args.model]
+        server = ThreadingHTTPServer((args.host or "0.0.0.0", args.port), _Health)
+        server.daemon_threads = True
         server.timeout = 0.1
         print(f"standin serving {args.model} on port {args.port}", flush=True)
         started = time.monotonic()

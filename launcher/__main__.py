@@ -10,12 +10,18 @@ import uvicorn
 from starlette.applications import Starlette
 
 from launcher.app import create_app
+from launcher.profiles import ProfileError, load_models_file
 from launcher.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags (over ``LAUNCHER_*`` variables) and serve until SIGTERM or Ctrl-C."""
     settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)
+    try:
+        load_models_file(settings.models_file)  # checked before anything starts: one clear line
+    except ProfileError as exc:
+        print(f"launcher: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings)
     config = uvicorn.Config(
         app,

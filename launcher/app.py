@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -15,8 +16,11 @@ from starlette.routing import Route
 
 from launcher.auth import BearerTokenMiddleware, expected_header
 from launcher.errors import LauncherError
+from launcher.front_door import FrontDoor
+from launcher.front_door_routes import front_door_routes
 from launcher.manager import InstanceManager
 from launcher.metrics import metrics_endpoint
+from launcher.profiles import load_models_file
 from launcher.routes import routes
 from launcher.settings import Settings
 
@@ -49,18 +53,30 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         resolved = settings if settings is not None else Settings.from_sources()
+        models = load_models_file(resolved.models_file)  # a bad file stops the start, naming the line
         app.state.authorization = expected_header(resolved)
         manager = InstanceManager(resolved)
+        front_door = FrontDoor(manager, resolved, models)
         app.state.settings = resolved
         app.state.manager = manager
+        app.state.front_door = front_door
+        # The proxy's own client: no overall timeout (streams last as long as vLLM generates).
+        app.state.proxy_client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            trust_env=False,
+        )
         manager.start()
+        front_door.start()
         try:
             yield
         finally:
+            await front_door.shutdown()
+            await app.state.proxy_client.aclose()
             await manager.shutdown()
 
     app = Starlette(
-        routes=[*routes(), Route("/metrics", metrics_endpoint, methods=["GET"])],
+        routes=[*routes(), *front_door_routes(), Route("/metrics", metrics_endpoint, methods=["GET"])],
         middleware=[Middleware(BearerTokenMiddleware)],
         lifespan=lifespan,
         exception_handlers={

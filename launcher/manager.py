@@ -73,6 +73,7 @@ class _Runtime:
     """Per-instance asyncio objects that do not belong in the reported state."""
 
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     probe: asyncio.Task[None] | None = None
     deleting: bool = False
 
@@ -139,6 +140,36 @@ class InstanceManager:
     def all(self) -> list[InstanceRecord]:
         """Every instance, oldest first."""
         return list(self._records.values())
+
+    def live_count(self) -> int:
+        """Live instances plus creates in progress: what ``max_instances`` limits."""
+        return sum(record.live for record in self._records.values()) + len(self._reserved)
+
+    async def wait_settled(self, instance_id: str) -> InstanceRecord:
+        """Wait until ``instance_id`` is ready or has stopped; its record then."""
+        record = self.get(instance_id)
+        runtime = self._runtime[instance_id]
+        if record.ready or not record.live:
+            return record
+        waiters = {asyncio.ensure_future(runtime.ready.wait()), asyncio.ensure_future(runtime.stopped.wait())}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return record
+
+    @staticmethod
+    def log_tail(record: InstanceRecord, lines: int = 20) -> str:
+        """The last ``lines`` lines of the instance's log (for error messages)."""
+        try:
+            with open(record.log_path, "rb") as log_file:
+                log_file.seek(0, os.SEEK_END)
+                log_file.seek(max(0, log_file.tell() - 16384))
+                tail = log_file.read()
+        except OSError:
+            return ""
+        return "\n".join(tail.decode(errors="replace").splitlines()[-lines:])
 
     def gpu_table(self) -> list[dict[str, Any]]:
         """Each GPU with the live instances pinned to it."""
@@ -262,6 +293,9 @@ class InstanceManager:
 
         def became_ready() -> None:
             if record.mark_ready():
+                runtime = self._runtime.get(record.instance_id)
+                if runtime is not None:
+                    runtime.ready.set()
                 self._publish(events.READY, record)
                 seconds = (record.ready_at or record.received_at) - record.received_at
                 self.metrics.start_seconds.observe(max(0.0, seconds))

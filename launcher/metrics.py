@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
@@ -74,6 +74,33 @@ class LauncherMetrics:
     def attach(self, manager: InstanceManager) -> None:
         """Read the instance gauges from ``manager`` from now on."""
         self._manager = manager
+
+
+class FrontDoorMetrics:
+    """The front door's counters, in the launcher's registry."""
+
+    def __init__(self, registry: CollectorRegistry, *, queue_depth: Callable[[], int]) -> None:
+        self.requests = Counter(
+            "launcher_front_door_requests", "Front-door requests by model and HTTP status",
+            ["model", "status"], registry=registry,
+        )  # fmt: skip
+        self.starts = Counter(
+            "launcher_front_door_starts", "On-demand starts by model and outcome (ready, failed, no_room)",
+            ["model", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.start_seconds = Histogram(
+            "launcher_front_door_start_seconds", "On-demand start: first request to a ready instance",
+            ["model"], buckets=START_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.evictions = Counter(
+            "launcher_front_door_evictions", "Idle instances stopped to make room, by model", ["model"], registry=registry
+        )
+        self.idle_stops = Counter(
+            "launcher_front_door_idle_stops", "Instances stopped after their idle timeout, by model", ["model"],
+            registry=registry,
+        )  # fmt: skip
+        depth = Gauge("launcher_front_door_queue_depth", "Starts waiting for room", registry=registry)
+        depth.set_function(queue_depth)
 
 
 def exit_kind(exit_code: int | None) -> str:

@@ -72,16 +72,22 @@ def _describe(error: ValidationError) -> str:
     return "invalid request body: " + "; ".join(problems)
 
 
-def parse_config(body: bytes) -> VllmConfig:
-    """Parse and validate a create body; 400 for bad JSON, 422 for a wrong shape."""
+def load_json_object(body: bytes, what: str = "a JSON object with at least 'options'") -> dict[str, Any]:
+    """A request body as a JSON object; 400 for empty or bad JSON, 422 for another JSON value."""
     if not body.strip():
-        raise BadRequest("request body is empty: send a JSON object with at least 'options'")
+        raise BadRequest(f"request body is empty: send {what}")
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise Unprocessable("request body must be a JSON object with at least 'options'")
+        raise Unprocessable(f"request body must be {what}")
+    return data
+
+
+def parse_config(body: bytes) -> VllmConfig:
+    """Parse and validate a create body; 400 for bad JSON, 422 for a wrong shape."""
+    data = load_json_object(body)
     try:
         return VllmConfig.model_validate(data)
     except ValidationError as exc:

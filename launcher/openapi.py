@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 from forkserver.protocol import INSTANCE_ID_PATTERN
 from launcher import __version__
 from launcher.models import VllmConfig
+from launcher.profiles import ModelProfile, OpenAIRequest
 from launcher.schemas import (
     RESPONSE_MODELS,
     CreateResponse,
@@ -31,6 +32,12 @@ from launcher.schemas import (
     InstanceIdList,
     InstanceList,
     InstanceState,
+    ModelDeleted,
+    ModelList,
+    ModelState,
+    OpenAIError,
+    OpenAIModel,
+    OpenAIModelList,
     WatchEvent,
 )
 
@@ -124,7 +131,24 @@ PARAMETERS: dict[str, dict[str, Any]] = {
     },
 }
 
+PARAMETERS.update({
+    "name": {"name": "name", "in": "path", "required": True,
+             "description": "a model name (or, for GET, an alias): 1-256 printable characters, no spaces",
+             "schema": {"type": "string"}},
+    "model": {"name": "model", "in": "path", "required": True, "description": "a model name or alias",
+              "schema": {"type": "string"}},
+    "path": {"name": "path", "in": "path", "required": True,
+             "description": "vLLM's OpenAI route: completions, chat/completions, embeddings, responses, tokenize, ...",
+             "schema": {"type": "string"}},
+})  # fmt: skip
+
+
+def _openai_error(description: str, headers: dict[str, str] | None = None) -> Answer:
+    return Answer(OpenAIError, description, JSON, headers)
+
+
 _INSTANCE = "/v2/vllm/instances/{instance_id}"
+_MODEL = "/v2/vllm/models/{name}"
 _NOT_FOUND = _error("no instance with this id")
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -176,6 +200,41 @@ OPERATIONS: tuple[Operation, ...] = (
                416: Answer(None, "the range starts at or past the end of the log (empty body)", JSON,
                            {"Content-Range": "bytes */TOTAL"})},
               parameters=("instance_id", "range")),
+    Operation("GET", "/v1/models", "list_models", "Front door: every model name and alias (OpenAI format)", None,
+              {200: Answer(OpenAIModelList, "one entry per name and alias, with its model's state")}),
+    Operation("GET", "/v1/models/{model}", "get_model", "Front door: one model name or alias", None,
+              {200: Answer(OpenAIModel, "the entry"), 404: _openai_error("no model has this name or alias")},
+              parameters=("model",)),
+    Operation("POST", "/v1/{path}", "openai_request",
+              "Front door: an OpenAI request, routed by its model (started first if it is stopped)", OpenAIRequest,
+              {200: Answer({"type": "object"}, "vLLM's answer, passed through unchanged (text/event-stream when "
+                           "the request streams); vLLM's own error statuses pass through too"),
+               400: _openai_error("the body is not a JSON object or names no model"),
+               404: _openai_error("no model has this name or alias"),
+               413: _openai_error("the body is larger than --proxy-max-body-bytes"),
+               502: _openai_error("the model's instance could not be started (the reason and the end of its log) "
+                                  "or did not answer"),
+               503: _openai_error("no room for the model within --queue-timeout", {"Retry-After": "seconds"})},
+              parameters=("path",)),
+    Operation("GET", "/v2/vllm/models", "list_model_profiles", "Front door: every model profile and its state",
+              None, {200: Answer(ModelList, "the profiles")}),
+    Operation("GET", _MODEL, "get_model_profile", "Front door: one model profile and its state", None,
+              {200: Answer(ModelState, "the profile"), 404: _error("no model has this name or alias")},
+              parameters=("name",)),
+    Operation("PUT", _MODEL, "put_model_profile", "Front door: add or replace a model profile", ModelProfile,
+              {200: Answer(ModelState, "replaced (a running instance with another configuration stops once idle)"),
+               201: Answer(ModelState, "added"),
+               400: _error("bad JSON or an invalid name"),
+               409: _error("a name or alias is used by another model"),
+               413: _error("the body is larger than --max-body-bytes"),
+               415: _error("the content type is not application/json"),
+               422: _error("the body is JSON of the wrong shape")},
+              parameters=("name",)),
+    Operation("DELETE", _MODEL, "delete_model_profile",
+              "Front door: remove a model profile; answers once its instance is gone", None,
+              {200: Answer(ModelDeleted, "the profile and its instance are gone"),
+               404: _error("no model has this name")},
+              parameters=("name",)),
 )  # fmt: skip
 
 
@@ -224,7 +283,7 @@ def _operation(op: Operation) -> dict[str, Any]:
 
 def component_schemas() -> dict[str, Any]:
     """Every model's JSON schema, with references between them as ``#/components/schemas/...``."""
-    models: list[type[BaseModel]] = [VllmConfig, *RESPONSE_MODELS]
+    models: list[type[BaseModel]] = [VllmConfig, ModelProfile, OpenAIRequest, *RESPONSE_MODELS]
     _, definitions = models_json_schema([(model, "validation") for model in models], ref_template=REF)
     schemas: dict[str, Any] = definitions["$defs"]
     return schemas

@@ -15,7 +15,7 @@ from launcher import __version__, events, log_range
 from launcher.errors import BadRequest, LauncherError, PayloadTooLarge, RangeNotSatisfiable, UnsupportedMediaType
 from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
-from launcher.models import check_instance_id, parse_config
+from launcher.models import check_instance_id, load_json_object, parse_config
 from launcher.state import Status
 
 ENDPOINTS = {
@@ -31,6 +31,10 @@ ENDPOINTS = {
     "watch_instances": "GET /v2/vllm/instances/watch?since=REVISION",
     "list_gpus": "GET /v2/vllm/gpus",
     "openapi": "GET /openapi.json",
+    "openai_models": "GET /v1/models",
+    "openai_request": "POST /v1/... (routed by the body's model; started on first request)",
+    "list_model_profiles": "GET /v2/vllm/models",
+    "model_profile": "GET|PUT|DELETE /v2/vllm/models/{name}",
 }
 
 
@@ -54,6 +58,11 @@ async def _read_body(request: Request) -> bytes:
         if len(body) > cap:
             raise PayloadTooLarge(f"request body exceeds the {cap}-byte limit")
     return bytes(body)
+
+
+async def read_json_body(request: Request, what: str) -> dict[str, Any]:
+    """The request body as a JSON object (415, 413, 400 and 422 as for creates)."""
+    return load_json_object(await _read_body(request), what)
 
 
 async def index(request: Request) -> JSONResponse:

@@ -155,6 +155,72 @@ class ErrorResponse(_Strict):
     detail: str = Field(description="what is wrong")
 
 
+class ModelState(_Strict):
+    """A front-door model profile and its state (``/v2/vllm/models``)."""
+
+    name: str
+    options: str = Field(description="vLLM flags; the front door adds --port and --served-model-name")
+    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("when given")
+    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("when given")
+    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("when given")
+    idle_timeout: float = Field(description="seconds without a request before its instance stops (0: never)")
+    aliases: list[str]
+    preload: bool
+    share_gpu: bool
+    state: Literal["stopped", "starting", "ready", "failed", "stopping"]
+    instance_id: str | None = Field(description="its instance, while it has one")
+    last_used: float | None = Field(description="Unix time of the last request (null: never used)")
+    in_flight: int = Field(description="requests being answered now")
+    last_error: str | None = Field(description="why the last start failed, or what stopped its instance")
+
+
+class ModelList(_Strict):
+    """``GET /v2/vllm/models``."""
+
+    idle_timeout: float = Field(description="the default idle timeout (seconds)")
+    models: list[ModelState]
+    count: int
+
+
+class ModelDeleted(_Strict):
+    """``DELETE /v2/vllm/models/{name}``: the profile is gone, and its instance."""
+
+    status: Literal["deleted"]
+    name: str
+
+
+class OpenAIModel(_Strict):
+    """One entry of ``GET /v1/models`` (one per name and alias)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str = Field(description="the profile's name (differs from id for an alias)")
+    state: Literal["stopped", "starting", "ready", "failed", "stopping"]
+
+
+class OpenAIModelList(_Strict):
+    """``GET /v1/models``, in OpenAI's list format."""
+
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(_Strict):
+    """What went wrong, as OpenAI's SDKs read it."""
+
+    message: str
+    type: str
+    code: str | None
+
+
+class OpenAIError(_Strict):
+    """Every front-door (``/v1``) error answer."""
+
+    error: OpenAIErrorDetail
+
+
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     CreateResponse,
     InstanceState,
@@ -169,4 +235,11 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     WatchError,
     WatchEvent,
     ErrorResponse,
+    ModelState,
+    ModelList,
+    ModelDeleted,
+    OpenAIModel,
+    OpenAIModelList,
+    OpenAIErrorDetail,
+    OpenAIError,
 )

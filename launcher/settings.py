@@ -61,6 +61,10 @@ class Settings:
     api_token: str = _setting("", "bearer token every endpoint but /health requires (empty: no token)")
     api_token_file: str = _setting("", "file holding the bearer token (beats --api-token)")
     max_body_bytes: int = _setting(65536, "largest accepted request body, in bytes (413 above)")
+    models_file: str = _setting("", "YAML file of model profiles for the OpenAI-compatible front door (/v1)")
+    queue_timeout: float = _setting(60.0, "seconds a front-door start waits for room before a 503")
+    queue_max: int = _setting(256, "most front-door starts waiting for room at once (503 beyond)")
+    proxy_max_body_bytes: int = _setting(16 * 1024 * 1024, "largest /v1 request body, in bytes (413 above)")
 
     def resolved_log_dir(self) -> str:
         """The log directory, with the default filled in (one per API port: launchers never share)."""

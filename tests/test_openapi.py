@@ -7,6 +7,7 @@ pydantic models of :mod:`launcher.schemas` and the JSON schemas of the served do
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -30,7 +31,8 @@ def _app_operations() -> set[tuple[str, str]]:
     for route in create_app().routes:
         assert isinstance(route, Route), f"unexpected route type {route!r}"
         for method in (route.methods or set()) - IMPLICIT_METHODS:
-            operations.add((method, route.path))
+            # Starlette's "{name:path}" converter is plain "{name}" in OpenAPI's path templates.
+            operations.add((method, re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)))
     return operations
 
 

@@ -1,0 +1,450 @@
+"""The front door's bookkeeping: a model starts on its first request and stops when idle.
+
+A client of :class:`launcher.manager.InstanceManager`: every instance it starts is an ordinary
+instance (in ``/v2/vllm/instances``, the watch stream and the metrics), annotated with the
+model's name. Per model it keeps a phase, the instance, the requests in flight and the time of
+the last one. Everything runs on the event loop, so a check and the change it guards happen
+without an ``await`` between them (a request in flight is counted before anything can decide to
+stop its instance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher import room
+from launcher.errors import LauncherError, NotFound
+from launcher.manager import InstanceManager
+from launcher.metrics import FrontDoorMetrics
+from launcher.profiles import ModelProfile, ModelsFile, ProfileError, check_name
+from launcher.settings import Settings
+from launcher.state import InstanceRecord
+
+log = logging.getLogger("launcher.front_door")
+
+REAP_INTERVAL = 0.5  # seconds between idle checks; also the longest a waiter sleeps between looks
+
+
+class Phase(str, enum.Enum):
+    """Where a model is."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"  # the last start failed; the next request tries again
+    STOPPING = "stopping"
+
+
+class StartFailed(Exception):
+    """The model's instance could not be started; the message says why (and shows its log)."""
+
+
+class NoRoom(Exception):
+    """No room could be made within the queue timeout (or the queue is full)."""
+
+
+@dataclass
+class ModelState:
+    """One model profile and what the front door knows about its instance."""
+
+    name: str
+    profile: ModelProfile
+    phase: Phase = Phase.STOPPED
+    instance_id: str | None = None
+    in_flight: int = 0
+    last_used: float | None = None  # wall clock of the last request's end (or start)
+    last_error: str | None = None
+    retire: bool = False  # replaced or deleted: stop the instance once no request is in flight
+    start_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    stop_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def to_json(self, default_idle_timeout: float) -> dict[str, Any]:
+        """The model's profile and state, as ``/v2/vllm/models`` shows it."""
+        return {
+            "name": self.name,
+            **self.profile.model_dump(exclude_none=True),
+            "idle_timeout": effective_idle_timeout(self.profile, default_idle_timeout),
+            "state": self.phase.value,
+            "instance_id": self.instance_id,
+            "last_used": self.last_used,
+            "in_flight": self.in_flight,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A request's hold on a ready instance; give it back with :meth:`FrontDoor.release`."""
+
+    state: ModelState
+    record: InstanceRecord
+
+
+def effective_idle_timeout(profile: ModelProfile, default: float) -> float:
+    """The profile's idle timeout, or the file's default."""
+    return profile.idle_timeout if profile.idle_timeout is not None else default
+
+
+def _phase(state: ModelState) -> Phase:
+    return state.phase
+
+
+def _instance_id_for(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:100] or "model"
+    return f"{slug}-{secrets.token_hex(3)}"
+
+
+class FrontDoor:
+    """Model profiles, their instances, and the decisions about starting and stopping them."""
+
+    def __init__(self, manager: InstanceManager, settings: Settings, models: ModelsFile) -> None:
+        self._manager = manager
+        self._settings = settings
+        self.default_idle_timeout = models.idle_timeout
+        self._states: dict[str, ModelState] = {}
+        self._labels: dict[str, str] = {}  # name or alias -> name
+        for name, profile in models.models.items():
+            self._add(name, profile)
+        self._claims: set[str] = set()  # models past the room check whose instance is not created yet
+        self._queued = 0
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.metrics = FrontDoorMetrics(manager.metrics.registry, queue_depth=lambda: self._queued)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the idle reaper and the models marked ``preload``."""
+        self._spawn(self._reap_forever(), "front-door-reaper")
+        for state in self._states.values():
+            if state.profile.preload:
+                self._spawn(self._preload(state), f"preload-{state.name}")
+
+    async def shutdown(self) -> None:
+        """Stop the background work (the manager stops the instances)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # Waiters read the outcome from the model's state; this only marks the exception as seen.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return task
+
+    # ------------------------------------------------------------------ names
+
+    def resolve(self, label: str) -> ModelState | None:
+        """The model a client means by ``label`` (a name or an alias)."""
+        name = self._labels.get(label)
+        return self._states.get(name) if name is not None else None
+
+    def states(self) -> list[ModelState]:
+        """Every model, in the order they were added."""
+        return list(self._states.values())
+
+    def labels(self) -> list[tuple[str, ModelState]]:
+        """Every name and alias with its model (what ``/v1/models`` lists)."""
+        return [(label, self._states[name]) for label, name in self._labels.items()]
+
+    def _add(self, name: str, profile: ModelProfile) -> ModelState:
+        state = ModelState(name=name, profile=profile)
+        self._states[name] = state
+        for label in [name, *profile.aliases]:
+            self._labels[label] = name
+        return state
+
+    def _check_labels(self, name: str, profile: ModelProfile) -> None:
+        check_name(name)
+        for label in [name, *profile.aliases]:
+            owner = self._labels.get(label)
+            if owner is not None and owner != name:
+                raise ProfileError(f"model name {label!r} is already used by model {owner!r}")
+
+    # ------------------------------------------------------------------ profiles at run time
+
+    def put_profile(self, name: str, profile: ModelProfile) -> tuple[ModelState, bool]:
+        """Add or replace a profile; True if it is new. A running instance with another
+        configuration is stopped once no request is in flight; the next request starts the new one."""
+        self._check_labels(name, profile)
+        state = self._states.get(name)
+        if state is None:
+            return self._add(name, profile), True
+        for label in [name, *state.profile.aliases]:
+            self._labels.pop(label, None)
+        for label in [name, *profile.aliases]:
+            self._labels[label] = name
+        if profile != state.profile and state.phase in (Phase.STARTING, Phase.READY):
+            state.retire = True
+        state.profile = profile
+        self._notify()
+        return state, False
+
+    async def delete_profile(self, name: str) -> None:
+        """Remove a profile (new requests get 404 at once), then stop its instance once idle."""
+        state = self._states.pop(name, None)
+        if state is None:
+            raise NotFound(f"model {name!r} not found")
+        for label in [name, *state.profile.aliases]:
+            self._labels.pop(label, None)
+        state.retire = True
+        self._notify()
+        while True:
+            if state.phase is Phase.STARTING and state.start_task is not None:
+                await asyncio.wait({state.start_task})
+            elif state.phase is Phase.STOPPING and state.stop_task is not None:
+                await asyncio.wait({state.stop_task})
+            elif state.phase is Phase.READY and state.in_flight == 0:
+                self._begin_stop(state, "deleted")
+            elif state.phase is Phase.READY:
+                await self._wait_change(REAP_INTERVAL)
+            else:
+                return
+
+    # ------------------------------------------------------------------ requests
+
+    async def acquire(self, state: ModelState) -> Lease:
+        """Hold the model's instance for one request, starting it first if needed.
+
+        Many requests for a stopped model cause one start; all of them wait for it. Raises
+        :class:`StartFailed` or :class:`NoRoom`; :class:`NotFound` if the profile is deleted.
+        """
+        while True:
+            if self._states.get(state.name) is not state:
+                raise NotFound(f"model {state.name!r} was removed")
+            if state.phase is Phase.READY and not state.retire:
+                record = self._live_record(state)
+                if record is not None:
+                    state.in_flight += 1
+                    state.last_used = time.time()
+                    return Lease(state, record)
+                self._lost(state)
+                continue
+            if state.phase is Phase.STARTING and state.start_task is not None:
+                await asyncio.wait({state.start_task})
+                outcome = _phase(state)  # what the start left
+                if outcome is Phase.FAILED and state.last_error is not None:
+                    raise StartFailed(state.last_error)
+                if outcome is Phase.STOPPED and state.last_error is not None:
+                    raise NoRoom(state.last_error)
+                continue
+            if state.phase in (Phase.STOPPING, Phase.READY):  # stopping, or retiring once idle
+                await self._wait_change(REAP_INTERVAL)
+                continue
+            state.phase = Phase.STARTING
+            state.last_error = None
+            state.start_task = self._spawn(self._start(state), f"start-{state.name}")
+
+    def release(self, lease: Lease) -> None:
+        """The request holding ``lease`` is over (answered, failed or cut off by the client)."""
+        lease.state.in_flight -= 1
+        lease.state.last_used = time.time()
+        self._notify()
+
+    def _live_record(self, state: ModelState) -> InstanceRecord | None:
+        if state.instance_id is None:
+            return None
+        try:
+            record = self._manager.get(state.instance_id)
+        except NotFound:
+            return None  # deleted through /v2/vllm/instances
+        return record if record.live else None
+
+    def _lost(self, state: ModelState) -> None:
+        """The ready instance died or was deleted by someone else: forget it, remove what is left."""
+        instance_id = state.instance_id
+        state.instance_id = None
+        state.phase = Phase.STOPPED
+        if instance_id is None:
+            return
+        try:
+            record = self._manager.get(instance_id)
+        except NotFound:
+            return
+        state.last_error = f"its instance {instance_id} exited with code {record.exit_code}"
+        log.warning("model %s: %s", state.name, state.last_error)
+        self._spawn(self._delete_instance(instance_id), f"remove-{instance_id}")
+
+    # ------------------------------------------------------------------ starting
+
+    async def _start(self, state: ModelState) -> None:
+        """Make room, create the instance, wait until it is healthy. Sets the phase at the end."""
+        started = time.monotonic()
+        instance_id: str | None = None
+        try:
+            await self._make_room(state, started + self._settings.queue_timeout)
+            try:
+                record = await self._create(state)
+            finally:
+                self._claims.discard(state.name)
+            instance_id = state.instance_id = record.instance_id
+            record = await self._manager.wait_settled(instance_id)
+            if not record.ready:
+                tail = self._manager.log_tail(record)
+                raise StartFailed(
+                    f"model {state.name!r} failed to start: its instance {instance_id} exited with code "
+                    f"{record.exit_code} before it was ready. Last lines of its log:\n{tail}"
+                )
+        except NoRoom as exc:
+            state.phase, state.last_error, state.instance_id = Phase.STOPPED, str(exc), None
+            self.metrics.starts.labels(model=state.name, outcome="no_room").inc()
+            self._notify()
+            raise
+        except (StartFailed, LauncherError, asyncio.CancelledError) as exc:
+            if instance_id is not None:
+                await asyncio.shield(self._delete_instance(instance_id))  # nothing is left behind
+            message = str(exc) if isinstance(exc, StartFailed) else f"model {state.name!r} could not be started: {exc}"
+            state.phase, state.last_error, state.instance_id = Phase.FAILED, message, None
+            self.metrics.starts.labels(model=state.name, outcome="failed").inc()
+            self._notify()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning("%s", message)
+            raise StartFailed(message) from None
+        seconds = time.monotonic() - started
+        state.phase = Phase.READY
+        state.last_used = time.time()
+        self.metrics.starts.labels(model=state.name, outcome="ready").inc()
+        self.metrics.start_seconds.labels(model=state.name).observe(seconds)
+        log.info("model %s ready on instance %s in %.2fs", state.name, instance_id, seconds)
+        self._notify()
+
+    async def _create(self, state: ModelState) -> InstanceRecord:
+        config = state.profile.instance_config(state.name)
+        return await self._manager.create(config, _instance_id_for(state.name), received_at=time.time())
+
+    async def _make_room(self, state: ModelState, deadline: float) -> None:
+        """Wait until ``state`` fits (evicting idle front-door instances), then claim its slot."""
+        profile = state.profile
+        wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu)
+        queued = False
+        try:
+            while True:
+                victims = room.plan_room(
+                    wanted,
+                    self._holders(exclude=state.name),
+                    live=self._manager.live_count() + len(self._claims),
+                    max_instances=self._settings.max_instances,
+                )
+                if victims is not None:
+                    self._claims.add(state.name)
+                    stops = [self._begin_stop(self._states[name], "evicted") for name in victims]
+                    if stops:
+                        await asyncio.wait(stops)
+                    return
+                if not queued:
+                    if self._queued >= self._settings.queue_max:
+                        raise NoRoom(f"no room to start model {state.name!r} and the start queue is full")
+                    self._queued += 1
+                    queued = True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NoRoom(
+                        f"no room to start model {state.name!r} within {self._settings.queue_timeout:g}s: "
+                        "every instance that could make room is busy or not evictable"
+                    )
+                await self._wait_change(min(remaining, REAP_INTERVAL))
+        finally:
+            if queued:
+                self._queued -= 1
+
+    def _holders(self, exclude: str) -> list[room.Holder]:
+        holders = []
+        for state in self._states.values():
+            if state.name == exclude:
+                continue
+            holds = state.phase in (Phase.STARTING, Phase.READY, Phase.STOPPING) or state.name in self._claims
+            if not holds:
+                continue
+            evictable = state.phase is Phase.READY and state.in_flight == 0 and state.name not in self._claims
+            holders.append(
+                room.Holder(
+                    name=state.name,
+                    gpu_uuids=frozenset(state.profile.gpu_uuids or []),
+                    share_gpu=state.profile.share_gpu,
+                    last_used=state.last_used or 0.0,
+                    evictable=evictable,
+                )
+            )
+        return holders
+
+    async def _preload(self, state: ModelState) -> None:
+        try:
+            self.release(await self.acquire(state))
+        except (StartFailed, NoRoom, NotFound) as exc:
+            log.warning("could not preload model %s: %s", state.name, exc)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _begin_stop(self, state: ModelState, reason: str) -> asyncio.Task[None]:
+        """Stop the model's instance (no request may be in flight); the task ends when it is gone."""
+        assert state.in_flight == 0, "an instance with a request in flight is never stopped"
+        state.phase = Phase.STOPPING
+        task = self._spawn(self._stop(state, reason), f"stop-{state.name}")
+        state.stop_task = task
+        return task
+
+    async def _stop(self, state: ModelState, reason: str) -> None:
+        instance_id = state.instance_id
+        try:
+            if instance_id is not None:
+                await self._delete_instance(instance_id)
+            if reason == "evicted":
+                self.metrics.evictions.labels(model=state.name).inc()
+            elif reason == "idle":
+                self.metrics.idle_stops.labels(model=state.name).inc()
+            log.info("model %s: instance %s stopped (%s)", state.name, instance_id, reason)
+        finally:
+            state.instance_id = None
+            state.phase = Phase.STOPPED
+            state.retire = False
+            self._notify()
+
+    async def _delete_instance(self, instance_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self._manager.delete(instance_id)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            self.reap(time.time())
+
+    def reap(self, now: float) -> None:
+        """Stop idle and retired instances; notice instances that died."""
+        for state in self._states.values():
+            if state.phase is not Phase.READY:
+                continue
+            if self._live_record(state) is None:
+                self._lost(state)
+                self._notify()
+                continue
+            if state.in_flight:
+                continue
+            idle_timeout = effective_idle_timeout(state.profile, self.default_idle_timeout)
+            if state.retire:
+                self._begin_stop(state, "replaced")
+            elif idle_timeout > 0 and now - (state.last_used or now) >= idle_timeout:
+                self._begin_stop(state, "idle")
+
+    # ------------------------------------------------------------------ waiting
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)

@@ -1,0 +1,240 @@
+"""The front door's HTTP side: OpenAI-compatible ``/v1`` routing and ``/v2/vllm/models``.
+
+``POST /v1/...`` reads ``"model"`` from the JSON body, holds that model's instance (starting
+it first if needed) and passes the request through with httpx's streaming client: status,
+headers and body come back as vLLM sends them, chunk by chunk. ``/v1`` errors use OpenAI's
+shape ``{"error": {"message", "type", "code"}}``; ``/v2/vllm/models`` errors the launcher's
+``{"detail"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from launcher import readiness
+from launcher.errors import BadRequest, Conflict, NotFound, Unprocessable
+from launcher.front_door import FrontDoor, Lease, NoRoom, StartFailed
+from launcher.profiles import ModelProfile, ProfileError
+from launcher.routes import read_json_body
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself; everything else passes.
+_REQUEST_HEADERS_DROPPED = frozenset(
+    {"host", "content-length", "authorization", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+     "proxy-authorization", "proxy-connection", "expect"}
+)  # fmt: skip
+_RESPONSE_HEADERS_DROPPED = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection", "date", "server"}
+)
+UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics label for names no profile has
+RETRY_AFTER_SECONDS = "5"
+
+
+def _door(request: Request) -> FrontDoor:
+    door: FrontDoor = request.app.state.front_door
+    return door
+
+
+def openai_error(status: int, message: str, error_type: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    """An error in OpenAI's shape, so SDKs raise their usual exceptions with the message."""
+    return JSONResponse({"error": {"message": message, "type": error_type, "code": code}}, status, headers=headers)
+
+
+def _model_entry(label: str, door: FrontDoor, created: int) -> dict[str, Any]:
+    state = door.resolve(label)
+    assert state is not None
+    return {"id": label, "object": "model", "created": created, "owned_by": "vllm-launcher", "root": state.name,
+            "state": state.phase.value}  # fmt: skip
+
+
+async def list_models(request: Request) -> JSONResponse:
+    """``GET /v1/models``: every name and alias, with its model's state."""
+    door = _door(request)
+    created = int(time.time())
+    return JSONResponse({"object": "list", "data": [_model_entry(label, door, created) for label, _ in door.labels()]})
+
+
+async def get_model(request: Request) -> JSONResponse:
+    """``GET /v1/models/{model}``: one name or alias."""
+    label = request.path_params["model"]
+    door = _door(request)
+    if door.resolve(label) is None:
+        return openai_error(404, f"The model '{label}' does not exist.", "NotFoundError", "model_not_found")
+    return JSONResponse(_model_entry(label, door, int(time.time())))
+
+
+async def _read_limited(request: Request, cap: int) -> bytes | None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            return None
+    return bytes(body)
+
+
+def _model_name(body: bytes) -> str | JSONResponse:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return openai_error(400, f"The request body is not valid JSON: {exc}", "BadRequestError", "invalid_json")
+    if not isinstance(data, dict):
+        return openai_error(400, "The request body must be a JSON object.", "BadRequestError", "invalid_body")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        return openai_error(400, "The request body must name a model: add \"model\": \"<name>\" "
+                            "(GET /v1/models lists them).", "BadRequestError", "model_required")  # fmt: skip
+    return model
+
+
+class _UpstreamResponse(StreamingResponse):
+    """vLLM's answer, passed on chunk by chunk; the lease is given back however it ends."""
+
+    def __init__(self, upstream: httpx.Response, door: FrontDoor, lease: Lease) -> None:
+        super().__init__(upstream.aiter_raw(), status_code=upstream.status_code)
+        self.raw_headers = [
+            (name, value)
+            for name, value in upstream.headers.raw
+            if name.decode("latin-1").lower() not in _RESPONSE_HEADERS_DROPPED
+        ]
+        self._upstream = upstream
+        self._door = door
+        self._lease = lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            # A client that goes away cancels this; closing the upstream connection then makes
+            # vLLM abort the request (it stops generating).
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._upstream.aclose()
+            self._door.release(self._lease)
+
+
+def _forwarded_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in headers if name.decode("latin-1").lower() not in _REQUEST_HEADERS_DROPPED]
+
+
+async def proxy(request: Request) -> StreamingResponse | JSONResponse:
+    """``POST /v1/...``: route by ``"model"`` to that model's instance, starting it if needed."""
+    door = _door(request)
+    cap = request.app.state.settings.proxy_max_body_bytes
+    body = await _read_limited(request, cap)
+    if body is None:
+        return openai_error(413, f"The request body exceeds the {cap}-byte limit.", "BadRequestError",
+                            "request_too_large")  # fmt: skip
+    model = _model_name(body)
+    if isinstance(model, JSONResponse):
+        return model
+    state = door.resolve(model)
+    if state is None:
+        door.metrics.requests.labels(model=UNKNOWN_MODEL_LABEL, status="404").inc()
+        return openai_error(404, f"The model '{model}' does not exist (GET /v1/models lists them).", "NotFoundError",
+                            "model_not_found")  # fmt: skip
+    answer: StreamingResponse | JSONResponse
+    try:
+        lease = await door.acquire(state)
+    except StartFailed as exc:
+        answer = openai_error(502, str(exc), "ServiceUnavailableError", "model_start_failed")
+    except NoRoom as exc:
+        answer = openai_error(503, str(exc), "ServiceUnavailableError", "no_room",
+                              headers={"Retry-After": RETRY_AFTER_SECONDS})  # fmt: skip
+    except NotFound as exc:
+        answer = openai_error(404, str(exc), "NotFoundError", "model_not_found")
+    else:
+        answer = await _send_upstream(request, door, lease, body)
+    door.metrics.requests.labels(model=state.name, status=str(answer.status_code)).inc()
+    return answer
+
+
+async def _send_upstream(
+    request: Request, door: FrontDoor, lease: Lease, body: bytes
+) -> StreamingResponse | JSONResponse:
+    record = lease.record
+    url = f"http://{readiness.probe_host(record.host)}:{record.port}{request.url.path}"
+    if request.url.query:
+        url += "?" + request.url.query
+    client: httpx.AsyncClient = request.app.state.proxy_client
+    upstream_request = client.build_request(
+        request.method, url, content=body, headers=_forwarded_headers(request.headers.raw)
+    )
+    try:
+        upstream = await client.send(upstream_request, stream=True)
+    except httpx.HTTPError as exc:
+        door.release(lease)
+        return openai_error(502, f"The model's instance {record.instance_id} did not answer: {exc}",
+                            "ServiceUnavailableError", "upstream_unreachable")  # fmt: skip
+    except BaseException:
+        door.release(lease)
+        raise
+    return _UpstreamResponse(upstream, door, lease)
+
+
+# ---------------------------------------------------------------------- /v2/vllm/models
+
+
+async def list_profiles(request: Request) -> JSONResponse:
+    """``GET /v2/vllm/models``: every profile with its state."""
+    door = _door(request)
+    models = [state.to_json(door.default_idle_timeout) for state in door.states()]
+    return JSONResponse({"idle_timeout": door.default_idle_timeout, "models": models, "count": len(models)})
+
+
+async def get_profile(request: Request) -> JSONResponse:
+    """``GET /v2/vllm/models/{name}``: one profile (by name or alias) with its state."""
+    door = _door(request)
+    state = door.resolve(request.path_params["name"])
+    if state is None:
+        raise NotFound(f"model {request.path_params['name']!r} not found")
+    return JSONResponse(state.to_json(door.default_idle_timeout))
+
+
+async def put_profile(request: Request) -> JSONResponse:
+    """``PUT /v2/vllm/models/{name}``: add (201) or replace (200) a profile."""
+    door = _door(request)
+    name = request.path_params["name"]
+    data = await read_json_body(request, what="a JSON object: a model profile with at least 'options'")
+    try:
+        profile = ModelProfile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise Unprocessable(f"invalid model profile: {problems}"[:2000]) from None
+    try:
+        state, created = door.put_profile(name, profile)
+    except ProfileError as exc:
+        raise Conflict(str(exc)) from None
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return JSONResponse(state.to_json(door.default_idle_timeout), status_code=201 if created else 200)
+
+
+async def delete_profile(request: Request) -> JSONResponse:
+    """``DELETE /v2/vllm/models/{name}``: remove a profile; answers once its instance is gone."""
+    name = request.path_params["name"]
+    await _door(request).delete_profile(name)
+    return JSONResponse({"status": "deleted", "name": name})
+
+
+def front_door_routes() -> list[Route]:
+    """The front door's routes, for the app."""
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/{path:path}", proxy, methods=["POST"]),
+        Route("/v2/vllm/models", list_profiles, methods=["GET"]),
+        Route("/v2/vllm/models/{name:path}", get_profile, methods=["GET"]),
+        Route("/v2/vllm/models/{name:path}", put_profile, methods=["PUT"]),
+        Route("/v2/vllm/models/{name:path}", delete_profile, methods=["DELETE"]),
+    ]
