@@ -199,19 +199,33 @@ class FrontDoor:
             raise NotFound(f"model {name!r} not found")
         for label in [name, *state.profile.aliases]:
             self._labels.pop(label, None)
+        await self.stop_model(state, reason="deleted")
+
+    async def start_model(self, state: ModelState) -> None:
+        """Start the model now (as a first request would) and wait until it is ready."""
+        self.release(await self.acquire(state))
+
+    async def stop_model(self, state: ModelState, reason: str = "stopped") -> None:
+        """Stop the model's instance once no request is in flight; return when it is gone.
+
+        Requests that arrive meanwhile wait, then start it again.
+        """
         state.retire = True
         self._notify()
-        while True:
-            if state.phase is Phase.STARTING and state.start_task is not None:
-                await asyncio.wait({state.start_task})
-            elif state.phase is Phase.STOPPING and state.stop_task is not None:
-                await asyncio.wait({state.stop_task})
-            elif state.phase is Phase.READY and state.in_flight == 0:
-                self._begin_stop(state, "deleted")
-            elif state.phase is Phase.READY:
-                await self._wait_change(REAP_INTERVAL)
-            else:
-                return
+        try:
+            while True:
+                if state.phase is Phase.STARTING and state.start_task is not None:
+                    await asyncio.wait({state.start_task})
+                elif state.phase is Phase.STOPPING and state.stop_task is not None:
+                    await asyncio.wait({state.stop_task})
+                elif state.phase is Phase.READY and state.in_flight == 0:
+                    self._begin_stop(state, reason)
+                elif state.phase is Phase.READY:
+                    await self._wait_change(REAP_INTERVAL)
+                else:
+                    return
+        finally:
+            state.retire = False
 
     # ------------------------------------------------------------------ requests
 
@@ -382,7 +396,7 @@ class FrontDoor:
 
     async def _preload(self, state: ModelState) -> None:
         try:
-            self.release(await self.acquire(state))
+            await self.start_model(state)
         except (StartFailed, NoRoom, NotFound) as exc:
             log.warning("could not preload model %s: %s", state.name, exc)
 

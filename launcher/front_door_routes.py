@@ -22,8 +22,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from launcher import readiness
-from launcher.errors import BadRequest, Conflict, NotFound, Unprocessable
-from launcher.front_door import FrontDoor, Lease, NoRoom, StartFailed
+from launcher.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
+from launcher.front_door import FrontDoor, Lease, ModelState, NoRoom, StartFailed
 from launcher.profiles import ModelProfile, ProfileError
 from launcher.routes import read_json_body
 
@@ -194,11 +194,7 @@ async def list_profiles(request: Request) -> JSONResponse:
 
 async def get_profile(request: Request) -> JSONResponse:
     """``GET /v2/vllm/models/{name}``: one profile (by name or alias) with its state."""
-    door = _door(request)
-    state = door.resolve(request.path_params["name"])
-    if state is None:
-        raise NotFound(f"model {request.path_params['name']!r} not found")
-    return JSONResponse(state.to_json(door.default_idle_timeout))
+    return JSONResponse(_profile_state(request).to_json(_door(request).default_idle_timeout))
 
 
 async def put_profile(request: Request) -> JSONResponse:
@@ -220,6 +216,32 @@ async def put_profile(request: Request) -> JSONResponse:
     return JSONResponse(state.to_json(door.default_idle_timeout), status_code=201 if created else 200)
 
 
+def _profile_state(request: Request) -> ModelState:
+    state = _door(request).resolve(request.path_params["name"])
+    if state is None:
+        raise NotFound(f"model {request.path_params['name']!r} not found")
+    return state
+
+
+async def start_profile(request: Request) -> JSONResponse:
+    """``POST /v2/vllm/models/{name}/start``: start the model now; answers once it is ready."""
+    door = _door(request)
+    state = _profile_state(request)
+    try:
+        await door.start_model(state)
+    except (StartFailed, NoRoom) as exc:
+        raise ServiceUnavailable(str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
+    return JSONResponse(state.to_json(door.default_idle_timeout))
+
+
+async def stop_profile(request: Request) -> JSONResponse:
+    """``POST /v2/vllm/models/{name}/stop``: stop its instance once idle; answers once it is gone."""
+    door = _door(request)
+    state = _profile_state(request)
+    await door.stop_model(state)
+    return JSONResponse(state.to_json(door.default_idle_timeout))
+
+
 async def delete_profile(request: Request) -> JSONResponse:
     """``DELETE /v2/vllm/models/{name}``: remove a profile; answers once its instance is gone."""
     name = request.path_params["name"]
@@ -234,6 +256,8 @@ def front_door_routes() -> list[Route]:
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/{path:path}", proxy, methods=["POST"]),
         Route("/v2/vllm/models", list_profiles, methods=["GET"]),
+        Route("/v2/vllm/models/{name:path}/start", start_profile, methods=["POST"]),
+        Route("/v2/vllm/models/{name:path}/stop", stop_profile, methods=["POST"]),
         Route("/v2/vllm/models/{name:path}", get_profile, methods=["GET"]),
         Route("/v2/vllm/models/{name:path}", put_profile, methods=["PUT"]),
         Route("/v2/vllm/models/{name:path}", delete_profile, methods=["DELETE"]),

@@ -35,6 +35,7 @@ ENDPOINTS = {
     "openai_request": "POST /v1/... (routed by the body's model; started on first request)",
     "list_model_profiles": "GET /v2/vllm/models",
     "model_profile": "GET|PUT|DELETE /v2/vllm/models/{name}",
+    "model_start_stop": "POST /v2/vllm/models/{name}/start, POST /v2/vllm/models/{name}/stop",
 }
 
 
