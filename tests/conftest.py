@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -58,29 +59,37 @@ def _shm_segments() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
 
 
-@pytest.fixture(scope="module")
-def vllm_launcher() -> Iterator[LauncherProcess]:
-    """A launcher with the real vLLM workload (the forkserver preloads vLLM first)."""
+@contextlib.contextmanager
+def real_vllm_launcher(**env: str) -> Iterator[LauncherProcess]:
+    """A launcher with the real vLLM workload and an empty vLLM cache (``env``: more settings).
+
+    On the way out: no process of it is left, nor a shared-memory segment or temp file.
+    """
     cache = tempfile.mkdtemp(prefix="vllm-cache-")
     shm_before = _shm_segments()
     tmp_before = set(os.listdir(tempfile.gettempdir()))
     launcher = LauncherProcess(
         workload="vllm",
-        env={
-            "VLLM_CACHE_ROOT": cache,
-            **VLLM_ENV,
-            "LAUNCHER_STOP_TIMEOUT": "20",
-        },
+        env={"VLLM_CACHE_ROOT": cache, **VLLM_ENV, "LAUNCHER_STOP_TIMEOUT": "20", **env},
         ready_timeout=300.0,
     )
-    yield launcher
-    output = launcher.output_text()
-    leftovers = launcher.stop()
-    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        yield launcher
+    finally:
+        output = launcher.output_text()
+        leftovers = launcher.stop()
+        shutil.rmtree(cache, ignore_errors=True)
     assert not leftovers, f"processes outlived the launcher: {leftovers}\n{output[-3000:]}"
     assert _shm_segments() <= shm_before, "shared-memory segments left behind"
     new_tmp = _leftover_like(set(os.listdir(tempfile.gettempdir())) - tmp_before)
     assert not new_tmp, f"files left in the temp directory: {new_tmp}"
+
+
+@pytest.fixture(scope="module")
+def vllm_launcher() -> Iterator[LauncherProcess]:
+    """A launcher with the real vLLM workload (the forkserver preloads vLLM first)."""
+    with real_vllm_launcher() as launcher:
+        yield launcher
 
 
 @pytest.fixture(scope="session")
