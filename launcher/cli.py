@@ -359,6 +359,60 @@ def cmd_gpus(client: LauncherClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
+    """The front door's models: list (default), add, remove, start, stop."""
+    action = args.action or "list"
+    if action == "list":
+        answer = client.models()
+        if args.json:
+            _print_json(answer)
+            return EXIT_OK
+        if not answer.get("models"):
+            print("no models (add one with: launcherctl models add NAME OPTIONS)", file=sys.stderr)
+            return EXIT_OK
+        now = time.time()
+        rows = [
+            [
+                model.get("name"),
+                model.get("state"),
+                model.get("instance_id") or "-",
+                model.get("in_flight"),
+                "-" if model.get("last_used") is None else format_age(now - float(model["last_used"])) + " ago",
+                f"{model.get('idle_timeout'):g}s" if model.get("idle_timeout") else "never",
+                ",".join(model.get("aliases") or []) or "-",
+            ]
+            for model in answer["models"]
+        ]
+        print(format_table(["NAME", "STATE", "INSTANCE", "IN-FLIGHT", "LAST USED", "IDLE STOP", "ALIASES"], rows))
+        return EXIT_OK
+    if not args.name:
+        args.subparser.error(f"models {action} needs a model NAME")
+    if action == "add":
+        if not args.options:
+            args.subparser.error("models add needs OPTIONS (vLLM flags)")
+        answer = client.put_model(
+            args.name,
+            " ".join(args.options),
+            aliases=args.alias or (),
+            env_vars=dict(args.env) if args.env else None,
+            gpu_uuids=args.gpu,
+            idle_timeout=args.idle_timeout,
+            preload=args.preload,
+            share_gpu=args.share_gpu,
+        )
+    elif action == "remove":
+        answer = client.delete_model(args.name)
+    elif action == "start":
+        answer = client.start_model(args.name)
+    else:
+        answer = client.stop_model(args.name)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{args.name}: {answer.get('state', answer.get('status'))}")
+    return EXIT_OK
+
+
 def cmd_health(client: LauncherClient, args: argparse.Namespace) -> int:
     """Exit 0 if the launcher can create instances now, 1 (503) otherwise."""
     answer = client.health()
@@ -433,6 +487,17 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--since", type=int, metavar="N", help="replay events after revision N")
 
     command("gpus", cmd_gpus, "list the node's GPUs")
+
+    models = command("models", cmd_models, "the front door's models: list, add, remove, start, stop")
+    models.add_argument("action", nargs="?", choices=["list", "add", "remove", "start", "stop"], help="default: list")
+    models.add_argument("name", nargs="?", metavar="NAME", help="the name clients put in \"model\"")
+    models.add_argument("options", nargs="*", metavar="OPTIONS", help="for add: vLLM flags (no --port needed)")
+    models.add_argument("--alias", action="append", metavar="NAME", help="for add: another name (repeatable)")
+    models.add_argument("--env", action="append", type=_key_value, metavar="K=V", help="for add: environment")
+    models.add_argument("--gpu", action="append", metavar="UUID", help="for add: GPU UUID (repeatable)")
+    models.add_argument("--idle-timeout", type=float, metavar="S", help="for add: seconds idle before it stops")
+    models.add_argument("--preload", action="store_true", help="for add: start it when the launcher starts")
+    models.add_argument("--share-gpu", action="store_true", help="for add: may share its GPU")
     command("health", cmd_health, "check that the launcher can create instances")
     return parser
 

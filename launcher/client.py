@@ -31,6 +31,7 @@ from launcher import __version__
 
 DEFAULT_URL = "http://localhost:8001"
 INSTANCES = "/v2/vllm/instances"
+MODELS = "/v2/vllm/models"
 
 JSONDict = dict[str, Any]
 
@@ -209,6 +210,12 @@ def _path(instance_id: str, suffix: str = "") -> str:
     return f"{INSTANCES}/{quote(instance_id, safe='')}{suffix}"
 
 
+def _model_path(name: str, suffix: str = "") -> str:
+    if not name:
+        raise ValueError("a model name must not be empty")
+    return f"{MODELS}/{quote(name, safe='')}{suffix}"
+
+
 def _content_range_total(header: str | None) -> int | None:
     """The total of ``Content-Range: bytes S-E/TOTAL`` or ``bytes */TOTAL``."""
     match = re.search(r"/(\d+)\s*$", header or "")
@@ -313,6 +320,53 @@ class LauncherClient:
     def delete_all(self) -> JSONDict:
         """Stop and delete every instance: ``{"stopped_instances": [...], "total_stopped"}``."""
         return self._json("DELETE", INSTANCES)
+
+    # -------------------------------------------------------------- front-door models
+
+    def models(self) -> JSONDict:
+        """``GET /v2/vllm/models``: ``{"idle_timeout", "models": [profile and state...], "count"}``."""
+        return self._json("GET", MODELS)
+
+    def model(self, name: str) -> JSONDict:
+        """One model profile (by name or alias) with its state; :class:`NotFoundError` if unknown."""
+        return self._json("GET", _model_path(name))
+
+    def put_model(
+        self,
+        name: str,
+        options: str,
+        *,
+        aliases: Sequence[str] = (),
+        env_vars: Mapping[str, str] | None = None,
+        gpu_uuids: Sequence[str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+        idle_timeout: float | None = None,
+        preload: bool = False,
+        share_gpu: bool = False,
+    ) -> JSONDict:
+        """Add or replace the profile ``name``: the front door starts it on its first request."""
+        body: JSONDict = {"options": options, "aliases": builtins.list(aliases), "preload": preload,
+                          "share_gpu": share_gpu}  # fmt: skip
+        for key, value in (("env_vars", env_vars), ("annotations", annotations)):
+            if value is not None:
+                body[key] = dict(value)
+        if gpu_uuids is not None:
+            body["gpu_uuids"] = builtins.list(gpu_uuids)
+        if idle_timeout is not None:
+            body["idle_timeout"] = idle_timeout
+        return self._json("PUT", _model_path(name), json=body)
+
+    def delete_model(self, name: str) -> JSONDict:
+        """Remove a profile; answers once its instance (if any) is gone."""
+        return self._json("DELETE", _model_path(name))
+
+    def start_model(self, name: str) -> JSONDict:
+        """Start a model now; answers once it is ready."""
+        return self._json("POST", _model_path(name, "/start"))
+
+    def stop_model(self, name: str) -> JSONDict:
+        """Stop a model's instance once no request is in flight; answers once it is gone."""
+        return self._json("POST", _model_path(name, "/stop"))
 
     # -------------------------------------------------------------- logs
 

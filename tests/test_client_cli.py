@@ -467,3 +467,30 @@ def test_formatting_helpers() -> None:
     assert instance_url("http://node:8001", 8000, "--model m --host 10.0.0.5") == "http://10.0.0.5:8000"
     assert instance_url("http://node:8001", 8000, "--host=0.0.0.0") == "http://node:8000"
     assert instance_url("http://[::1]:8001", 8000) == "http://[::1]:8000"
+
+
+def test_front_door_models_through_the_client(client: LauncherClient, launcher: LauncherProcess) -> None:
+    added = client.put_model("echo", "--model E", aliases=["echo2"], idle_timeout=0)
+    assert added["state"] == "stopped" and added["aliases"] == ["echo2"] and added["idle_timeout"] == 0
+    assert [model["name"] for model in client.models()["models"]] == ["echo"]
+    assert client.start_model("echo")["state"] == "ready"
+    assert client.model("echo2")["instance_id"]
+    assert client.stop_model("echo")["state"] == "stopped"
+    assert client.delete_model("echo") == {"status": "deleted", "name": "echo"}
+    with pytest.raises(NotFoundError):
+        client.model("echo")
+
+
+def test_launcherctl_models(launcher: LauncherProcess) -> None:
+    added = run_cli(launcher, "models", "add", "chat", "--model", "C", "--alias", "chat2", "--idle-timeout", "0")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip() == "chat: stopped"
+    assert run_cli(launcher, "models", "start", "chat").stdout.strip() == "chat: ready"
+    listing = run_cli(launcher, "models")
+    assert listing.returncode == 0
+    header, row = listing.stdout.splitlines()
+    assert header.split()[:3] == ["NAME", "STATE", "INSTANCE"]
+    assert row.split()[:2] == ["chat", "ready"] and "chat2" in row and "never" in row
+    assert run_cli(launcher, "models", "remove", "chat").stdout.strip() == "chat: deleted"
+    assert run_cli(launcher, "models", "stop", "chat").returncode == 3  # not found
+    assert run_cli(launcher, "models", "add", "lonely").returncode == 2  # usage: no options
