@@ -15,7 +15,7 @@ import time
 _ORIGINAL_ENV = dict(os.environ)
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
-from forkserver import fork_safety, osutil
+from forkserver import fork_safety, leftovers, osutil
 from forkserver.server import ForkServer, bind_listener
 from forkserver.workload import WorkloadOptions, load_workload
 
@@ -69,8 +69,11 @@ def _prepare_for_fork() -> None:
     """Release what children cannot inherit (see fork_safety.py) and say what is left."""
     shutdowns = fork_safety.release_nvml()
     if shutdowns:
-        print(f"forkserver: released NVML (left initialised by preload; {shutdowns} shutdown(s))",
-              file=sys.stderr, flush=True)
+        print(
+            f"forkserver: released NVML (left initialised by preload; {shutdowns} shutdown(s))",
+            file=sys.stderr,
+            flush=True,
+        )
     leftover = fork_safety.device_fds()
     if leftover:
         print(f"forkserver: warning: GPU device fds still open at fork time: {leftover}", file=sys.stderr, flush=True)
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.getppid() != args.die_with_parent:
             return 1  # the parent is already gone
     osutil.set_child_subreaper()
+    orphans = leftovers.orphan_segments()  # left by instances of a launcher that was killed
+    if orphans:
+        print(f"forkserver: removing {len(orphans)} orphaned shared-memory segment(s)", file=sys.stderr, flush=True)
+        leftovers.remove_segments(orphans)
     # Until the loop installs its handlers, SIGTERM simply ends us (nothing forked yet).
     os.makedirs(os.path.dirname(os.path.abspath(args.socket)), mode=0o700, exist_ok=True)
     tmp_root = args.tmp_root or tempfile.mkdtemp(prefix="fs-", dir=os.path.dirname(args.socket))

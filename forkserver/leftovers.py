@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIXES = ("psm_", "sem.mp-")  # SharedMemory segments; multiprocessing semaphores
+ORPHAN_MIN_AGE = 60.0  # seconds: a segment this old and mapped by nobody is an orphan
 
 
 def pids_by_group() -> dict[int, list[int]]:
@@ -53,6 +55,23 @@ def mapped_segments(pids: list[int]) -> set[str]:
         except OSError:
             continue
     return found
+
+
+def orphan_segments(min_age: float = ORPHAN_MIN_AGE) -> set[str]:
+    """vLLM-kind segments of this user that no live process maps (a killed launcher's leftovers)."""
+    candidates = set()
+    now = time.time()
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(SEGMENT_PREFIXES):
+            continue
+        with contextlib.suppress(OSError):
+            info = os.stat(os.path.join(SHM_DIR, name))
+            if info.st_uid == os.getuid() and now - info.st_mtime >= min_age:
+                candidates.add(name)
+    if not candidates:
+        return set()
+    pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    return candidates - mapped_segments(pids)
 
 
 def remove_segments(names: set[str]) -> None:

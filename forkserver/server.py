@@ -311,8 +311,11 @@ class ForkServer:
         extra = fork_safety.extra_threads()
         if extra != self._threads_seen:
             self._threads_seen = extra
-            print(f"forkserver: warning: extra OS threads at fork time: {', '.join(extra) or 'none'}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"forkserver: warning: extra OS threads at fork time: {', '.join(extra) or 'none'}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _op_stop(self, message: dict[str, Any]) -> dict[str, Any]:
         instance = self._lookup(message)

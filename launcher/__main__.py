@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from types import FrameType
 
 import uvicorn
-from starlette.applications import Starlette
 
 from launcher.app import create_app
 from launcher.profiles import ProfileError, load_models_file
@@ -32,32 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
     )
     try:
-        LauncherServer(config, app).run()
+        uvicorn.Server(config).run()
     except KeyboardInterrupt:
         return 130  # uvicorn re-raises Ctrl-C after a clean shutdown: no traceback for that
     return 0
-
-
-class LauncherServer(uvicorn.Server):
-    """uvicorn, ending open watch streams as soon as shutdown begins.
-
-    uvicorn waits for open responses before it runs the lifespan shutdown; a watch stream
-    never ends by itself, so without this a SIGTERM would wait for the graceful timeout.
-    """
-
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
-        super().__init__(config)
-        self._app = app
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        manager = getattr(self._app.state, "manager", None)
-        if manager is not None:
-            try:
-                # A signal handler may run in the middle of the loop's own work: schedule, don't call.
-                asyncio.get_running_loop().call_soon_threadsafe(manager.events.close)
-            except RuntimeError:
-                manager.events.close()  # no loop running: nothing to interrupt
-        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from starlette.routing import Route
 from launcher.auth import BearerTokenMiddleware, expected_header
 from launcher.errors import LauncherError
 from launcher.front_door import FrontDoor
-from launcher.front_door_routes import front_door_routes
+from launcher.front_door_routes import OPENAI_PREFIX, front_door_routes, openai_error
 from launcher.manager import InstanceManager
 from launcher.metrics import metrics_endpoint
 from launcher.profiles import load_models_file
 from launcher.routes import routes
 from launcher.settings import Settings
+from launcher.shutdown_signals import on_shutdown_signals
 
 log = logging.getLogger("launcher")
 
@@ -39,6 +40,9 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
         detail = f"no such endpoint: {request.method} {request.url.path}"
     elif exc.status_code == 405:
         detail = f"method {request.method} is not allowed on {request.url.path}"
+    if request.url.path.startswith(OPENAI_PREFIX):  # OpenAI's SDKs read errors in their own shape
+        return openai_error(exc.status_code, detail, "NotFoundError" if exc.status_code == 404 else "BadRequestError",
+                            "unknown_route", headers=exc.headers)  # fmt: skip
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
@@ -69,7 +73,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         manager.start()
         front_door.start()
         try:
-            yield
+            with on_shutdown_signals(manager.events.close):  # watch streams end as shutdown begins
+                yield
         finally:
             await front_door.shutdown()
             await app.state.proxy_client.aclose()

@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = command("models", cmd_models, "the front door's models: list, add, remove, start, stop")
     models.add_argument("action", nargs="?", choices=["list", "add", "remove", "start", "stop"], help="default: list")
-    models.add_argument("name", nargs="?", metavar="NAME", help="the name clients put in \"model\"")
+    models.add_argument("name", nargs="?", metavar="NAME", help='the name clients put in "model"')
     models.add_argument("options", nargs="*", metavar="OPTIONS", help="for add: vLLM flags (no --port needed)")
     models.add_argument("--alias", action="append", metavar="NAME", help="for add: another name (repeatable)")
     models.add_argument("--env", action="append", type=_key_value, metavar="K=V", help="for add: environment")

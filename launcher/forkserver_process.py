@@ -132,6 +132,10 @@ class ForkserverSupervisor:
     async def _start_once(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
+        # The instances' temp dirs live here. A forkserver that was killed could not remove its
+        # own; its instances died with it, so what is left belongs to nobody.
+        instances_tmp = os.path.join(self.runtime_dir, "instances")
+        await asyncio.to_thread(shutil.rmtree, instances_tmp, True)
         command = [
             self._settings.forkserver_python,
             "-m",
@@ -142,6 +146,8 @@ class ForkserverSupervisor:
             self._settings.forkserver_workload,
             "--die-with-parent",
             str(os.getpid()),
+            "--tmp-root",
+            instances_tmp,
             "--fork-engine" if self._settings.fork_engine else "--no-fork-engine",
             "--in-process-worker" if self._settings.in_process_worker else "--no-in-process-worker",
             "--inspect-models-in-fork" if self._settings.inspect_models_in_fork else "--no-inspect-models-in-fork",
@@ -214,5 +220,3 @@ class ForkserverSupervisor:
         shutil.rmtree(os.path.join(self.runtime_dir, "tmp"), ignore_errors=True)
         if self._own_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -35,6 +35,7 @@ _REQUEST_HEADERS_DROPPED = frozenset(
 _RESPONSE_HEADERS_DROPPED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection", "date", "server"}
 )
+OPENAI_PREFIX = "/v1/"  # the front door's paths: errors here are OpenAI-shaped
 UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics label for names no profile has
 RETRY_AFTER_SECONDS = "5"
 
@@ -45,7 +46,7 @@ def _door(request: Request) -> FrontDoor:
 
 
 def openai_error(status: int, message: str, error_type: str, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+                 headers: Mapping[str, str] | None = None) -> JSONResponse:  # fmt: skip
     """An error in OpenAI's shape, so SDKs raise their usual exceptions with the message."""
     return JSONResponse({"error": {"message": message, "type": error_type, "code": code}}, status, headers=headers)
 

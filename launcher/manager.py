@@ -253,8 +253,7 @@ class InstanceManager:
         live = sum(record.live for record in self._records.values()) + len(self._reserved)
         if limit and live >= limit:
             raise TooManyInstances(
-                f"the launcher already runs {live} instance(s), its limit (max_instances={limit}); "
-                "delete one first",
+                f"the launcher already runs {live} instance(s), its limit (max_instances={limit}); delete one first",
                 headers={"Retry-After": "1"},
             )
 
@@ -415,7 +414,9 @@ class InstanceManager:
         record.revision = self.events.next_revision()
         self.events.publish(event_type, record.to_json())
 
-    def _stopped(self, record: InstanceRecord, *, exit_code: int | None, stopped_at: float | None, reason: str | None) -> None:
+    def _stopped(
+        self, record: InstanceRecord, *, exit_code: int | None, stopped_at: float | None, reason: str | None
+    ) -> None:
         runtime = self._runtime[record.instance_id]
         if not record.mark_stopped(exit_code=exit_code, stopped_at=stopped_at, reason=reason):
             return

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -11,8 +11,47 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-if TYPE_CHECKING:
-    from launcher.manager import InstanceManager
+# What the gauges read, as protocols: this module does not import the manager (which imports it).
+
+
+class _Record(Protocol):
+    @property
+    def status(self) -> _HasValue: ...
+    @property
+    def ready(self) -> bool: ...
+
+
+class _HasValue(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
+class _Forkserver(Protocol):
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def restarts(self) -> int: ...
+
+
+class _Events(Protocol):
+    @property
+    def watchers(self) -> int: ...
+    @property
+    def revision(self) -> int: ...
+
+
+class InstanceSource(Protocol):
+    """What the gauges read at scrape time (the instance manager provides it)."""
+
+    @property
+    def forkserver(self) -> _Forkserver: ...
+    @property
+    def events(self) -> _Events: ...
+    @property
+    def metrics(self) -> LauncherMetrics: ...
+
+    def all(self) -> Sequence[_Record]: ...
+
 
 START_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -20,7 +59,7 @@ START_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 30
 class _StateCollector(Collector):
     """Gauges read from the manager at scrape time, so they can never be out of date."""
 
-    def __init__(self, manager: Callable[[], InstanceManager | None]) -> None:
+    def __init__(self, manager: Callable[[], InstanceSource | None]) -> None:
         self._manager = manager
 
     def collect(self) -> Iterator[Metric]:
@@ -68,10 +107,10 @@ class LauncherMetrics:
             buckets=START_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.log_bytes = Counter("launcher_log_bytes_served", "Log bytes served", registry=self.registry)
-        self._manager: InstanceManager | None = None
+        self._manager: InstanceSource | None = None
         self.registry.register(_StateCollector(lambda: self._manager))
 
-    def attach(self, manager: InstanceManager) -> None:
+    def attach(self, manager: InstanceSource) -> None:
         """Read the instance gauges from ``manager`` from now on."""
         self._manager = manager
 
@@ -93,7 +132,10 @@ class FrontDoorMetrics:
             ["model"], buckets=START_BUCKETS, registry=registry,
         )  # fmt: skip
         self.evictions = Counter(
-            "launcher_front_door_evictions", "Idle instances stopped to make room, by model", ["model"], registry=registry
+            "launcher_front_door_evictions",
+            "Idle instances stopped to make room, by model",
+            ["model"],
+            registry=registry,
         )
         self.idle_stops = Counter(
             "launcher_front_door_idle_stops", "Instances stopped after their idle timeout, by model", ["model"],
@@ -114,5 +156,5 @@ def exit_kind(exit_code: int | None) -> str:
 
 async def metrics_endpoint(request: Request) -> Response:
     """``GET /metrics``: the Prometheus text format."""
-    manager: InstanceManager = request.app.state.manager
+    manager: InstanceSource = request.app.state.manager
     return Response(generate_latest(manager.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -50,7 +50,9 @@ class Settings:
         "", "attach to a forkserver started on its own (python -m forkserver --socket PATH) instead of starting one"
     )
     forkserver_workload: str = _setting("vllm", "what instances run: vllm, standin, or module:attribute")
-    forkserver_preload: str = _setting("", "comma-separated modules the forkserver imports (default: vLLM's serve path)")
+    forkserver_preload: str = _setting(
+        "", "comma-separated modules the forkserver imports (default: vLLM's serve path)"
+    )
     forkserver_python: str = _setting(sys.executable, "Python interpreter that runs the forkserver")
     fork_engine: bool = _setting(True, "on CPU, fork vLLM's EngineCore from the instance instead of spawning it")
     in_process_worker: bool = _setting(True, "on CPU, run a single-process model inside the EngineCore")

@@ -1,8 +1,9 @@
 """Start-up clean-up of what a previous launcher left when it was killed (SIGKILL, OOM, power).
 
 Its forkserver and instances died with it (parent-death signals), but nothing was there to
-remove their runtime directory, log files or shared-memory segments. Only what is provably
-dead is removed: runtime directories whose API process is gone, segments no process maps.
+remove their runtime directory and log files. Only what is provably dead is removed: runtime
+directories whose API process is gone. (Their shared-memory segments are removed by the next
+forkserver, which owns that knowledge.)
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-
-from forkserver import leftovers
 
 log = logging.getLogger("launcher.sweep")
 PID_FILE = "api.pid"
 RUNTIME_PREFIX = "vllm-launcher-"
-SEGMENT_MIN_AGE = 60.0  # seconds: a segment this old and mapped by nobody is an orphan
 
 
 def mark_runtime_dir(runtime_dir: str) -> None:
@@ -55,32 +52,15 @@ def stale_runtime_dirs(parent: str | None = None) -> list[str]:
     return stale
 
 
-def orphan_segments(min_age: float = SEGMENT_MIN_AGE) -> set[str]:
-    """vLLM-kind /dev/shm segments of this user that no live process maps."""
-    candidates = set()
-    now = time.time()
-    for name in os.listdir(leftovers.SHM_DIR):
-        if not name.startswith(leftovers.SEGMENT_PREFIXES):
-            continue
-        with contextlib.suppress(OSError):
-            info = os.stat(os.path.join(leftovers.SHM_DIR, name))
-            if info.st_uid == os.getuid() and now - info.st_mtime >= min_age:
-                candidates.add(name)
-    if not candidates:
-        return set()
-    pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    return candidates - leftovers.mapped_segments(pids)
-
-
 def sweep(log_dir: str) -> None:
-    """Remove stale runtime dirs, orphan segments and the old log files of this log dir."""
+    """Remove stale runtime dirs and the old log files of this log dir.
+
+    Orphaned shared-memory segments are the forkserver's to remove (forkserver/leftovers.py):
+    it does so when it starts.
+    """
     for path in stale_runtime_dirs():
         log.info("removing the runtime directory of a dead launcher: %s", path)
         shutil.rmtree(path, ignore_errors=True)
-    segments = orphan_segments()
-    if segments:
-        log.info("removing %d orphaned shared-memory segment(s)", len(segments))
-        leftovers.remove_segments(segments)
     for path in glob.glob(os.path.join(log_dir, "*.log")):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -39,22 +37,6 @@ def _clean_instances(request: pytest.FixtureRequest) -> Iterator[None]:
             launcher.client.delete("/v2/vllm/instances")
 
 
-# What vLLM, torch and the launcher leave in the temp directory when clean-up fails: ZMQ IPC
-# sockets (UUID names), vllm_dist_* files, torch caches, multiprocessing dirs, launcher dirs.
-# Other files there belong to whoever else uses the machine.
-_LEFTOVER_NAME = re.compile(r"^(vllm|torchinductor|pymp-|lt-|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-)")
-
-
-def _leftover_like(names: set[str]) -> set[str]:
-    def is_socket(name: str) -> bool:
-        try:
-            return stat.S_ISSOCK(os.lstat(os.path.join(tempfile.gettempdir(), name)).st_mode)
-        except FileNotFoundError:
-            return False
-
-    return {name for name in names if _LEFTOVER_NAME.match(name) or is_socket(name)}
-
-
 def _shm_segments() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
 
@@ -67,7 +49,6 @@ def real_vllm_launcher(**env: str) -> Iterator[LauncherProcess]:
     """
     cache = tempfile.mkdtemp(prefix="vllm-cache-")
     shm_before = _shm_segments()
-    tmp_before = set(os.listdir(tempfile.gettempdir()))
     launcher = LauncherProcess(
         workload="vllm",
         env={"VLLM_CACHE_ROOT": cache, **VLLM_ENV, "LAUNCHER_STOP_TIMEOUT": "20", **env},
@@ -81,8 +62,8 @@ def real_vllm_launcher(**env: str) -> Iterator[LauncherProcess]:
         shutil.rmtree(cache, ignore_errors=True)
     assert not leftovers, f"processes outlived the launcher: {leftovers}\n{output[-3000:]}"
     assert _shm_segments() <= shm_before, "shared-memory segments left behind"
-    new_tmp = _leftover_like(set(os.listdir(tempfile.gettempdir())) - tmp_before)
-    assert not new_tmp, f"files left in the temp directory: {new_tmp}"
+    # The launcher's private TMPDIR (ZMQ sockets, vllm_dist_* files, torch caches would land there).
+    assert not launcher.temp_leftovers, f"files left in the temp directory: {launcher.temp_leftovers}"
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ process it started is gone, and removes its directories.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -74,13 +75,26 @@ def wait_instance_healthy(launcher: LauncherProcess, instance_id: str, port: int
 class LauncherProcess:
     """A launcher subprocess with its own log and runtime directories."""
 
-    def __init__(self, *, workload: str = "standin", env: Mapping[str, str] | None = None, ready_timeout: float = 180.0):
+    def __init__(
+        self,
+        *,
+        workload: str = "standin",
+        env: Mapping[str, str] | None = None,
+        ready_timeout: float = 180.0,
+        server: str = "launcher",
+    ):
+        """``server``: ``launcher`` (``python -m launcher``) or ``uvicorn`` (``uvicorn launcher.app:app``)."""
         self.env = dict(env or {})  # what the test set on top of os.environ
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="lt-"))
         self.log_dir = self.workdir / "logs"
         self.runtime_dir = self.workdir / "run"
+        # A private TMPDIR: what the launcher (and anything it starts) leaves in "the" temp
+        # directory is checked here, never in the machine's, which other processes share.
+        self.tmpdir = self.workdir / "tmp"
+        self.tmpdir.mkdir()
+        self.temp_leftovers: list[str] = []  # what was left in tmpdir, as stop() found it
         self.output = (self.workdir / "launcher.out").open("wb")
         child_env = {
             **os.environ,
@@ -89,9 +103,14 @@ class LauncherProcess:
             "LAUNCHER_RUNTIME_DIR": str(self.runtime_dir),
             "LAUNCHER_STOP_TIMEOUT": "5",
             **(env or {}),
+            "TMPDIR": str(self.tmpdir),
         }
+        command = {
+            "launcher": [sys.executable, "-m", "launcher"],
+            "uvicorn": [sys.executable, "-m", "uvicorn", "launcher.app:app"],
+        }[server]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "launcher", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            [*command, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
             cwd=REPO,
             env=child_env,
             stdin=subprocess.DEVNULL,
@@ -161,6 +180,8 @@ class LauncherProcess:
                 pass
         self.client.close()
         self.output.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.temp_leftovers = sorted(os.listdir(self.tmpdir))
         shutil.rmtree(self.workdir, ignore_errors=True)
         return [process.pid for process in alive]
 

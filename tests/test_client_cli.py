@@ -482,7 +482,7 @@ def test_front_door_models_through_the_client(client: LauncherClient, launcher: 
 
 
 def test_launcherctl_models(launcher: LauncherProcess) -> None:
-    added = run_cli(launcher, "models", "add", "chat", "--model", "C", "--alias", "chat2", "--idle-timeout", "0")
+    added = run_cli(launcher, "models", "add", "chat", "--model C", "--alias", "chat2", "--idle-timeout", "0")
     assert added.returncode == 0, added.stderr
     assert added.stdout.strip() == "chat: stopped"
     assert run_cli(launcher, "models", "start", "chat").stdout.strip() == "chat: ready"

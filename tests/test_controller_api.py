@@ -117,8 +117,10 @@ def test_watch_since_older_than_the_window_is_410() -> None:
         assert not launcher.stop()
 
 
-def test_sigterm_with_an_open_watch_shuts_down_promptly() -> None:
-    launcher = LauncherProcess(workload="standin")
+@pytest.mark.parametrize("server", ["launcher", "uvicorn"])
+def test_sigterm_with_an_open_watch_shuts_down_promptly(server: str) -> None:
+    # "uvicorn": plain `uvicorn launcher.app:app` with its default flags (no graceful timeout).
+    launcher = LauncherProcess(workload="standin", server=server)
     reader = WatchReader(launcher)
     try:
         assert launcher.create("lingering", options=_options()).status_code == 201

@@ -74,8 +74,9 @@ def test_profiles_are_managed_at_run_time(tmp_path: Path) -> None:
 
         answer = ask(launcher, "x2")
         assert answer.status_code == 200 and answer.json()["model"] == "x2"
-        state = model_state(launcher, "x")
-        assert state["state"] == "ready" and state["in_flight"] == 0 and state["last_used"] is not None
+        # The request ends for the front door once its last byte is sent: a moment after the client has it.
+        state = wait_until(lambda: (s := model_state(launcher, "x"))["in_flight"] == 0 and s, 10, what="in_flight 0")
+        assert state["state"] == "ready" and state["last_used"] is not None
         [instance] = instances_of(launcher, "x")
         assert instance["instance_id"] == state["instance_id"]
         assert "--served-model-name x x2" in instance["options"]

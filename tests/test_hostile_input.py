@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from pydantic import BaseModel, ValidationError
 
+from forkserver.leftovers import SEGMENT_PREFIXES
 from forkserver.protocol import INSTANCE_ID_PATTERN
 from launcher import schemas
 from tests.launcher_process import LauncherProcess, free_port, wait_until
@@ -175,15 +176,13 @@ class Fuzzer:
     # --- the launcher's files
 
     def tree(self) -> set[str]:
-        """Every path under the launcher's work directory, plus the temp directory's entries."""
+        """Every path under the launcher's work directory (its TMPDIR too), plus its kinds of /dev/shm segments."""
         paths = set()
         root = self.launcher.workdir
         for directory, dirs, files in os.walk(root):
             for name in dirs + files:
                 paths.add(os.path.relpath(os.path.join(directory, name), root))
-        temp = tempfile.gettempdir()
-        paths |= {f"<tmp>/{name}" for name in os.listdir(temp)}
-        paths |= {f"<shm>/{name}" for name in os.listdir("/dev/shm")}
+        paths |= {f"<shm>/{name}" for name in os.listdir("/dev/shm") if name.startswith(SEGMENT_PREFIXES)}
         return paths
 
     def ids(self) -> set[str] | None:
