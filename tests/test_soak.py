@@ -28,6 +28,10 @@ def _entries(path: Path) -> int:
     return sum(len(dirs) + len(files) for _, dirs, files in os.walk(path))
 
 
+def _segments() -> list[str]:
+    return sorted(name for name in os.listdir("/dev/shm") if name.startswith(SEGMENT_PREFIXES))
+
+
 def _sample(launcher: LauncherProcess) -> dict[str, Any]:
     api = psutil.Process(launcher.process.pid)
     forkserver = psutil.Process(launcher.forkserver_pid())
@@ -38,8 +42,7 @@ def _sample(launcher: LauncherProcess) -> dict[str, Any]:
         "forkserver_fds": forkserver.num_fds(),
         "forkserver_threads": forkserver.num_threads(),
         "forkserver_children": len(forkserver.children()),
-        "shm": sorted(name for name in os.listdir("/dev/shm") if name.startswith(SEGMENT_PREFIXES)
-                      and os.stat(f"/dev/shm/{name}").st_uid == os.getuid()),  # fmt: skip
+        "shm": _segments(),
         "runtime_entries": _entries(launcher.runtime_dir),
         "temp_entries": _entries(launcher.tmpdir),
         "log_files": len(list(launcher.log_dir.glob("*.log"))),
