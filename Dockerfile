@@ -22,8 +22,14 @@ COPY forkserver ./forkserver
 # vLLM writes caches under $HOME: give the non-root user one. --non-unique: some base images
 # (Ubuntu 24.04's) already have a uid 1000. USER is numeric so Kubernetes' runAsNonRoot can
 # check it (deploy/kubernetes runs as uid 1000 too).
-RUN python3 -m pip install --no-cache-dir . \
+# `.[fma]` is this project (versions pinned in pyproject.toml), which hadolint reads as a package name.
+# hadolint ignore=DL3013
+RUN python3 -m pip install --no-cache-dir ".[fma]" \
  && useradd --create-home --uid 1000 --non-unique launcher
+# llm-d FMA runs `python3 launcher.py` (and the notifier sidecar `python3
+# /app/launcher_pod_notifier.py`) in /app: both are ours (deploy/fma/app).
+COPY deploy/fma/app/ /app/
+WORKDIR /app
 USER 1000
 ENV HOME=/home/launcher \
     VLLM_CACHE_ROOT=/home/launcher/.cache/vllm \

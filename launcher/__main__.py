@@ -6,6 +6,7 @@ import sys
 
 import uvicorn
 
+from launcher import gpus
 from launcher.app import create_app
 from launcher.profiles import ProfileError, load_models_file
 from launcher.settings import Settings
@@ -14,9 +15,12 @@ from launcher.settings import Settings
 def main(argv: list[str] | None = None) -> int:
     """Parse flags (over ``LAUNCHER_*`` variables) and serve until SIGTERM or Ctrl-C."""
     settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)
-    try:
-        load_models_file(settings.models_file)  # checked before anything starts: one clear line
-    except ProfileError as exc:
+    try:  # checked before anything starts: one clear line each
+        load_models_file(settings.models_file)
+        if settings.mock_gpus and settings.gpu_map:
+            gpus.configured_gpus(mock=True, count=settings.mock_gpu_count, gpu_map=settings.gpu_map,
+                                 node_name=settings.node_name)  # fmt: skip
+    except (ProfileError, gpus.GpuMapError) as exc:
         print(f"launcher: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)

@@ -86,7 +86,9 @@ class InstanceManager:
         self.log_dir = settings.resolved_log_dir()
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
         self.events = EventLog(window=settings.watch_window)
-        self.gpus = gpus.mock_gpus(settings.mock_gpu_count) if settings.mock_gpus else gpus.nvml_gpus()
+        self.gpus = gpus.configured_gpus(
+            mock=settings.mock_gpus, count=settings.mock_gpu_count, gpu_map=settings.gpu_map, node_name=settings.node_name
+        )
         self._records: dict[str, InstanceRecord] = {}
         self._runtime: dict[str, _Runtime] = {}
         self._reserved: dict[str, _Reservation] = {}
@@ -399,7 +401,8 @@ class InstanceManager:
             self._publish(events.DELETED, record)
             self.metrics.deletes.inc()
             log.info("deleted instance %s", instance_id)
-            return {"status": "terminated", "instance_id": instance_id}
+            # The seed's fields, then the instance's configuration and revision, as FMA's launcher answers.
+            return {"status": "terminated", "instance_id": instance_id, **record.config.echo(), "revision": record.revision}
         finally:
             self._deleting.pop(instance_id, None)
 

@@ -85,13 +85,20 @@ def load_json_object(body: bytes, what: str = "a JSON object with at least 'opti
     return data
 
 
-def parse_config(body: bytes) -> VllmConfig:
-    """Parse and validate a create body; 400 for bad JSON, 422 for a wrong shape."""
+def parse_config(body: bytes, *, strict: bool = True) -> tuple[VllmConfig, list[str]]:
+    """Parse and validate a create body; 400 for bad JSON, 422 for a wrong shape.
+
+    Unknown top-level fields are a 422 when ``strict``; otherwise they are dropped and returned
+    (sorted), so that a client newer than this launcher (FMA's controller adding a field) still
+    creates instances.
+    """
     data = load_json_object(body)
+    ignored = [] if strict else sorted(key for key in data if key not in VllmConfig.model_fields)
     try:
-        return VllmConfig.model_validate(data)
+        config = VllmConfig.model_validate({key: value for key, value in data.items() if key not in ignored})
     except ValidationError as exc:
         raise Unprocessable(_describe(exc)) from None
+    return config, ignored
 
 
 RESERVED_IDS = frozenset({"watch"})  # path words under /v2/vllm/instances/

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
 from typing import Any
 
@@ -17,6 +19,8 @@ from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
 from launcher.models import check_instance_id, load_json_object, parse_config
 from launcher.state import Status
+
+log = logging.getLogger("launcher.routes")
 
 ENDPOINTS = {
     "index": "GET /",
@@ -86,21 +90,31 @@ async def _create(request: Request, instance_id: str | None) -> JSONResponse:
     try:
         if instance_id is not None:
             check_instance_id(instance_id)
-        config = parse_config(await _read_body(request))
+        config, ignored = parse_config(await _read_body(request), strict=request.app.state.settings.strict_fields)
     except LauncherError:
         manager.metrics.create_failures.labels(reason="invalid").inc()
         raise
     record = await manager.create(config, instance_id, received_at=received_at)
-    return JSONResponse(
-        {
-            "status": "started",
-            "instance_id": record.instance_id,
-            "pid": record.pid,
-            "port": record.port,
-            "model": record.model,
-        },
-        status_code=201,
-    )
+    body = {
+        "status": "started",
+        "instance_id": record.instance_id,
+        "pid": record.pid,
+        "port": record.port,
+        "model": record.model,
+        **record.config.echo(),  # options, gpu_uuids, env_vars, annotations (those given), as FMA's launcher
+        "revision": record.revision,
+    }
+    headers = {}
+    if ignored:
+        headers["Warning"] = _ignored_fields_warning(ignored)
+        log.warning("create %s: ignored unknown field(s) %s", record.instance_id, ", ".join(ignored)[:500])
+    return JSONResponse(body, status_code=201, headers=headers)
+
+
+def _ignored_fields_warning(ignored: list[str]) -> str:
+    """An RFC 7234 ``Warning: 299`` value naming the fields that were ignored."""
+    names = re.sub(r'[^\x20-\x7e]|["\\]', "?", ", ".join(ignored)[:500])  # printable, no quote-breaking
+    return f'299 - "unknown fields ignored: {names}"'
 
 
 async def create_instance(request: Request) -> JSONResponse:
@@ -169,12 +183,12 @@ async def get_instance_log(request: Request) -> Response:
         return Response(b"", status_code=416, headers=exc.headers)  # empty body, as RFC 9110 has it
     _manager(request).metrics.log_bytes.inc(len(piece.data))
     if byte_range is None:
-        return Response(piece.data, media_type="application/octet-stream")
+        return Response(piece.data, media_type="application/octet-stream", headers={"Accept-Ranges": "bytes"})
     return Response(
         piece.data,
         status_code=206,
         media_type="application/octet-stream",
-        headers={"Content-Range": piece.content_range},
+        headers={"Content-Range": piece.content_range, "Accept-Ranges": "bytes"},
     )
 
 

@@ -36,6 +36,11 @@ class CreateResponse(_Strict):
     pid: int = Field(description="the instance's main process")
     port: int = Field(description="the port the instance serves on")
     model: str = Field(description="the model the instance serves")
+    options: str = Field(description="echo of the request's options")
+    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
+    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
+    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
+    revision: int = Field(description="the event revision of the instance's creation")
 
 
 class InstanceState(_Strict):
@@ -92,6 +97,11 @@ class DeleteResponse(_Strict):
 
     status: Literal["terminated"]
     instance_id: str
+    options: str = Field(description="the instance's options")
+    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("its env_vars, when it had them")
+    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("its gpu_uuids, when it had them")
+    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("its annotations, when it had them")
+    revision: int = Field(description="the event revision of the deletion")
 
 
 class DeleteAllResponse(_Strict):

@@ -45,6 +45,10 @@ class Settings:
     max_instances: int = _setting(32, "most live (running or starting) instances at once; 429 beyond (0: no limit)")
     mock_gpus: bool = _setting(False, "pretend this node has GPUs GPU-0 ... GPU-<N-1> (no NVML needed)")
     mock_gpu_count: int = _setting(8, "how many mock GPUs --mock-gpus shows")
+    gpu_map: str = _setting(
+        "", "with --mock-gpus: a GPU map like FMA's gpu-map ConfigMap (file, or the ConfigMap mounted as a directory)"
+    )
+    node_name: str = _setting("", "this node's entry in --gpu-map (default: $NODE_NAME)")
     watch_window: int = _setting(1000, "events kept for watch?since=N (410 for older revisions)")
     forkserver_socket: str = _setting(
         "", "attach to a forkserver started on its own (python -m forkserver --socket PATH) instead of starting one"
@@ -63,6 +67,7 @@ class Settings:
     api_token: str = _setting("", "bearer token every endpoint but /health requires (empty: no token)")
     api_token_file: str = _setting("", "file holding the bearer token (beats --api-token)")
     max_body_bytes: int = _setting(65536, "largest accepted request body, in bytes (413 above)")
+    strict_fields: bool = _setting(False, "refuse create bodies with unknown fields (422) instead of ignoring them")
     models_file: str = _setting("", "YAML file of model profiles for the OpenAI-compatible front door (/v1)")
     queue_timeout: float = _setting(60.0, "seconds a front-door start waits for room before a 503")
     queue_max: int = _setting(256, "most front-door starts waiting for room at once (503 beyond)")

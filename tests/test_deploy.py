@@ -340,7 +340,7 @@ def test_dockerignore_keeps_the_copied_files() -> None:
 
 def test_dockerfile_installs_the_declared_dependencies() -> None:
     """A hand-kept list beside `--no-deps` lost nvidia-ml-py once: install from pyproject."""
-    installs = [item for item in _of("RUN") if re.search(r"pip install[^&;]*\s\.(\s|$)", item.args)]
+    installs = [item for item in _of("RUN") if re.search(r"pip install[^&;]*\s\"?\.(\[[\w,]+\])?\"?(\s|$)", item.args)]
     assert installs, "the Dockerfile does not `pip install .`"
     text = " ".join(item.args for item in _of("RUN"))
     if "--no-deps" in text:
@@ -405,3 +405,51 @@ def test_hadolint() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- deploy/fma: the LauncherConfig example for llm-d FMA ---------------------------------------
+
+FMA_DIR = REPO / "deploy" / "fma"
+
+
+def _fma_documents() -> list[dict[str, Any]]:
+    return [doc for path in sorted(FMA_DIR.glob("*.yaml")) for doc in _documents(path)]
+
+
+def test_fma_example_is_valid_kubernetes() -> None:
+    """The RBAC objects as they are; the LauncherConfig's podTemplate as the Pod it becomes."""
+    problems = []
+    for doc in _fma_documents():
+        if doc["kind"] == "LauncherConfig":
+            # FMA's CRD (api/fma/v1alpha1/launcherconfig_types.go): spec.maxInstances (>= 1), spec.podTemplate.
+            assert doc["apiVersion"] == "fma.llm-d.ai/v1alpha1"
+            assert set(doc["spec"]) == {"maxInstances", "podTemplate"} and doc["spec"]["maxInstances"] >= 1
+            template = doc["spec"]["podTemplate"]
+            doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "launcher", **template["metadata"]},
+                   "spec": template["spec"]}  # fmt: skip
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"{doc['kind']}: {'.'.join(map(str, exc.path))}: {exc.message}")
+    assert not problems, "\n".join(problems)
+
+
+def test_fma_pods_run_the_image_as_upstreams_do() -> None:
+    (config,) = [doc for doc in _fma_documents() if doc["kind"] == "LauncherConfig"]
+    (container,) = config["spec"]["podTemplate"]["spec"]["containers"]
+    assert container["name"] == "inference-server"
+    script = " ".join(container["command"] + container["args"])
+    assert "python3 launcher.py" in script and "--port 8001" in script
+    assert (REPO / "deploy" / "fma" / "app" / "launcher.py").exists()
+    workdirs = [item.args for item in _of("WORKDIR")]
+    assert workdirs[-1] == "/app", "FMA runs `python3 launcher.py` in the image's working directory"
+    copies = [item.args for item in _of("COPY")]
+    assert "deploy/fma/app/ /app/" in copies
+    env = {item["name"] for item in container["env"]}
+    assert {"NODE_NAME", "NAMESPACE"} <= env  # the gpu-map key and namespace
+
+
+def test_fma_service_account_may_read_the_gpu_map_and_patch_its_pod() -> None:
+    (role,) = [doc for doc in _fma_documents() if doc["kind"] == "Role"]
+    rules = {tuple(rule["resources"]): set(rule["verbs"]) for rule in role["rules"]}
+    assert {"get"} <= rules[("configmaps",)] and {"patch", "get"} <= rules[("pods",)]
