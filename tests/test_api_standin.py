@@ -80,7 +80,7 @@ def test_create_get_list_delete_round_trip(standin: LauncherProcess) -> None:
 
     deleted = standin.client.delete(f"/v2/vllm/instances/{instance_id}")
     assert deleted.status_code == 200
-    assert deleted.json() == {"status": "terminated", "instance_id": instance_id}
+    assert deleted.json()["status"] == "terminated" and deleted.json()["instance_id"] == instance_id
     assert not process_alive(state["pid"])
     assert standin.client.get(f"/v2/vllm/instances/{instance_id}").status_code == 404
     assert not (standin.log_dir / f"{instance_id}.log").exists()

@@ -159,7 +159,8 @@ def test_create_get_list_delete(client: LauncherClient) -> None:
     assert {item["instance_id"] for item in listed["instances"]} == {"named", generated["instance_id"]}
     assert sorted(client.list(detail=False)["instance_ids"]) == sorted(["named", generated["instance_id"]])
 
-    assert client.delete("named") == {"status": "terminated", "instance_id": "named"}
+    deleted = client.delete("named")
+    assert deleted["status"] == "terminated" and deleted["instance_id"] == "named"
     with pytest.raises(NotFoundError):
         client.get("named")
     answer = client.delete_all()

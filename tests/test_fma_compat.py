@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -171,8 +171,8 @@ def test_a_bad_gpu_map_stops_the_start_naming_the_node(tmp_path: Path) -> None:
 
 
 class _FakeKubernetes(BaseHTTPRequestHandler):
-    patches: list[dict[str, Any]] = []
-    config_map: dict[str, str] = GPU_MAP
+    patches: ClassVar[list[dict[str, Any]]] = []
+    config_map: ClassVar[dict[str, str]] = GPU_MAP
 
     def do_GET(self) -> None:
         if self.path.startswith("/api/v1/namespaces/fma/configmaps/gpu-map"):
