@@ -28,7 +28,16 @@ def _sometimes(description: str) -> Any:
     return Field(default=None, description=description, json_schema_extra=_drop_default)
 
 
-class CreateResponse(_Strict):
+class _Configured(_Strict):
+    """The configuration fields an answer echoes: ``options`` always, the others when given."""
+
+    options: str = Field(description="the options (vLLM flags) as given")
+    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("as given, when given")
+    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("as given, when given")
+    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("as given, when given")
+
+
+class CreateResponse(_Configured):
     """``201`` answer of ``POST /v2/vllm/instances`` and ``PUT /v2/vllm/instances/{id}``."""
 
     status: Literal["started"]
@@ -36,24 +45,16 @@ class CreateResponse(_Strict):
     pid: int = Field(description="the instance's main process")
     port: int = Field(description="the port the instance serves on")
     model: str = Field(description="the model the instance serves")
-    options: str = Field(description="echo of the request's options")
-    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
-    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
-    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
     revision: int = Field(description="the event revision of the instance's creation")
 
 
-class InstanceState(_Strict):
+class InstanceState(_Configured):
     """One instance's state: ``GET /v2/vllm/instances/{id}`` and each item of the detailed list."""
 
     status: Literal["running", "stopped"] = Field(
         description="'stopped' once the instance's process ended by itself or was killed"
     )
     instance_id: str
-    options: str = Field(description="echo of the request's options")
-    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
-    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
-    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("echo of the request, when given")
     pid: int = Field(description="the instance's main process")
     port: int = Field(description="the port the instance serves on")
     model: str = Field(description="the model the instance serves")
@@ -92,15 +93,11 @@ class InstanceIdList(_Strict):
     revision: int = Field(description="the current event revision: watch with since=<revision> from here")
 
 
-class DeleteResponse(_Strict):
+class DeleteResponse(_Configured):
     """``DELETE /v2/vllm/instances/{id}``: sent once no process of the instance is left."""
 
     status: Literal["terminated"]
     instance_id: str
-    options: str = Field(description="the instance's options")
-    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("its env_vars, when it had them")
-    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("its gpu_uuids, when it had them")
-    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("its annotations, when it had them")
     revision: int = Field(description="the event revision of the deletion")
 
 
@@ -165,14 +162,10 @@ class ErrorResponse(_Strict):
     detail: str = Field(description="what is wrong")
 
 
-class ModelState(_Strict):
+class ModelState(_Configured):
     """A front-door model profile and its state (``/v2/vllm/models``)."""
 
     name: str
-    options: str = Field(description="vLLM flags; the front door adds --port and --served-model-name")
-    env_vars: dict[str, str] | SkipJsonSchema[None] = _sometimes("when given")
-    gpu_uuids: list[str] | SkipJsonSchema[None] = _sometimes("when given")
-    annotations: dict[str, str] | SkipJsonSchema[None] = _sometimes("when given")
     idle_timeout: float = Field(description="seconds without a request before its instance stops (0: never)")
     aliases: list[str]
     preload: bool
