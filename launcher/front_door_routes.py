@@ -18,6 +18,7 @@ import httpx
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -38,6 +39,21 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
 OPENAI_PREFIX = "/v1/"  # the front door's paths: errors here are OpenAI-shaped
 UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics label for names no profile has
 RETRY_AFTER_SECONDS = "5"
+
+
+class _AnyPath(Convertor[str]):
+    """Like ``path``, newlines too: any name reaches the handler, which says what is wrong with it."""
+
+    regex = "[\\s\\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", _AnyPath())
 
 
 def _door(request: Request) -> FrontDoor:
@@ -254,12 +270,12 @@ def front_door_routes() -> list[Route]:
     """The front door's routes, for the app."""
     return [
         Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        Route("/v1/{path:path}", proxy, methods=["POST"]),
+        Route("/v1/models/{model:anypath}", get_model, methods=["GET"]),
+        Route("/v1/{path:anypath}", proxy, methods=["POST"]),
         Route("/v2/vllm/models", list_profiles, methods=["GET"]),
-        Route("/v2/vllm/models/{name:path}/start", start_profile, methods=["POST"]),
-        Route("/v2/vllm/models/{name:path}/stop", stop_profile, methods=["POST"]),
-        Route("/v2/vllm/models/{name:path}", get_profile, methods=["GET"]),
-        Route("/v2/vllm/models/{name:path}", put_profile, methods=["PUT"]),
-        Route("/v2/vllm/models/{name:path}", delete_profile, methods=["DELETE"]),
+        Route("/v2/vllm/models/{name:anypath}/start", start_profile, methods=["POST"]),
+        Route("/v2/vllm/models/{name:anypath}/stop", stop_profile, methods=["POST"]),
+        Route("/v2/vllm/models/{name:anypath}", get_profile, methods=["GET"]),
+        Route("/v2/vllm/models/{name:anypath}", put_profile, methods=["PUT"]),
+        Route("/v2/vllm/models/{name:anypath}", delete_profile, methods=["DELETE"]),
     ]

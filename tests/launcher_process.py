@@ -82,6 +82,7 @@ class LauncherProcess:
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 180.0,
         server: str = "launcher",
+        tmpdir: Path | None = None,
     ):
         """``server``: ``launcher`` (``python -m launcher``) or ``uvicorn`` (``uvicorn launcher.app:app``)."""
         self.env = dict(env or {})  # what the test set on top of os.environ
@@ -92,8 +93,8 @@ class LauncherProcess:
         self.runtime_dir = self.workdir / "run"
         # A private TMPDIR: what the launcher (and anything it starts) leaves in "the" temp
         # directory is checked here, never in the machine's, which other processes share.
-        self.tmpdir = self.workdir / "tmp"
-        self.tmpdir.mkdir()
+        self.tmpdir = tmpdir or self.workdir / "tmp"  # a test may hand in one it prepared
+        self.tmpdir.mkdir(exist_ok=True)
         self.temp_leftovers: list[str] = []  # what was left in tmpdir, as stop() found it
         self.output = (self.workdir / "launcher.out").open("wb")
         child_env = {

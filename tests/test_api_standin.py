@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import concurrent.futures
 import os
 import re
@@ -240,7 +241,11 @@ def test_instance_inherits_no_launcher_fds(standin: LauncherProcess) -> None:
     _wait_serving(standin.state("fds")["port"])
 
     def fd_targets(process_id: int) -> dict[int, str]:
-        return {int(fd): os.readlink(f"/proc/{process_id}/fd/{fd}") for fd in os.listdir(f"/proc/{process_id}/fd")}
+        targets = {}
+        for fd in os.listdir(f"/proc/{process_id}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # a probe's socket, closed meanwhile
+                targets[int(fd)] = os.readlink(f"/proc/{process_id}/fd/{fd}")
+        return targets
 
     fds = fd_targets(pid)
     assert fds[0] == "/dev/null"

@@ -173,8 +173,10 @@ def test_the_forkserver_survives_clients_that_misbehave(standin: LauncherProcess
     assert standin.client.get("/health").status_code == 200
 
 
-def test_start_up_sweeps_what_a_killed_launcher_left() -> None:
-    stale = Path(tempfile.mkdtemp(prefix="vllm-launcher-"))
+def test_start_up_sweeps_what_a_killed_launcher_left(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"  # the launcher's TMPDIR, where launchers keep their runtime dirs
+    temp.mkdir()
+    stale = Path(tempfile.mkdtemp(prefix="vllm-launcher-", dir=temp))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (stale / "api.pid").write_text(str(dead.pid))
@@ -184,7 +186,7 @@ def test_start_up_sweeps_what_a_killed_launcher_left() -> None:
     in_use = shared_memory.SharedMemory(create=True, size=16)  # mapped by this process
     for path in (orphan, Path("/dev/shm") / in_use.name):
         os.utime(path, (time.time() - 3600, time.time() - 3600))
-    launcher = LauncherProcess(workload="standin")
+    launcher = LauncherProcess(workload="standin", tmpdir=temp)
     try:
         assert not stale.exists()
         assert not orphan.exists()

@@ -60,8 +60,11 @@ def _cycle(launcher: LauncherProcess, number: int) -> None:
 def _restart_forkserver(launcher: LauncherProcess) -> None:
     old = launcher.forkserver_pid()
     os.kill(old, signal.SIGKILL)
-    wait_until(lambda: launcher.client.get("/health").status_code == 200 and launcher.forkserver_pid() != old,
-               60, 0.1, "a new forkserver")  # fmt: skip
+    def replaced() -> bool:
+        children = psutil.Process(launcher.process.pid).children()  # none while it is replaced
+        return launcher.client.get("/health").status_code == 200 and [c.pid for c in children] not in ([], [old])
+
+    wait_until(replaced, 60, 0.1, "a new forkserver")
 
 
 def test_hundreds_of_cycles_and_restarts_leave_counts_flat() -> None:
