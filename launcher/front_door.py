@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher import room
-from launcher.errors import LauncherError, NotFound
+from launcher.errors import NotFound
 from launcher.manager import InstanceManager
 from launcher.metrics import FrontDoorMetrics
 from launcher.profiles import ModelProfile, ModelsFile, ProfileError, check_name
@@ -63,6 +63,7 @@ class ModelState:
     last_used: float | None = None  # wall clock of the last request's end (or start)
     last_error: str | None = None
     retire: bool = False  # replaced or deleted: stop the instance once no request is in flight
+    running_profile: ModelProfile | None = None  # the profile its instance was started with
     start_task: asyncio.Task[None] | None = field(default=None, repr=False)
     stop_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -114,6 +115,7 @@ class FrontDoor:
         for name, profile in models.models.items():
             self._add(name, profile)
         self._claims: set[str] = set()  # models past the room check whose instance is not created yet
+        self._removed: list[ModelState] = []  # deleted profiles whose instance is still stopping
         self._queued = 0
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -186,8 +188,12 @@ class FrontDoor:
             self._labels.pop(label, None)
         for label in [name, *profile.aliases]:
             self._labels[label] = name
-        if profile != state.profile and state.phase in (Phase.STARTING, Phase.READY):
-            state.retire = True
+        running = state.running_profile or state.profile
+        if profile.instance_config(name) != running.instance_config(name) and state.phase in (
+            Phase.STARTING,
+            Phase.READY,
+        ):
+            state.retire = True  # the instance would differ: replace it once idle
         state.profile = profile
         self._notify()
         return state, False
@@ -199,7 +205,11 @@ class FrontDoor:
             raise NotFound(f"model {name!r} not found")
         for label in [name, *state.profile.aliases]:
             self._labels.pop(label, None)
-        await self.stop_model(state, reason="deleted")
+        self._removed.append(state)  # its GPUs and slot stay taken until the instance is gone
+        try:
+            await self.stop_model(state, reason="deleted")
+        finally:
+            self._removed.remove(state)
 
     async def start_model(self, state: ModelState) -> None:
         """Start the model now (as a first request would) and wait until it is ready."""
@@ -212,18 +222,20 @@ class FrontDoor:
         """
         state.retire = True
         self._notify()
+        stop: asyncio.Task[None] | None = None
         try:
-            while True:
+            while stop is None:
                 if state.phase is Phase.STARTING and state.start_task is not None:
                     await asyncio.wait({state.start_task})
                 elif state.phase is Phase.STOPPING and state.stop_task is not None:
-                    await asyncio.wait({state.stop_task})
+                    stop = state.stop_task
                 elif state.phase is Phase.READY and state.in_flight == 0:
-                    self._begin_stop(state, reason)
+                    stop = self._begin_stop(state, reason)
                 elif state.phase is Phase.READY:
                     await self._wait_change(REAP_INTERVAL)
                 else:
                     return
+            await asyncio.wait({stop})  # done: a request that came meanwhile may start it again
         finally:
             state.retire = False
 
@@ -259,6 +271,7 @@ class FrontDoor:
                 continue
             state.phase = Phase.STARTING
             state.last_error = None
+            state.retire = False  # whatever was retired is gone: this start uses the current profile
             state.start_task = self._spawn(self._start(state), f"start-{state.name}")
 
     def release(self, lease: Lease) -> None:
@@ -280,6 +293,7 @@ class FrontDoor:
         """The ready instance died or was deleted by someone else: forget it, remove what is left."""
         instance_id = state.instance_id
         state.instance_id = None
+        state.running_profile = None
         state.phase = Phase.STOPPED
         if instance_id is None:
             return
@@ -297,12 +311,14 @@ class FrontDoor:
         """Make room, create the instance, wait until it is healthy. Sets the phase at the end."""
         started = time.monotonic()
         instance_id: str | None = None
+        profile = state.profile  # one profile for the whole start: room is made for what is created
         try:
-            await self._make_room(state, started + self._settings.queue_timeout)
+            await self._make_room(state, profile, started + self._settings.queue_timeout)
             try:
-                record = await self._create(state)
+                record = await self._create(state, profile)
             finally:
                 self._claims.discard(state.name)
+            state.running_profile = profile
             instance_id = state.instance_id = record.instance_id
             record = await self._manager.wait_settled(instance_id)
             if not record.ready:
@@ -316,15 +332,16 @@ class FrontDoor:
             self.metrics.starts.labels(model=state.name, outcome="no_room").inc()
             self._notify()
             raise
-        except (StartFailed, LauncherError, asyncio.CancelledError) as exc:
-            if instance_id is not None:
-                await asyncio.shield(self._delete_instance(instance_id))  # nothing is left behind
+        except BaseException as exc:
             message = str(exc) if isinstance(exc, StartFailed) else f"model {state.name!r} could not be started: {exc}"
             state.phase, state.last_error, state.instance_id = Phase.FAILED, message, None
+            state.running_profile = None
             self.metrics.starts.labels(model=state.name, outcome="failed").inc()
             self._notify()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            if instance_id is not None:
+                await asyncio.shield(self._delete_instance(instance_id))  # nothing is left behind
+            if not isinstance(exc, Exception):
+                raise  # cancelled (shutdown)
             log.warning("%s", message)
             raise StartFailed(message) from None
         seconds = time.monotonic() - started
@@ -335,13 +352,14 @@ class FrontDoor:
         log.info("model %s ready on instance %s in %.2fs", state.name, instance_id, seconds)
         self._notify()
 
-    async def _create(self, state: ModelState) -> InstanceRecord:
-        config = state.profile.instance_config(state.name)
+    async def _create(self, state: ModelState, profile: ModelProfile) -> InstanceRecord:
+        config = profile.instance_config(state.name)
+        # From here the manager's own reservation holds the slot (taken before its first await).
+        self._claims.discard(state.name)
         return await self._manager.create(config, _instance_id_for(state.name), received_at=time.time())
 
-    async def _make_room(self, state: ModelState, deadline: float) -> None:
-        """Wait until ``state`` fits (evicting idle front-door instances), then claim its slot."""
-        profile = state.profile
+    async def _make_room(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
+        """Wait until ``profile`` fits (evicting idle front-door instances), then claim its slot."""
         wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu)
         queued = False
         try:
@@ -376,18 +394,25 @@ class FrontDoor:
 
     def _holders(self, exclude: str) -> list[room.Holder]:
         holders = []
-        for state in self._states.values():
-            if state.name == exclude:
+        for state in [*self._states.values(), *self._removed]:
+            if state.name == exclude and self._states.get(exclude) is state:
                 continue
             holds = state.phase in (Phase.STARTING, Phase.READY, Phase.STOPPING) or state.name in self._claims
             if not holds:
                 continue
-            evictable = state.phase is Phase.READY and state.in_flight == 0 and state.name not in self._claims
+            evictable = (
+                state.phase is Phase.READY
+                and state.in_flight == 0
+                and state.name not in self._claims
+                and state not in self._removed
+                and self._live_record(state) is not None  # a dead one frees no slot: the reaper removes it
+            )
+            running = state.running_profile or state.profile
             holders.append(
                 room.Holder(
                     name=state.name,
-                    gpu_uuids=frozenset(state.profile.gpu_uuids or []),
-                    share_gpu=state.profile.share_gpu,
+                    gpu_uuids=frozenset(running.gpu_uuids or []),
+                    share_gpu=running.share_gpu,
                     last_used=state.last_used or 0.0,
                     evictable=evictable,
                 )
@@ -422,13 +447,18 @@ class FrontDoor:
             log.info("model %s: instance %s stopped (%s)", state.name, instance_id, reason)
         finally:
             state.instance_id = None
+            state.running_profile = None
             state.phase = Phase.STOPPED
             state.retire = False
             self._notify()
 
     async def _delete_instance(self, instance_id: str) -> None:
-        with contextlib.suppress(NotFound):
+        try:
             await self._manager.delete(instance_id)
+        except NotFound:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the forkserver may be gone; its instances are gone with it
+            log.warning("could not delete instance %s: %s", instance_id, exc)
 
     async def _reap_forever(self) -> None:
         while True:

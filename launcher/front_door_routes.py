@@ -136,8 +136,10 @@ class _UpstreamResponse(StreamingResponse):
             # vLLM abort the request (it stops generating).
             await super().__call__(scope, receive, send)
         finally:
-            await self._upstream.aclose()
-            self._door.release(self._lease)
+            try:
+                await self._upstream.aclose()
+            finally:
+                self._door.release(self._lease)
 
 
 def _forwarded_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -180,15 +182,20 @@ async def _send_upstream(
     request: Request, door: FrontDoor, lease: Lease, body: bytes
 ) -> StreamingResponse | JSONResponse:
     record = lease.record
-    url = f"http://{readiness.probe_host(record.host)}:{record.port}{request.url.path}"
+    # The path as the client sent it (still percent-encoded), not as Starlette decoded it.
+    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    url = f"http://{readiness.probe_host(record.host)}:{record.port}{raw_path.decode('latin-1')}"
     if request.url.query:
         url += "?" + request.url.query
     client: httpx.AsyncClient = request.app.state.proxy_client
-    upstream_request = client.build_request(
-        request.method, url, content=body, headers=_forwarded_headers(request.headers.raw)
-    )
     try:
+        upstream_request = client.build_request(
+            request.method, url, content=body, headers=_forwarded_headers(request.headers.raw)
+        )
         upstream = await client.send(upstream_request, stream=True)
+    except httpx.InvalidURL as exc:
+        door.release(lease)
+        return openai_error(400, f"The request path cannot be passed on: {exc}", "BadRequestError", "invalid_path")
     except httpx.HTTPError as exc:
         door.release(lease)
         return openai_error(502, f"The model's instance {record.instance_id} did not answer: {exc}",

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from launcher.models import VllmConfig
 
@@ -46,6 +55,15 @@ class ModelProfile(BaseModel):
         for alias in aliases:
             check_name(alias)
         return aliases
+
+    @model_validator(mode="after")
+    def _makes_a_valid_instance(self) -> ModelProfile:
+        # What the instance API would refuse (environment names, NULs, ...) is refused here already.
+        try:
+            self.instance_config("profile")
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        return self
 
     def instance_config(self, name: str) -> VllmConfig:
         """The instance to create: the options (plus the names clients use), env, GPUs, annotations."""

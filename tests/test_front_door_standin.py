@@ -247,3 +247,20 @@ def test_a_client_that_hangs_up_mid_stream_frees_the_model(tmp_path: Path) -> No
         # The connection is closed: the request is over for the front door, long before 20 s.
         wait_until(lambda: model_state(launcher, "m")["in_flight"] == 0, 10, what="the request to end")
         wait_until(lambda: model_state(launcher, "m")["state"] == "stopped", 10, what="the idle stop")
+
+
+def test_the_path_is_passed_on_as_sent_and_the_model_is_freed(tmp_path: Path) -> None:
+    with front_door(tmp_path, 'models:\n  m: {options: "--model M"}\n') as launcher:
+        # Percent-encoded as the client sent it (decoded, the byte 0x01 would be no valid URL).
+        answer = launcher.client.post("/v1/x%01?q=1", json={"model": "m"})
+        assert answer.status_code == 200 and answer.json()["path"] == "/v1/x%01?q=1"
+        wait_until(lambda: model_state(launcher, "m")["in_flight"] == 0, 10, what="the request to end")
+        stopped = launcher.client.post("/v2/vllm/models/m/stop", timeout=30)  # would wait forever if still held
+        assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
+
+
+def test_a_profile_the_instance_api_would_refuse_is_refused_at_once(tmp_path: Path) -> None:
+    with front_door(tmp_path, "models: {}\n") as launcher:
+        answer = launcher.client.put("/v2/vllm/models/bad-env", json={"options": "--model M", "env_vars": {"A=B": "1"}})
+        assert answer.status_code == 422 and "environment variable name" in answer.json()["detail"]
+        assert launcher.client.get("/v2/vllm/models/bad-env").status_code == 404

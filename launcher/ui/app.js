@@ -8,6 +8,7 @@ const $ = (selector) => document.querySelector(selector);
 const instances = new Map(); // id -> state, from the watch stream
 const starts = new Map(); // id -> start_seconds of the last 20 instances that became ready
 let following = null; // the instance whose log the detail page follows
+let followGeneration = 0; // one log loop at a time, however the page is navigated
 const deleted = new Set(); // ids the watch stream reported deleted: their logs are gone
 
 // ------------------------------------------------------------------ API with the bearer token
@@ -42,6 +43,7 @@ function askForToken() {
     tokenPrompt = new Promise((resolve) => {
       const dialog = $("#token-dialog");
       const form = $("#token-form");
+      dialog.oncancel = (event) => event.preventDefault(); // Escape would leave every request waiting
       form.onsubmit = async (event) => {
         event.preventDefault();
         const token = form.token.value.trim();
@@ -273,15 +275,17 @@ function renderState(state) {
 async function followLog(id) {
   // Asks from one byte before the end it has: the range always exists (206, never a 416 for
   // "nothing new"), and the repeated byte is dropped.
+  const generation = ++followGeneration;
   const log = $("#log");
   log.textContent = "";
   const decoder = new TextDecoder();
   let offset = 0;
-  while (following === id && !deleted.has(id)) {
+  while (generation === followGeneration && following === id && !deleted.has(id)) {
     const headers = offset > 0 ? { Range: `bytes=${offset - 1}-` } : {};
     const response = await api(`/v2/vllm/instances/${encodeURIComponent(id)}/log`, { headers });
-    if (following !== id) return;
-    if (!response.ok) { renderState(null); return; } // deleted meanwhile
+    if (generation !== followGeneration || following !== id) return;
+    if (response.status === 404) { renderState(null); return; } // deleted meanwhile
+    if (!response.ok) { await new Promise((resolve) => setTimeout(resolve, 1000)); continue; }
     const bytes = new Uint8Array(await response.arrayBuffer()).subarray(offset > 0 ? 1 : 0);
     if (bytes.length) {
       offset += bytes.length;
