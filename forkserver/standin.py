@@ -3,9 +3,9 @@
 Used by the fast lifecycle tests and the API-overhead benchmark, never instead of the real
 vLLM tests. It takes ``--model`` and ``--port`` like vLLM, answers ``GET /health`` and
 ``GET /v1/models``, answers ``POST /v1/...`` with a small JSON echo (or, with ``"stream": true``,
-a few server-sent events, ``"chunks"`` of them ``"interval"`` seconds apart), and can be told to crash (at start or later), ignore SIGTERM, start a
-helper process (as vLLM starts its EngineCore), flood stdout and stderr, or print environment
-variables.
+``"chunks"`` server-sent events ``"interval"`` seconds apart), and can be told to crash (at start
+or later), ignore SIGTERM, start a helper process (as vLLM starts its EngineCore), flood stdout
+and stderr, or print environment variables.
 """
 
 from __future__ import annotations

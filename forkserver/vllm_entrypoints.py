@@ -118,7 +118,8 @@ def resolve(entry: Entry) -> Any:
     return found[1]
 
 
-def _installed_version() -> str:
+def installed_version() -> str:
+    """The installed vLLM's version (``unknown`` if it cannot be read)."""
     try:
         return str(importlib.import_module("vllm").__version__)
     except Exception:  # noqa: BLE001 - only for the message
@@ -128,7 +129,7 @@ def _installed_version() -> str:
 def _missing_message(missing: Sequence[Entry]) -> str:
     wanted = "; ".join(f"{entry.attribute} (looked in {', '.join(entry.modules)})" for entry in missing)
     return (
-        f"vLLM {_installed_version()} has a layout the launcher does not know: cannot find {wanted}. "
+        f"vLLM {installed_version()} has a layout the launcher does not know: cannot find {wanted}. "
         "Supported: vLLM 0.26.0 through 0.33.0 (see forkserver/vllm_entrypoints.py)"
     )
 

@@ -35,7 +35,7 @@ class VllmWorkload:
         """
         found = vllm_entrypoints.check_layout()
         print(
-            f"forkserver: vLLM {_vllm_version()}: "
+            f"forkserver: vLLM {vllm_entrypoints.installed_version()}: "
             + ", ".join(f"{name} from {module}" for name, module in found.items()),
             file=sys.stderr,
             flush=True,
@@ -99,10 +99,6 @@ class VllmWorkload:
         vllm_entrypoints.configure_logging_from_args(args)
         uvloop.run(vllm_entrypoints.run_server()(args))
         return 0
-
-
-def _vllm_version() -> str:
-    return str(getattr(importlib.import_module("vllm"), "__version__", "unknown"))
 
 
 def _device_type() -> str:

@@ -314,10 +314,7 @@ class FrontDoor:
         profile = state.profile  # one profile for the whole start: room is made for what is created
         try:
             await self._make_room(state, profile, started + self._settings.queue_timeout)
-            try:
-                record = await self._create(state, profile)
-            finally:
-                self._claims.discard(state.name)
+            record = await self._create(state, profile)
             state.running_profile = profile
             instance_id = state.instance_id = record.instance_id
             record = await self._manager.wait_settled(instance_id)
@@ -353,9 +350,9 @@ class FrontDoor:
         self._notify()
 
     async def _create(self, state: ModelState, profile: ModelProfile) -> InstanceRecord:
-        config = profile.instance_config(state.name)
         # From here the manager's own reservation holds the slot (taken before its first await).
         self._claims.discard(state.name)
+        config = profile.instance_config(state.name)
         return await self._manager.create(config, _instance_id_for(state.name), received_at=time.time())
 
     async def _make_room(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
@@ -397,13 +394,11 @@ class FrontDoor:
         for state in [*self._states.values(), *self._removed]:
             if state.name == exclude and self._states.get(exclude) is state:
                 continue
-            holds = state.phase in (Phase.STARTING, Phase.READY, Phase.STOPPING) or state.name in self._claims
-            if not holds:
-                continue
+            if state.phase not in (Phase.STARTING, Phase.READY, Phase.STOPPING):
+                continue  # a claim is only ever held while STARTING
             evictable = (
                 state.phase is Phase.READY
                 and state.in_flight == 0
-                and state.name not in self._claims
                 and state not in self._removed
                 and self._live_record(state) is not None  # a dead one frees no slot: the reaper removes it
             )

@@ -26,7 +26,7 @@ from launcher import readiness
 from launcher.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from launcher.front_door import FrontDoor, Lease, ModelState, NoRoom, StartFailed
 from launcher.profiles import ModelProfile, ProfileError
-from launcher.routes import read_json_body
+from launcher.routes import read_capped, read_json_body
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself; everything else passes.
 _REQUEST_HEADERS_DROPPED = frozenset(
@@ -90,18 +90,6 @@ async def get_model(request: Request) -> JSONResponse:
     return JSONResponse(_model_entry(label, door, int(time.time())))
 
 
-async def _read_limited(request: Request, cap: int) -> bytes | None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            return None
-    return bytes(body)
-
-
 def _model_name(body: bytes) -> str | JSONResponse:
     try:
         data = json.loads(body)
@@ -150,7 +138,7 @@ async def proxy(request: Request) -> StreamingResponse | JSONResponse:
     """``POST /v1/...``: route by ``"model"`` to that model's instance, starting it if needed."""
     door = _door(request)
     cap = request.app.state.settings.proxy_max_body_bytes
-    body = await _read_limited(request, cap)
+    body = await read_capped(request, cap)
     if body is None:
         return openai_error(413, f"The request body exceeds the {cap}-byte limit.", "BadRequestError",
                             "request_too_large")  # fmt: skip

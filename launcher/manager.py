@@ -31,7 +31,7 @@ from launcher.errors import (
 from launcher.events import EventLog
 from launcher.forkserver_client import ForkserverError, ForkserverGone
 from launcher.forkserver_process import ForkserverSupervisor
-from launcher.metrics import LauncherMetrics, exit_kind
+from launcher.metrics import LauncherMetrics, StateSnapshot, count_instances, exit_kind
 from launcher.models import VllmConfig, check_instance_id
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
@@ -87,7 +87,10 @@ class InstanceManager:
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
         self.events = EventLog(window=settings.watch_window)
         self.gpus = gpus.configured_gpus(
-            mock=settings.mock_gpus, count=settings.mock_gpu_count, gpu_map=settings.gpu_map, node_name=settings.node_name
+            mock=settings.mock_gpus,
+            count=settings.mock_gpu_count,
+            gpu_map=settings.gpu_map,
+            node_name=settings.node_name,
         )
         self._records: dict[str, InstanceRecord] = {}
         self._runtime: dict[str, _Runtime] = {}
@@ -95,7 +98,7 @@ class InstanceManager:
         self._deleting: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._early_exits: dict[str, dict[str, Any]] = {}
         self.metrics = LauncherMetrics()
-        self.metrics.attach(self)
+        self.metrics.attach(self._metrics_snapshot)
         self._http: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.forkserver = ForkserverSupervisor(
@@ -142,6 +145,15 @@ class InstanceManager:
     def all(self) -> list[InstanceRecord]:
         """Every instance, oldest first."""
         return list(self._records.values())
+
+    def _metrics_snapshot(self) -> StateSnapshot:
+        return StateSnapshot(
+            instances=count_instances((record.status.value, record.ready) for record in self._records.values()),
+            forkserver_up=self.forkserver.ready,
+            forkserver_restarts=self.forkserver.restarts,
+            watchers=self.events.watchers,
+            revision=self.events.revision,
+        )
 
     def live_count(self) -> int:
         """Live instances plus creates in progress: what ``max_instances`` limits."""
@@ -252,7 +264,7 @@ class InstanceManager:
 
     def _check_limit(self) -> None:
         limit = self._settings.max_instances
-        live = sum(record.live for record in self._records.values()) + len(self._reserved)
+        live = self.live_count()
         if limit and live >= limit:
             raise TooManyInstances(
                 f"the launcher already runs {live} instance(s), its limit (max_instances={limit}); delete one first",
@@ -402,7 +414,12 @@ class InstanceManager:
             self.metrics.deletes.inc()
             log.info("deleted instance %s", instance_id)
             # The seed's fields, then the instance's configuration and revision, as FMA's launcher answers.
-            return {"status": "terminated", "instance_id": instance_id, **record.config.echo(), "revision": record.revision}
+            return {
+                "status": "terminated",
+                "instance_id": instance_id,
+                **record.config.echo(),
+                "revision": record.revision,
+            }
         finally:
             self._deleting.pop(instance_id, None)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -11,46 +12,16 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-# What the gauges read, as protocols: this module does not import the manager (which imports it).
 
+@dataclass(frozen=True)
+class StateSnapshot:
+    """What the gauges show, taken from the instance manager at scrape time (it imports this module)."""
 
-class _Record(Protocol):
-    @property
-    def status(self) -> _HasValue: ...
-    @property
-    def ready(self) -> bool: ...
-
-
-class _HasValue(Protocol):
-    @property
-    def value(self) -> str: ...
-
-
-class _Forkserver(Protocol):
-    @property
-    def ready(self) -> bool: ...
-    @property
-    def restarts(self) -> int: ...
-
-
-class _Events(Protocol):
-    @property
-    def watchers(self) -> int: ...
-    @property
-    def revision(self) -> int: ...
-
-
-class InstanceSource(Protocol):
-    """What the gauges read at scrape time (the instance manager provides it)."""
-
-    @property
-    def forkserver(self) -> _Forkserver: ...
-    @property
-    def events(self) -> _Events: ...
-    @property
-    def metrics(self) -> LauncherMetrics: ...
-
-    def all(self) -> Sequence[_Record]: ...
+    instances: dict[tuple[str, bool], int]  # (status, ready) -> how many
+    forkserver_up: bool
+    forkserver_restarts: int
+    watchers: int
+    revision: int
 
 
 START_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -59,32 +30,28 @@ START_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 30
 class _StateCollector(Collector):
     """Gauges read from the manager at scrape time, so they can never be out of date."""
 
-    def __init__(self, manager: Callable[[], InstanceSource | None]) -> None:
-        self._manager = manager
+    def __init__(self, snapshot: Callable[[], StateSnapshot | None]) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        manager = self._manager()
-        if manager is None:
+        state = self._snapshot()
+        if state is None:
             return
         instances = GaugeMetricFamily(
             "launcher_instances", "Instances by status and readiness", labels=["status", "ready"]
         )
-        counts: dict[tuple[str, str], int] = {
-            (status, ready): 0 for status in ("running", "stopped") for ready in ("true", "false")
-        }
-        for record in manager.all():
-            counts[(record.status.value, "true" if record.ready else "false")] += 1
-        for (status, ready), count in counts.items():
-            instances.add_metric([status, ready], count)
+        for status in ("running", "stopped"):
+            for ready in (True, False):
+                instances.add_metric([status, str(ready).lower()], state.instances.get((status, ready), 0))
         yield instances
         yield GaugeMetricFamily("launcher_forkserver_up", "1 while the forkserver accepts requests",
-                                value=1 if manager.forkserver.ready else 0)  # fmt: skip
+                                value=1 if state.forkserver_up else 0)  # fmt: skip
         yield GaugeMetricFamily(
             "launcher_forkserver_restarts", "Times the forkserver was replaced (or reconnected)",
-            value=manager.forkserver.restarts,
+            value=state.forkserver_restarts,
         )  # fmt: skip
-        yield GaugeMetricFamily("launcher_watchers", "Open watch streams", value=manager.events.watchers)
-        yield GaugeMetricFamily("launcher_revision", "Current event revision", value=manager.events.revision)
+        yield GaugeMetricFamily("launcher_watchers", "Open watch streams", value=state.watchers)
+        yield GaugeMetricFamily("launcher_revision", "Current event revision", value=state.revision)
 
 
 class LauncherMetrics:
@@ -107,12 +74,12 @@ class LauncherMetrics:
             buckets=START_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.log_bytes = Counter("launcher_log_bytes_served", "Log bytes served", registry=self.registry)
-        self._manager: InstanceSource | None = None
-        self.registry.register(_StateCollector(lambda: self._manager))
+        self._snapshot: Callable[[], StateSnapshot] | None = None
+        self.registry.register(_StateCollector(lambda: self._snapshot() if self._snapshot is not None else None))
 
-    def attach(self, manager: InstanceSource) -> None:
-        """Read the instance gauges from ``manager`` from now on."""
-        self._manager = manager
+    def attach(self, snapshot: Callable[[], StateSnapshot]) -> None:
+        """Read the instance gauges from ``snapshot()`` from now on."""
+        self._snapshot = snapshot
 
 
 class FrontDoorMetrics:
@@ -145,6 +112,11 @@ class FrontDoorMetrics:
         depth.set_function(queue_depth)
 
 
+def count_instances(states: Iterable[tuple[str, bool]]) -> dict[tuple[str, bool], int]:
+    """How many instances per (status, ready)."""
+    return dict(Tally(states))
+
+
 def exit_kind(exit_code: int | None) -> str:
     """How an instance ended, as a metric label."""
     if exit_code is None:
@@ -156,5 +128,5 @@ def exit_kind(exit_code: int | None) -> str:
 
 async def metrics_endpoint(request: Request) -> Response:
     """``GET /metrics``: the Prometheus text format."""
-    manager: InstanceSource = request.app.state.manager
-    return Response(generate_latest(manager.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    registry: CollectorRegistry = request.app.state.manager.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

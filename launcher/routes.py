@@ -56,14 +56,22 @@ async def _read_body(request: Request) -> bytes:
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"content type {content_type!r} is not supported: send application/json")
     cap = request.app.state.settings.max_body_bytes
+    body = await read_capped(request, cap)
+    if body is None:
+        raise PayloadTooLarge(f"request body exceeds the {cap}-byte limit")
+    return body
+
+
+async def read_capped(request: Request, cap: int) -> bytes | None:
+    """The request body, or None as soon as it is (or is declared) larger than ``cap`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {cap}-byte limit")
+        return None
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > cap:
-            raise PayloadTooLarge(f"request body exceeds the {cap}-byte limit")
+            return None
     return bytes(body)
 
 
