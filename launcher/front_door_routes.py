@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from launcher import readiness
 from launcher.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from launcher.front_door import FrontDoor, Lease, ModelState, NoRoom, StartFailed
-from launcher.profiles import ModelProfile, ProfileError
+from launcher.profiles import ModelProfile, ProfileError, check_name
 from launcher.routes import read_capped, read_json_body
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself; everything else passes.
@@ -219,6 +219,12 @@ async def put_profile(request: Request) -> JSONResponse:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise Unprocessable(f"invalid model profile: {problems}"[:2000]) from None
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    # Options vLLM's parser rejects are the client's mistake, said now rather than at the first request.
+    await request.app.state.manager.validate(profile.instance_config(name))
     try:
         state, created = door.put_profile(name, profile)
     except ProfileError as exc:

@@ -155,6 +155,16 @@ class InstanceManager:
             revision=self.events.revision,
         )
 
+    async def validate(self, config: VllmConfig) -> None:
+        """Ask the workload's own parser (vLLM's, in the forkserver) whether ``config``'s options
+        would start an instance; a 400 naming the problem if not. Nothing is forked."""
+        argv = config.argv()
+        try:
+            client = await self.forkserver.client()
+            await client.request(protocol.OP_VALIDATE, argv=argv)
+        except ForkserverError as exc:
+            raise _http_error(exc) from None
+
     def live_count(self) -> int:
         """Live instances plus creates in progress: what ``max_instances`` limits."""
         return sum(record.live for record in self._records.values()) + len(self._reserved)

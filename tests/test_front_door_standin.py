@@ -264,3 +264,11 @@ def test_a_profile_the_instance_api_would_refuse_is_refused_at_once(tmp_path: Pa
         answer = launcher.client.put("/v2/vllm/models/bad-env", json={"options": "--model M", "env_vars": {"A=B": "1"}})
         assert answer.status_code == 422 and "environment variable name" in answer.json()["detail"]
         assert launcher.client.get("/v2/vllm/models/bad-env").status_code == 404
+
+
+def test_options_the_parser_rejects_are_refused_when_the_profile_is_put(tmp_path: Path) -> None:
+    with front_door(tmp_path, "models: {}\n") as launcher:
+        answer = launcher.client.put("/v2/vllm/models/no-model", json={"options": "--port-less nonsense"})
+        assert answer.status_code == 400
+        assert "the following arguments are required: --model" in answer.json()["detail"]
+        assert launcher.client.get("/v2/vllm/models/no-model").status_code == 404
