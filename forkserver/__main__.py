@@ -55,6 +55,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="inspect a new model architecture in a fork of the instance (see forkserver/model_inspection.py)",
     )
+    parser.add_argument(
+        "--compile-cache-fix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let vLLM load its compiled model from the cache on CPU (see forkserver/compile_cache_compat.py)",
+    )
     return parser.parse_args(argv)
 
 
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             fork_engine=args.fork_engine,
             in_process_worker=args.in_process_worker,
             inspect_models_in_fork=args.inspect_models_in_fork,
+            compile_cache_fix=args.compile_cache_fix,
         )
     )
     started = time.monotonic()

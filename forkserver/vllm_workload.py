@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from forkserver import cpu_compat, fork_safety, phases, vllm_entrypoints
+from forkserver import compile_cache_compat, cpu_compat, fork_safety, phases, vllm_entrypoints
 from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
 
@@ -53,6 +53,8 @@ class VllmWorkload:
                     "the GPU; leave it out of --preload"
                 )
         self._parser = vllm_entrypoints.make_parser()
+        if self._options.compile_cache_fix and _device_type() == "cpu":
+            compile_cache_compat.probe_vector_isa_once()  # inherited by every instance
 
     def parse(self, argv: list[str]) -> ParsedOptions:
         """Parse ``argv`` as ``vllm serve`` would; the error message is vLLM's own."""
@@ -95,6 +97,8 @@ class VllmWorkload:
         vllm_entrypoints.mark_engine_ready(lambda: phases.mark("engine_ready"))
         if self._options.inspect_models_in_fork:
             vllm_entrypoints.inspect_models_in_fork()
+        if self._options.compile_cache_fix:
+            compile_cache_compat.let_compiled_model_load()
         args = parsed.namespace
         vllm_entrypoints.configure_logging_from_args(args)
         uvloop.run(vllm_entrypoints.run_server()(args))

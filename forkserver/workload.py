@@ -31,11 +31,12 @@ class ParsedOptions:
 
 @dataclass(frozen=True)
 class WorkloadOptions:
-    """Switches the launcher passes down (see forkserver/cpu_compat.py)."""
+    """Switches the launcher passes down (see forkserver/cpu_compat.py and compile_cache_compat.py)."""
 
     fork_engine: bool = True  # on CPU, fork vLLM's EngineCore instead of spawning it
     in_process_worker: bool = True  # on CPU, run a single-process model inside the EngineCore
     inspect_models_in_fork: bool = True  # vLLM's model inspection in a fork, not a new Python
+    compile_cache_fix: bool = True  # let the compiled model load from vLLM's cache (compile_cache_compat.py)
 
 
 class Workload(Protocol):

@@ -151,6 +151,7 @@ class ForkserverSupervisor:
             "--fork-engine" if self._settings.fork_engine else "--no-fork-engine",
             "--in-process-worker" if self._settings.in_process_worker else "--no-in-process-worker",
             "--inspect-models-in-fork" if self._settings.inspect_models_in_fork else "--no-inspect-models-in-fork",
+            "--compile-cache-fix" if self._settings.compile_cache_fix else "--no-compile-cache-fix",
         ]
         if self._settings.forkserver_preload:
             command += ["--preload", self._settings.forkserver_preload]

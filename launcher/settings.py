@@ -63,6 +63,9 @@ class Settings:
     inspect_models_in_fork: bool = _setting(
         True, "inspect a new model architecture in a fork of the instance (off: in a new Python, as vLLM does)"
     )
+    compile_cache_fix: bool = _setting(
+        True, "let vLLM load its compiled model from its cache on CPU (off: every start compiles again, as vLLM does)"
+    )
     forkserver_start_timeout: float = _setting(300.0, "seconds to wait for the forkserver to preload")
     api_token: str = _setting("", "bearer token every endpoint but /health requires (empty: no token)")
     api_token_file: str = _setting("", "file holding the bearer token (beats --api-token)")
