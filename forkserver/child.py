@@ -68,8 +68,13 @@ def become_instance(
     env: Mapping[str, str],
     tmpdir: str,
     forkserver_pid: int,
+    nice: int = 0,
 ) -> None:
-    """Set up the child as DESIGN.md lists and run the workload; always ``os._exit``."""
+    """Set up the child as DESIGN.md lists and run the workload; always ``os._exit``.
+
+    ``nice`` lowers the instance's CPU priority (and its helpers', which inherit it): the
+    front door's compile-ahead runs at 19, so that it never competes with serving.
+    """
     code = EXIT_SETUP_FAILED
     try:
         os.setsid()
@@ -77,6 +82,8 @@ def become_instance(
         if os.getppid() != forkserver_pid:  # the forkserver died before the flag was set
             os._exit(code)
         os.register_at_fork(after_in_child=_die_with_parent)
+        if nice:
+            os.nice(nice)
         _reset_signals()
         atexit._clear()  # the forkserver's handlers are not ours to run
         _redirect_stdio(log_fd)

@@ -93,7 +93,7 @@ def _no_header_precompile() -> Iterator[None]:
     if original is None:  # a torch without precompiled headers: nothing to skip
         yield
         return
-    codecache._precompile_header = _plain_header
+    codecache._precompile_header = _plain_header  # type: ignore[assignment]
     try:
         yield
     finally:

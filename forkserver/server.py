@@ -27,6 +27,7 @@ from forkserver.instances import Instance, InstanceTable
 from forkserver.workload import OptionsError, ParsedOptions, Workload
 
 MAX_CLIENTS = 64
+MAX_NICE = 19  # the lowest CPU priority an instance may be asked to run at
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -258,6 +259,9 @@ class ForkServer:
         log_path = message.get("log_path")
         if not isinstance(log_path, str) or not os.path.isabs(log_path):
             raise RequestError(protocol.KIND_INVALID, "log_path must be an absolute path")
+        nice = message.get("nice", 0)
+        if type(nice) is not int or not 0 <= nice <= MAX_NICE:
+            raise RequestError(protocol.KIND_INVALID, f"nice must be an integer from 0 to {MAX_NICE}")
         parsed = dataclasses.replace(self._parse(message), parsed_at=time.time())
         try:
             tmpdir = tempfile.mkdtemp(prefix="i", dir=self._tmp_root)
@@ -290,6 +294,7 @@ class ForkServer:
                 env=child_env,
                 tmpdir=tmpdir,
                 forkserver_pid=my_pid,
+                nice=nice,
             )
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(log_fd)

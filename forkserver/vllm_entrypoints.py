@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,10 @@ DISABLE_ENVS_CACHE = Entry("disable_envs_cache", ("vllm.envs",))
 # _LazyRegisteredModel.inspect_model_cls (identical from 0.26 through 0.33).
 RUN_IN_SUBPROCESS = Entry("_run_in_subprocess", ("vllm.model_executor.models.registry",), optional=True)
 LOAD_GENERAL_PLUGINS = Entry("load_general_plugins", ("vllm.plugins",), optional=True)
+# Timed for the start phases: vLLM's torch.compile monitor, looked up by global name where the
+# compiled model calls it (it also wraps loading a compiled artifact), and CUDA graph capture.
+COMPILE_MONITOR = Entry("monitor_torch_compile", ("vllm.compilation.decorators",), optional=True)
+GPU_MODEL_RUNNER = Entry("GPUModelRunner", ("vllm.v1.worker.gpu_model_runner",), optional=True)
 
 REQUIRED: tuple[Entry, ...] = (
     RUN_SERVER,
@@ -184,6 +188,42 @@ def mark_engine_ready(callback: Callable[[], None]) -> None:
             yield client
 
     setattr(server_module, BUILD_ENGINE_CLIENT.attribute, build_and_mark)
+
+
+def mark_compile_and_graphs(mark: Callable[[str], None]) -> list[str]:
+    """Call ``mark("compile_start")``/``mark("compile_done")`` around each torch.compile (or load
+    of its artifact) and ``graphs_start``/``graphs_done`` around CUDA graph capture.
+
+    Returns what could be hooked (``compile``, ``graphs``); a release without one is skipped.
+    """
+    hooked: list[str] = []
+    monitor = find(COMPILE_MONITOR)
+    if monitor is not None:
+        original_monitor = monitor[1]
+
+        @contextlib.contextmanager
+        def marked_monitor(*args: Any, **kwargs: Any) -> Iterator[None]:
+            mark("compile_start")
+            with original_monitor(*args, **kwargs):
+                yield
+            mark("compile_done")
+
+        setattr(importlib.import_module(monitor[0]), COMPILE_MONITOR.attribute, marked_monitor)
+        hooked.append("compile")
+    runner = find(GPU_MODEL_RUNNER)
+    capture = getattr(runner[1], "capture_model", None) if runner is not None else None
+    if runner is not None and capture is not None:
+
+        def marked_capture(self: Any, *args: Any, **kwargs: Any) -> Any:
+            mark("graphs_start")
+            try:
+                return capture(self, *args, **kwargs)
+            finally:
+                mark("graphs_done")
+
+        runner[1].capture_model = marked_capture
+        hooked.append("graphs")
+    return hooked
 
 
 def make_parser() -> Any:

@@ -95,6 +95,7 @@ class VllmWorkload:
         if self._options.fork_engine and os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "spawn":
             cpu_compat.keep_helpers_forked(in_process_worker=self._options.in_process_worker)
         vllm_entrypoints.mark_engine_ready(lambda: phases.mark("engine_ready"))
+        vllm_entrypoints.mark_compile_and_graphs(phases.mark)
         if self._options.inspect_models_in_fork:
             vllm_entrypoints.inspect_models_in_fork()
         if self._options.compile_cache_fix:

@@ -360,7 +360,7 @@ def cmd_gpus(client: LauncherClient, args: argparse.Namespace) -> int:
 
 
 def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
-    """The front door's models: list (default), add, remove, start, stop."""
+    """The front door's models: list (default), add, remove, start, stop, warm."""
     action = args.action or "list"
     if action == "list":
         answer = client.models()
@@ -375,6 +375,7 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
             [
                 model.get("name"),
                 model.get("state"),
+                _compiled_text(model.get("compiled")),
                 model.get("instance_id") or "-",
                 model.get("in_flight"),
                 "-" if model.get("last_used") is None else format_age(now - float(model["last_used"])) + " ago",
@@ -383,7 +384,7 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
             ]
             for model in answer["models"]
         ]
-        print(format_table(["NAME", "STATE", "INSTANCE", "IN-FLIGHT", "LAST USED", "IDLE STOP", "ALIASES"], rows))
+        print(format_table(["NAME", "STATE", "COMPILED", "INSTANCE", "IN-FLIGHT", "LAST USED", "IDLE STOP", "ALIASES"], rows))
         return EXIT_OK
     if not args.name:
         args.subparser.error(f"models {action} needs a model NAME")
@@ -404,6 +405,11 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
         answer = client.delete_model(args.name)
     elif action == "start":
         answer = client.start_model(args.name)
+    elif action == "warm":
+        answer = client.warm_model(args.name)
+        if not args.json:
+            print(f"{args.name}: compiled {_compiled_text(answer.get('compiled'))}")
+            return EXIT_OK
     else:
         answer = client.stop_model(args.name)
     if args.json:
@@ -411,6 +417,10 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
     else:
         print(f"{args.name}: {answer.get('state', answer.get('status'))}")
     return EXIT_OK
+
+
+def _compiled_text(compiled: object) -> str:
+    return "yes" if compiled is True else "no" if compiled is False else str(compiled)
 
 
 def cmd_health(client: LauncherClient, args: argparse.Namespace) -> int:
@@ -488,8 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("gpus", cmd_gpus, "list the node's GPUs")
 
-    models = command("models", cmd_models, "the front door's models: list, add, remove, start, stop")
-    models.add_argument("action", nargs="?", choices=["list", "add", "remove", "start", "stop"], help="default: list")
+    models = command("models", cmd_models, "the front door's models: list, add, remove, start, stop, warm")
+    models.add_argument(
+        "action", nargs="?", choices=["list", "add", "remove", "start", "stop", "warm"], help="default: list"
+    )
     models.add_argument("name", nargs="?", metavar="NAME", help='the name clients put in "model"')
     models.add_argument("options", nargs="*", metavar="OPTIONS", help="for add: vLLM flags (no --port needed)")
     models.add_argument("--alias", action="append", metavar="NAME", help="for add: another name (repeatable)")

@@ -364,6 +364,10 @@ class LauncherClient:
         """Start a model now; answers once it is ready."""
         return self._json("POST", _model_path(name, "/start"))
 
+    def warm_model(self, name: str) -> JSONDict:
+        """Compile a model ahead of its first request; answers at once (see its ``compiled``)."""
+        return self._json("POST", _model_path(name, "/warm"))
+
     def stop_model(self, name: str) -> JSONDict:
         """Stop a model's instance once no request is in flight; answers once it is gone."""
         return self._json("POST", _model_path(name, "/stop"))

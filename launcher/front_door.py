@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher import room
+from launcher.compile_ahead import CompileAhead, Compiled, needs_compile
 from launcher.errors import NotFound
 from launcher.manager import InstanceManager
 from launcher.metrics import FrontDoorMetrics
@@ -66,6 +67,8 @@ class ModelState:
     running_profile: ModelProfile | None = None  # the profile its instance was started with
     start_task: asyncio.Task[None] | None = field(default=None, repr=False)
     stop_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    compiled: Compiled = False  # see launcher/compile_ahead.py
+    compile_error: str | None = None
 
     def to_json(self, default_idle_timeout: float) -> dict[str, Any]:
         """The model's profile and state, as ``/v2/vllm/models`` shows it."""
@@ -78,6 +81,8 @@ class ModelState:
             "last_used": self.last_used,
             "in_flight": self.in_flight,
             "last_error": self.last_error,
+            "compiled": self.compiled,
+            "compile_error": self.compile_error,
         }
 
 
@@ -112,6 +117,9 @@ class FrontDoor:
         self.default_idle_timeout = models.idle_timeout
         self._states: dict[str, ModelState] = {}
         self._labels: dict[str, str] = {}  # name or alias -> name
+        self._compiler = CompileAhead(manager, timeout=settings.compile_ahead_timeout, on_done=self._compiled)
+        # Only vLLM compiles: a stand-in's profiles are compiled ahead only when asked (POST .../warm).
+        self._auto_compile = settings.compile_ahead and settings.forkserver_workload == "vllm"
         for name, profile in models.models.items():
             self._add(name, profile)
         self._claims: set[str] = set()  # models past the room check whose instance is not created yet
@@ -124,11 +132,14 @@ class FrontDoor:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the idle reaper and the models marked ``preload``."""
+        """Start the idle reaper, the models marked ``preload`` and compiling the others ahead."""
         self._spawn(self._reap_forever(), "front-door-reaper")
+        self._spawn(self._compiler.run_forever(), "compile-ahead")
         for state in self._states.values():
             if state.profile.preload:
                 self._spawn(self._preload(state), f"preload-{state.name}")
+            elif self._auto_compile:
+                self._compile_ahead(state)
 
     async def shutdown(self) -> None:
         """Stop the background work (the manager stops the instances)."""
@@ -162,7 +173,7 @@ class FrontDoor:
         return [(label, self._states[name]) for label, name in self._labels.items()]
 
     def _add(self, name: str, profile: ModelProfile) -> ModelState:
-        state = ModelState(name=name, profile=profile)
+        state = ModelState(name=name, profile=profile, compiled=not needs_compile(profile))
         self._states[name] = state
         for label in [name, *profile.aliases]:
             self._labels[label] = name
@@ -183,7 +194,10 @@ class FrontDoor:
         self._check_labels(name, profile)
         state = self._states.get(name)
         if state is None:
-            return self._add(name, profile), True
+            state = self._add(name, profile)
+            if self._auto_compile:
+                self._compile_ahead(state)
+            return state, True
         for label in [name, *state.profile.aliases]:
             self._labels.pop(label, None)
         for label in [name, *profile.aliases]:
@@ -194,7 +208,12 @@ class FrontDoor:
             Phase.READY,
         ):
             state.retire = True  # the instance would differ: replace it once idle
+        changed = profile.instance_config(name) != state.profile.instance_config(name)
         state.profile = profile
+        if changed:
+            state.compiled, state.compile_error = not needs_compile(profile), None
+            if self._auto_compile:
+                self._compile_ahead(state)
         self._notify()
         return state, False
 
@@ -205,11 +224,33 @@ class FrontDoor:
             raise NotFound(f"model {name!r} not found")
         for label in [name, *state.profile.aliases]:
             self._labels.pop(label, None)
+        self._compiler.forget(name)
         self._removed.append(state)  # its GPUs and slot stay taken until the instance is gone
         try:
             await self.stop_model(state, reason="deleted")
         finally:
             self._removed.remove(state)
+
+    def warm(self, state: ModelState) -> None:
+        """Compile the model ahead now (``POST .../warm``), unless it is compiled or has nothing to compile."""
+        if state.compiled is True or not needs_compile(state.profile):
+            return
+        if state.phase in (Phase.STARTING, Phase.READY):
+            return  # its real instance compiles (or has compiled) it
+        self._compile_ahead(state)
+
+    def _compile_ahead(self, state: ModelState) -> None:
+        if needs_compile(state.profile) and state.compiled is not True:
+            self._compiler.request(state.name, state.profile)
+
+    def _compiled(self, name: str, profile: ModelProfile, compiled: Compiled, error: str | None) -> None:
+        state = self._states.get(name)
+        if state is None or state.profile != profile:
+            return  # deleted or replaced meanwhile: the new profile has a compile of its own
+        if compiled is not True and state.compiled is True:
+            return  # a real instance of it got its engine up meanwhile
+        state.compiled, state.compile_error = compiled, error
+        self._notify()
 
     async def start_model(self, state: ModelState) -> None:
         """Start the model now (as a first request would) and wait until it is ready."""
@@ -272,6 +313,7 @@ class FrontDoor:
             state.phase = Phase.STARTING
             state.last_error = None
             state.retire = False  # whatever was retired is gone: this start uses the current profile
+            self._compiler.forget(state.name)  # the real instance compiles (or loads) by itself
             state.start_task = self._spawn(self._start(state), f"start-{state.name}")
 
     def release(self, lease: Lease) -> None:
@@ -344,6 +386,8 @@ class FrontDoor:
         seconds = time.monotonic() - started
         state.phase = Phase.READY
         state.last_used = time.time()
+        if state.profile is profile:
+            state.compiled, state.compile_error = True, None  # its engine is up: the artifact is cached
         self.metrics.starts.labels(model=state.name, outcome="ready").inc()
         self.metrics.start_seconds.labels(model=state.name).observe(seconds)
         log.info("model %s ready on instance %s in %.2fs", state.name, instance_id, seconds)
@@ -373,6 +417,10 @@ class FrontDoor:
                     if stops:
                         await asyncio.wait(stops)
                     return
+                compiling = self._compiler.yield_room()  # serving comes first: look again once it is gone
+                if compiling is not None:
+                    await asyncio.wait({compiling})
+                    continue
                 if not queued:
                     if self._queued >= self._settings.queue_max:
                         raise NoRoom(f"no room to start model {state.name!r} and the start queue is full")

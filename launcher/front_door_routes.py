@@ -252,6 +252,14 @@ async def start_profile(request: Request) -> JSONResponse:
     return JSONResponse(state.to_json(door.default_idle_timeout))
 
 
+async def warm_profile(request: Request) -> JSONResponse:
+    """``POST /v2/vllm/models/{name}/warm``: compile the model ahead now; answers at once (202)."""
+    door = _door(request)
+    state = _profile_state(request)
+    door.warm(state)
+    return JSONResponse(state.to_json(door.default_idle_timeout), status_code=202)
+
+
 async def stop_profile(request: Request) -> JSONResponse:
     """``POST /v2/vllm/models/{name}/stop``: stop its instance once idle; answers once it is gone."""
     door = _door(request)
@@ -276,6 +284,7 @@ def front_door_routes() -> list[Route]:
         Route("/v2/vllm/models", list_profiles, methods=["GET"]),
         Route("/v2/vllm/models/{name:anypath}/start", start_profile, methods=["POST"]),
         Route("/v2/vllm/models/{name:anypath}/stop", stop_profile, methods=["POST"]),
+        Route("/v2/vllm/models/{name:anypath}/warm", warm_profile, methods=["POST"]),
         Route("/v2/vllm/models/{name:anypath}", get_profile, methods=["GET"]),
         Route("/v2/vllm/models/{name:anypath}", put_profile, methods=["PUT"]),
         Route("/v2/vllm/models/{name:anypath}", delete_profile, methods=["DELETE"]),

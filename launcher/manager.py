@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from forkserver import protocol
+from forkserver import phases, protocol
 from launcher import events, gpus, ports, readiness, sweep
 from launcher.errors import (
     BadRequest,
@@ -37,6 +37,7 @@ from launcher.settings import Settings
 from launcher.state import InstanceRecord
 
 log = logging.getLogger("launcher.manager")
+PHASE_LOG_BYTES = 4 << 20  # where an instance's start-phase markers are looked for
 
 
 _FAILURE_REASONS: dict[type[LauncherError], str] = {
@@ -184,6 +185,17 @@ class InstanceManager:
         return record
 
     @staticmethod
+    def _start_phases(record: InstanceRecord) -> dict[str, float] | None:
+        # The markers come before the server answers: the head of a young log holds them all.
+        try:
+            with open(record.log_path, "rb") as log_file:
+                head = log_file.read(PHASE_LOG_BYTES)
+        except OSError:
+            return None
+        ready_at = record.ready_at if record.ready_at is not None else time.time()
+        return phases.start_phases(phases.read(head), received_at=record.received_at, ready_at=ready_at)
+
+    @staticmethod
     def log_tail(record: InstanceRecord, lines: int = 20) -> str:
         """The last ``lines`` lines of the instance's log (for error messages)."""
         try:
@@ -206,17 +218,24 @@ class InstanceManager:
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, config: VllmConfig, instance_id: str | None, *, received_at: float) -> InstanceRecord:
-        """Fork a new instance once every check has passed; nothing is left behind on failure."""
+    async def create(
+        self, config: VllmConfig, instance_id: str | None, *, received_at: float, nice: int = 0
+    ) -> InstanceRecord:
+        """Fork a new instance once every check has passed; nothing is left behind on failure.
+
+        ``nice`` (0-19) lowers the instance's CPU priority (the front door's compile-ahead).
+        """
         try:
-            record = await self._create(config, instance_id, received_at=received_at)
+            record = await self._create(config, instance_id, received_at=received_at, nice=nice)
         except LauncherError as exc:
             self.metrics.create_failures.labels(reason=_FAILURE_REASONS.get(type(exc), "internal")).inc()
             raise
         self.metrics.creates.inc()
         return record
 
-    async def _create(self, config: VllmConfig, instance_id: str | None, *, received_at: float) -> InstanceRecord:
+    async def _create(
+        self, config: VllmConfig, instance_id: str | None, *, received_at: float, nice: int
+    ) -> InstanceRecord:
         instance_id = check_instance_id(instance_id) if instance_id is not None else str(uuid.uuid4())
         if instance_id in self._records or instance_id in self._reserved:
             raise Conflict(f"instance {instance_id!r} already exists")
@@ -239,6 +258,7 @@ class InstanceManager:
                 argv=argv,
                 env=env,
                 log_path=os.path.join(self.log_dir, f"{instance_id}.log"),
+                nice=nice,
                 # Kept by the forkserver so that an API attaching later can rebuild the state.
                 meta={
                     "config": config.model_dump(exclude_none=True),
@@ -316,6 +336,7 @@ class InstanceManager:
 
         def became_ready() -> None:
             if record.mark_ready():
+                record.start_phases = self._start_phases(record)
                 runtime = self._runtime.get(record.instance_id)
                 if runtime is not None:
                     runtime.ready.set()

@@ -244,6 +244,12 @@ OPERATIONS: tuple[Operation, ...] = (
               None, {200: Answer(ModelState, "the model is ready"), 404: _error("no model has this name or alias"),
                      503: _error("it failed to start, or there was no room", {"Retry-After": "seconds"})},
               parameters=("name",)),
+    Operation("POST", _MODEL + "/warm", "warm_model",
+              "Front door: compile a model ahead of its first request, in a throwaway instance at low priority; "
+              "answers at once", None,
+              {202: Answer(ModelState, "asked for (see 'compiled'); nothing to do if it is compiled already"),
+               404: _error("no model has this name or alias")},
+              parameters=("name",)),
     Operation("POST", _MODEL + "/stop", "stop_model",
               "Front door: stop a model's instance once no request is in flight; answers once it is gone", None,
               {200: Answer(ModelState, "the model is stopped"), 404: _error("no model has this name or alias")},

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import httpx
 
 FIRST_DELAY = 0.05
-MAX_DELAY = 1.0
+MAX_DELAY = 0.25  # how late a ready instance may be seen: it shows in start_seconds
 BACKOFF = 1.5
 PROBE_TIMEOUT = 2.0
 

@@ -62,6 +62,11 @@ class InstanceState(_Configured):
     ready: bool = Field(description="true once the instance answered its /health with 200")
     ready_at: float | None = Field(description="Unix time of the first healthy answer; null before")
     start_seconds: float | None = Field(description="seconds from the create request to ready; null before")
+    start_phases: dict[str, float] | None = Field(
+        description="where start_seconds went, once ready: parse, fork, engine_init, compile (torch.compile or "
+        "loading its cached artifact), graphs (CUDA graph capture), ready; 0 for a phase that did not happen; "
+        "null before ready or when the workload writes no phase markers"
+    )
     revision: int = Field(description="the event revision of the instance's last change")
     exit_code: int | None = Field(
         default=None,
@@ -175,6 +180,11 @@ class ModelState(_Configured):
     last_used: float | None = Field(description="Unix time of the last request (null: never used)")
     in_flight: int = Field(description="requests being answered now")
     last_error: str | None = Field(description="why the last start failed, or what stopped its instance")
+    compiled: bool | Literal["compiling"] = Field(
+        description="vLLM's compiled model for this profile is in the cache (true; also for eager profiles), "
+        "being compiled ahead in a throwaway instance ('compiling'), or not known to be (false)"
+    )
+    compile_error: str | None = Field(description="why the last compile-ahead failed; null otherwise")
 
 
 class ModelList(_Strict):

@@ -72,6 +72,10 @@ class Settings:
     max_body_bytes: int = _setting(65536, "largest accepted request body, in bytes (413 above)")
     strict_fields: bool = _setting(False, "refuse create bodies with unknown fields (422) instead of ignoring them")
     models_file: str = _setting("", "YAML file of model profiles for the OpenAI-compatible front door (/v1)")
+    compile_ahead: bool = _setting(
+        True, "compile each front-door model (vLLM's default mode) in a throwaway instance before its first request"
+    )
+    compile_ahead_timeout: float = _setting(1800.0, "seconds a front-door compile-ahead may take before it is given up")
     queue_timeout: float = _setting(60.0, "seconds a front-door start waits for room before a 503")
     queue_max: int = _setting(256, "most front-door starts waiting for room at once (503 beyond)")
     proxy_max_body_bytes: int = _setting(16 * 1024 * 1024, "largest /v1 request body, in bytes (413 above)")

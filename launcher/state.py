@@ -37,6 +37,7 @@ class InstanceRecord:
     stopped_at: float | None = None
     stop_reason: str | None = None
     revision: int = 0
+    start_phases: dict[str, float] | None = None  # where start_seconds went (forkserver/phases.py)
 
     @property
     def live(self) -> bool:
@@ -73,6 +74,7 @@ class InstanceRecord:
             "ready": self.ready,
             "ready_at": self.ready_at,
             "start_seconds": None if self.ready_at is None else round(self.ready_at - self.received_at, 3),
+            "start_phases": self.start_phases,
             "revision": self.revision,
         }
         if self.status is Status.STOPPED:

@@ -490,8 +490,9 @@ def test_launcherctl_models(launcher: LauncherProcess) -> None:
     listing = run_cli(launcher, "models")
     assert listing.returncode == 0
     header, row = listing.stdout.splitlines()
-    assert header.split()[:3] == ["NAME", "STATE", "INSTANCE"]
-    assert row.split()[:2] == ["chat", "ready"] and "chat2" in row and "never" in row
+    assert header.split()[:4] == ["NAME", "STATE", "COMPILED", "INSTANCE"]
+    assert row.split()[:3] == ["chat", "ready", "yes"] and "chat2" in row and "never" in row
+    assert run_cli(launcher, "models", "warm", "chat").stdout.strip() == "chat: compiled yes"  # nothing to do
     assert run_cli(launcher, "models", "remove", "chat").stdout.strip() == "chat: deleted"
     assert run_cli(launcher, "models", "stop", "chat").returncode == 3  # not found
     assert run_cli(launcher, "models", "add", "lonely").returncode == 2  # usage: no options
