@@ -26,6 +26,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_FLAGS = "--max-model-len 256 --enforce-eager --kv-cache-memory-bytes 32M"  # tiny and quick on CPU
+# vLLM's default mode (torch.compile; CUDA graphs on a GPU): what `vllm serve` does without --enforce-eager.
+DEFAULT_MODE_FLAGS = "--max-model-len 256 --kv-cache-memory-bytes 32M"
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
