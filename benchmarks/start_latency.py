@@ -100,12 +100,16 @@ def _wait_serving(port: int, alive: Any) -> float:
 
 
 def run_cold(
-    model: Path, workdir: Path, env: dict[str, str] | None = None, request: Callable[[int, str], object] = complete
+    model: Path,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    request: Callable[[int, str], object] = complete,
+    flags: list[str] = SERVE_FLAGS,
 ) -> dict[str, Any]:
     """Start a fresh vLLM process (``env`` on top of the usual); measure; stop its whole group.
 
     ``request(port, model)`` is the first request once healthy (default: a short completion);
-    ``completion_s`` is when it returned.
+    ``completion_s`` is when it returned. ``flags``: the model flags (default: the tests').
     """
     port = free_port()
     tmpdir = Path(tempfile.mkdtemp(prefix="cold-", dir=workdir))
@@ -113,7 +117,7 @@ def run_cold(
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port)]
     started = time.time()
     process = subprocess.Popen(
-        command + SERVE_FLAGS,
+        command + flags,
         env={**os.environ, **VLLM_ENV, **(env or {}), "TMPDIR": str(tmpdir)},
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -140,11 +144,11 @@ def run_cold(
     return {"health_s": health_at - started, "completion_s": completion_at - started, "pss_mib": pss}
 
 
-def run_preloaded(launcher: LauncherProcess, model: Path, run: int) -> dict[str, Any]:
+def run_preloaded(launcher: LauncherProcess, model: Path, run: int, flags: list[str] = SERVE_FLAGS) -> dict[str, Any]:
     """Create through the API; measure; delete."""
     port = free_port()
     instance_id = f"bench-{run}"
-    options = " ".join(["--model", str(model), "--port", str(port), *SERVE_FLAGS])
+    options = " ".join(["--model", str(model), "--port", str(port), *flags])
     requested = time.time()
     response = launcher.create(instance_id, options=options)
     responded = time.time()
@@ -154,6 +158,7 @@ def run_preloaded(launcher: LauncherProcess, model: Path, run: int) -> dict[str,
         health_at = _wait_serving(port, lambda: launcher.state(instance_id)["status"] == "running")
         complete(port, str(model))
         completion_at = time.time()
+        wait_until(lambda: launcher.state(instance_id)["ready"], 30, 0.05, f"{instance_id} ready")
         state = launcher.state(instance_id)
         pss = tree_pss_mib(state["pid"])
         marks = phases.read(launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").content)
@@ -173,6 +178,7 @@ def run_preloaded(launcher: LauncherProcess, model: Path, run: int) -> dict[str,
         "completion_s": completion_at - requested,
         "pss_mib": pss,
         "phases_s": phase_times,
+        "start_phases": state.get("start_phases") or {},
     }
 
 
@@ -342,7 +348,7 @@ def main() -> int:
 
     results: dict[str, Any] = {"machine": machine(), "runs": args.runs, "preload_seconds": preload, "variants": {}}
     for name, runs in raw.items():
-        keys = [key for key in runs[0] if key != "phases_s"]
+        keys = [key for key in runs[0] if key not in ("phases_s", "start_phases")]
         variant_summary: dict[str, Any] = {key: summary([run[key] for run in runs]) for key in keys}
         if "phases_s" in runs[0]:
             variant_summary["phases_s"] = {
