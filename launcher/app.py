@@ -65,9 +65,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.settings = resolved
         app.state.manager = manager
         app.state.front_door = front_door
-        # The proxy's own client: no overall timeout (streams last as long as vLLM generates).
+        # The proxy's own client: no overall timeout (streams last as long as vLLM generates), but
+        # an upstream silent for --proxy-read-timeout ends its request (and frees its lease).
         app.state.proxy_client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=10.0),
+            timeout=httpx.Timeout(None, connect=10.0, read=resolved.proxy_read_timeout or None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
             trust_env=False,
         )

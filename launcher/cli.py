@@ -384,7 +384,11 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
             ]
             for model in answer["models"]
         ]
-        print(format_table(["NAME", "STATE", "COMPILED", "INSTANCE", "IN-FLIGHT", "LAST USED", "IDLE STOP", "ALIASES"], rows))
+        print(
+            format_table(
+                ["NAME", "STATE", "COMPILED", "INSTANCE", "IN-FLIGHT", "LAST USED", "IDLE STOP", "ALIASES"], rows
+            )
+        )
         return EXIT_OK
     if not args.name:
         args.subparser.error(f"models {action} needs a model NAME")

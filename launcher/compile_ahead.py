@@ -55,14 +55,9 @@ def needs_compile(profile: ModelProfile) -> bool:
 
 
 def throwaway_config(name: str, profile: ModelProfile) -> VllmConfig:
-    """The profile's instance, on loopback unless the profile sets ``--host``, annotated as a throwaway."""
+    """The profile's instance (on loopback unless the profile sets ``--host``), annotated as a throwaway."""
     config = profile.instance_config(name)
-    options = config.options
-    if "--host" not in shlex.split(options):
-        options += " --host 127.0.0.1"
-    return config.model_copy(
-        update={"options": options, "annotations": {**(config.annotations or {}), COMPILE_ANNOTATION: name}}
-    )
+    return config.model_copy(update={"annotations": {**(config.annotations or {}), COMPILE_ANNOTATION: name}})
 
 
 def _instance_id(name: str) -> str:

@@ -61,12 +61,14 @@ class ModelState:
     phase: Phase = Phase.STOPPED
     instance_id: str | None = None
     in_flight: int = 0
+    waiting: int = 0  # requests waiting for its start: it is not idle until they hold their leases
     last_used: float | None = None  # wall clock of the last request's end (or start)
     last_error: str | None = None
     retire: bool = False  # replaced or deleted: stop the instance once no request is in flight
     running_profile: ModelProfile | None = None  # the profile its instance was started with
     start_task: asyncio.Task[None] | None = field(default=None, repr=False)
     stop_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    cancel_reason: str | None = None  # why its start is being cancelled (stop, delete, replace)
     compiled: Compiled = False  # see launcher/compile_ahead.py
     compile_error: str | None = None
 
@@ -99,8 +101,23 @@ def effective_idle_timeout(profile: ModelProfile, default: float) -> float:
     return profile.idle_timeout if profile.idle_timeout is not None else default
 
 
+def effective_start_timeout(profile: ModelProfile, default: float) -> float:
+    """The profile's start deadline, or the launcher's ``--start-timeout``."""
+    return profile.start_timeout if profile.start_timeout is not None else default
+
+
 def _phase(state: ModelState) -> Phase:
     return state.phase
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """A background task that died says so (a dead reaper would silently end idle stops)."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    # A start's failure reaches its waiters through the model's state; anything else is a bug.
+    if error is not None and not isinstance(error, (StartFailed, NoRoom)):
+        log.error("front-door task %s failed", task.get_name(), exc_info=error)
 
 
 def _instance_id_for(name: str) -> str:
@@ -122,7 +139,10 @@ class FrontDoor:
         self._auto_compile = settings.compile_ahead and settings.forkserver_workload == "vllm"
         for name, profile in models.models.items():
             self._add(name, profile)
-        self._claims: set[str] = set()  # models past the room check whose instance is not created yet
+            self._warn_if_open(name, profile)
+        # Models past the room check whose instance is not created yet, by identity: a re-added
+        # profile is another model than its deleted namesake, whose start may still hold a claim.
+        self._claims: set[int] = set()
         self._removed: list[ModelState] = []  # deleted profiles whose instance is still stopping
         self._queued = 0
         self._changed = asyncio.Event()
@@ -153,8 +173,7 @@ class FrontDoor:
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        # Waiters read the outcome from the model's state; this only marks the exception as seen.
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        task.add_done_callback(_log_failure)
         return task
 
     # ------------------------------------------------------------------ names
@@ -179,6 +198,20 @@ class FrontDoor:
             self._labels[label] = name
         return state
 
+    def _warn_if_open(self, name: str, profile: ModelProfile) -> None:
+        host = profile.host()
+        if (
+            host is not None
+            and host not in ("127.0.0.1", "localhost", "::1")
+            and (self._settings.api_token or self._settings.api_token_file)
+        ):
+            log.warning(
+                "model %s: its options set --host %s, so its instance answers on that address without the "
+                "launcher's token; leave --host out to keep it on loopback (reached through the front door only)",
+                name,
+                host or "(all addresses)",
+            )
+
     def _check_labels(self, name: str, profile: ModelProfile) -> None:
         check_name(name)
         for label in [name, *profile.aliases]:
@@ -192,6 +225,7 @@ class FrontDoor:
         """Add or replace a profile; True if it is new. A running instance with another
         configuration is stopped once no request is in flight; the next request starts the new one."""
         self._check_labels(name, profile)
+        self._warn_if_open(name, profile)
         state = self._states.get(name)
         if state is None:
             state = self._add(name, profile)
@@ -203,11 +237,11 @@ class FrontDoor:
         for label in [name, *profile.aliases]:
             self._labels[label] = name
         running = state.running_profile or state.profile
-        if profile.instance_config(name) != running.instance_config(name) and state.phase in (
-            Phase.STARTING,
-            Phase.READY,
-        ):
-            state.retire = True  # the instance would differ: replace it once idle
+        if profile.instance_config(name) != running.instance_config(name):
+            if state.phase is Phase.STARTING:
+                self._cancel_start(state, "replaced")  # its waiters start the new profile instead
+            elif state.phase is Phase.READY:
+                state.retire = True  # the instance would differ: replace it once idle
         changed = profile.instance_config(name) != state.profile.instance_config(name)
         state.profile = profile
         if changed:
@@ -267,6 +301,7 @@ class FrontDoor:
         try:
             while stop is None:
                 if state.phase is Phase.STARTING and state.start_task is not None:
+                    self._cancel_start(state, reason)  # a hung start must not block a stop or delete
                     await asyncio.wait({state.start_task})
                 elif state.phase is Phase.STOPPING and state.stop_task is not None:
                     stop = state.stop_task
@@ -280,41 +315,71 @@ class FrontDoor:
         finally:
             state.retire = False
 
+    def _cancel_start(self, state: ModelState, reason: str) -> None:
+        if state.start_task is not None and not state.start_task.done():
+            state.cancel_reason = reason
+            state.start_task.cancel()
+
     # ------------------------------------------------------------------ requests
 
     async def acquire(self, state: ModelState) -> Lease:
         """Hold the model's instance for one request, starting it first if needed.
 
-        Many requests for a stopped model cause one start; all of them wait for it. Raises
-        :class:`StartFailed` or :class:`NoRoom`; :class:`NotFound` if the profile is deleted.
+        Many requests for a stopped model cause one start; all of them wait for it. At most
+        ``--queue-max`` requests wait at once. Raises :class:`StartFailed` or :class:`NoRoom`;
+        :class:`NotFound` if the profile is deleted.
         """
-        while True:
-            if self._states.get(state.name) is not state:
-                raise NotFound(f"model {state.name!r} was removed")
-            if state.phase is Phase.READY and not state.retire:
-                record = self._live_record(state)
-                if record is not None:
-                    state.in_flight += 1
-                    state.last_used = time.time()
-                    return Lease(state, record)
-                self._lost(state)
-                continue
-            if state.phase is Phase.STARTING and state.start_task is not None:
+        queued = False
+        try:
+            while True:
+                if self._states.get(state.name) is not state:
+                    raise NotFound(f"model {state.name!r} was removed")
+                if state.phase is Phase.READY and not state.retire:
+                    record = self._live_record(state)
+                    if record is not None:
+                        state.in_flight += 1
+                        state.last_used = time.time()
+                        return Lease(state, record)
+                    self._lost(state)
+                    continue
+                if not queued:  # from here on the request waits: count it against --queue-max
+                    if self._queued >= self._settings.queue_max:
+                        raise NoRoom(
+                            f"model {state.name!r} is not ready and {self._queued} requests already wait "
+                            f"(--queue-max {self._settings.queue_max})"
+                        )
+                    self._queued += 1
+                    queued = True
+                await self._wait_or_start(state)
+        finally:
+            if queued:
+                self._queued -= 1
+
+    async def _wait_or_start(self, state: ModelState) -> None:
+        """One step of a request that cannot be served yet: wait for what is under way, or start."""
+        if state.phase is Phase.STARTING and state.start_task is not None:
+            # Counted until this request holds its lease (no await between the two), so a model
+            # that has just become ready is never taken for idle before its waiters run: on
+            # Python 3.12 they are woken a loop step after another model's room check.
+            state.waiting += 1
+            try:
                 await asyncio.wait({state.start_task})
-                outcome = _phase(state)  # what the start left
-                if outcome is Phase.FAILED and state.last_error is not None:
-                    raise StartFailed(state.last_error)
-                if outcome is Phase.STOPPED and state.last_error is not None:
-                    raise NoRoom(state.last_error)
-                continue
-            if state.phase in (Phase.STOPPING, Phase.READY):  # stopping, or retiring once idle
-                await self._wait_change(REAP_INTERVAL)
-                continue
-            state.phase = Phase.STARTING
-            state.last_error = None
-            state.retire = False  # whatever was retired is gone: this start uses the current profile
-            self._compiler.forget(state.name)  # the real instance compiles (or loads) by itself
-            state.start_task = self._spawn(self._start(state), f"start-{state.name}")
+            finally:
+                state.waiting -= 1
+            outcome = _phase(state)  # what the start left
+            if outcome is Phase.FAILED and state.last_error is not None:
+                raise StartFailed(state.last_error)
+            if outcome is Phase.STOPPED and state.last_error is not None:
+                raise NoRoom(state.last_error)
+            return  # ready, or cancelled by a replaced profile: look again
+        if state.phase in (Phase.STOPPING, Phase.READY):  # stopping, or retiring once idle
+            await self._wait_change(REAP_INTERVAL)
+            return
+        state.phase = Phase.STARTING
+        state.last_error = None
+        state.retire = False  # whatever was retired is gone: this start uses the current profile
+        self._compiler.forget(state.name)  # the real instance compiles (or loads) by itself
+        state.start_task = self._spawn(self._start(state), f"start-{state.name}")
 
     def release(self, lease: Lease) -> None:
         """The request holding ``lease`` is over (answered, failed or cut off by the client)."""
@@ -350,16 +415,33 @@ class FrontDoor:
     # ------------------------------------------------------------------ starting
 
     async def _start(self, state: ModelState) -> None:
-        """Make room, create the instance, wait until it is healthy. Sets the phase at the end."""
+        """Make room, create the instance, wait until it is healthy. Sets the phase at the end.
+
+        The wait for healthy ends at the profile's ``start_timeout`` (a hung start fails like any
+        failed start); stop, delete and replace cancel it (:meth:`_cancel_start`).
+        """
         started = time.monotonic()
         instance_id: str | None = None
         profile = state.profile  # one profile for the whole start: room is made for what is created
+        timeout = effective_start_timeout(profile, self._settings.start_timeout)
         try:
             await self._make_room(state, profile, started + self._settings.queue_timeout)
-            record = await self._create(state, profile)
+            creating = asyncio.ensure_future(self._create(state, profile))
+            try:
+                record = await asyncio.shield(creating)  # a fork under way is finished, then removed
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    instance_id = (await creating).instance_id
+                raise
             state.running_profile = profile
             instance_id = state.instance_id = record.instance_id
-            record = await self._manager.wait_settled(instance_id)
+            try:
+                record = await asyncio.wait_for(self._manager.wait_settled(instance_id), timeout)
+            except TimeoutError:
+                raise StartFailed(
+                    f"model {state.name!r} failed to start: its instance {instance_id} was not ready within "
+                    f"{timeout:g}s (start_timeout). Last lines of its log:\n{self._manager.log_tail(record)}"
+                ) from None
             if not record.ready:
                 tail = self._manager.log_tail(record)
                 raise StartFailed(
@@ -372,16 +454,26 @@ class FrontDoor:
             self._notify()
             raise
         except BaseException as exc:
-            message = str(exc) if isinstance(exc, StartFailed) else f"model {state.name!r} could not be started: {exc}"
-            state.phase, state.last_error, state.instance_id = Phase.FAILED, message, None
+            self._claims.discard(id(state))
+            reason, state.cancel_reason = state.cancel_reason, None
+            if isinstance(exc, StartFailed):
+                message: str | None = str(exc)
+            elif isinstance(exc, asyncio.CancelledError) and reason is not None:
+                message = f"model {state.name!r}: its start was cancelled ({reason})"
+            else:
+                message = f"model {state.name!r} could not be started: {exc}"
+            # A replaced profile's waiters start the new one: for them this start never happened.
+            replaced = isinstance(exc, asyncio.CancelledError) and reason == "replaced"
+            state.phase = Phase.STOPPED if replaced else Phase.FAILED
+            state.last_error, state.instance_id = (None if replaced else message), None
             state.running_profile = None
-            self.metrics.starts.labels(model=state.name, outcome="failed").inc()
+            self.metrics.starts.labels(model=state.name, outcome="cancelled" if reason else "failed").inc()
             self._notify()
             if instance_id is not None:
                 await asyncio.shield(self._delete_instance(instance_id))  # nothing is left behind
-            if not isinstance(exc, Exception):
-                raise  # cancelled (shutdown)
             log.warning("%s", message)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: by a stop, delete or replace, or at shutdown
             raise StartFailed(message) from None
         seconds = time.monotonic() - started
         state.phase = Phase.READY
@@ -395,47 +487,37 @@ class FrontDoor:
 
     async def _create(self, state: ModelState, profile: ModelProfile) -> InstanceRecord:
         # From here the manager's own reservation holds the slot (taken before its first await).
-        self._claims.discard(state.name)
+        self._claims.discard(id(state))
         config = profile.instance_config(state.name)
         return await self._manager.create(config, _instance_id_for(state.name), received_at=time.time())
 
     async def _make_room(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         """Wait until ``profile`` fits (evicting idle front-door instances), then claim its slot."""
         wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu)
-        queued = False
-        try:
-            while True:
-                victims = room.plan_room(
-                    wanted,
-                    self._holders(exclude=state.name),
-                    live=self._manager.live_count() + len(self._claims),
-                    max_instances=self._settings.max_instances,
+        while True:
+            victims = room.plan_room(
+                wanted,
+                self._holders(exclude=state.name),
+                live=self._manager.live_count() + len(self._claims),
+                max_instances=self._settings.max_instances,
+            )
+            if victims is not None:
+                self._claims.add(id(state))
+                stops = [self._begin_stop(self._states[name], "evicted") for name in victims]
+                if stops:
+                    await asyncio.wait(stops)
+                return
+            compiling = self._compiler.yield_room()  # serving comes first: look again once it is gone
+            if compiling is not None:
+                await asyncio.wait({compiling})
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoRoom(
+                    f"no room to start model {state.name!r} within {self._settings.queue_timeout:g}s: "
+                    "every instance that could make room is busy or not evictable"
                 )
-                if victims is not None:
-                    self._claims.add(state.name)
-                    stops = [self._begin_stop(self._states[name], "evicted") for name in victims]
-                    if stops:
-                        await asyncio.wait(stops)
-                    return
-                compiling = self._compiler.yield_room()  # serving comes first: look again once it is gone
-                if compiling is not None:
-                    await asyncio.wait({compiling})
-                    continue
-                if not queued:
-                    if self._queued >= self._settings.queue_max:
-                        raise NoRoom(f"no room to start model {state.name!r} and the start queue is full")
-                    self._queued += 1
-                    queued = True
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise NoRoom(
-                        f"no room to start model {state.name!r} within {self._settings.queue_timeout:g}s: "
-                        "every instance that could make room is busy or not evictable"
-                    )
-                await self._wait_change(min(remaining, REAP_INTERVAL))
-        finally:
-            if queued:
-                self._queued -= 1
+            await self._wait_change(min(remaining, REAP_INTERVAL))
 
     def _holders(self, exclude: str) -> list[room.Holder]:
         holders = []
@@ -447,6 +529,7 @@ class FrontDoor:
             evictable = (
                 state.phase is Phase.READY
                 and state.in_flight == 0
+                and state.waiting == 0
                 and state not in self._removed
                 and self._live_record(state) is not None  # a dead one frees no slot: the reaper removes it
             )
@@ -517,7 +600,7 @@ class FrontDoor:
                 self._lost(state)
                 self._notify()
                 continue
-            if state.in_flight:
+            if state.in_flight or state.waiting:
                 continue
             idle_timeout = effective_idle_timeout(state.profile, self.default_idle_timeout)
             if state.retire:

@@ -9,10 +9,14 @@ shape ``{"error": {"message", "type", "code"}}``; ``/v2/vllm/models`` errors the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import httpx
 from pydantic import ValidationError
@@ -36,6 +40,8 @@ _REQUEST_HEADERS_DROPPED = frozenset(
 _RESPONSE_HEADERS_DROPPED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection", "date", "server"}
 )
+log = logging.getLogger("launcher.front_door")
+T = TypeVar("T")
 OPENAI_PREFIX = "/v1/"  # the front door's paths: errors here are OpenAI-shaped
 UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics label for names no profile has
 RETRY_AFTER_SECONDS = "5"
@@ -67,6 +73,26 @@ def openai_error(status: int, message: str, error_type: str, code: str | None = 
     return JSONResponse({"error": {"message": message, "type": error_type, "code": code}}, status, headers=headers)
 
 
+def has_dot_segment(raw_path: bytes) -> bool:
+    """True if a segment of the path is ``.`` or ``..``, as sent or percent-decoded.
+
+    Such a path would leave ``/v1`` once normalised (httpx does) and reach the instance's own
+    ``/sleep``, ``/collective_rpc`` and so on: the front door refuses it before routing.
+    """
+    return any(unquote_to_bytes(segment) in (b".", b"..") for segment in raw_path.split(b"/"))
+
+
+def dot_segment_error() -> JSONResponse:
+    """The answer to a path with ``.`` or ``..`` segments."""
+    return openai_error(400, "The request path has '.' or '..' segments: send it without them.", "BadRequestError",
+                        "invalid_path")  # fmt: skip
+
+
+def _raw_path(request: Request) -> bytes:
+    raw: bytes | None = request.scope.get("raw_path")
+    return raw if raw is not None else request.url.path.encode()
+
+
 def _model_entry(label: str, door: FrontDoor, created: int) -> dict[str, Any]:
     state = door.resolve(label)
     assert state is not None
@@ -83,6 +109,8 @@ async def list_models(request: Request) -> JSONResponse:
 
 async def get_model(request: Request) -> JSONResponse:
     """``GET /v1/models/{model}``: one name or alias."""
+    if has_dot_segment(_raw_path(request)):
+        return dot_segment_error()
     label = request.path_params["model"]
     door = _door(request)
     if door.resolve(label) is None:
@@ -95,6 +123,8 @@ def _model_name(body: bytes) -> str | JSONResponse:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return openai_error(400, f"The request body is not valid JSON: {exc}", "BadRequestError", "invalid_json")
+    except RecursionError:
+        return openai_error(400, "The request body is nested too deeply to read.", "BadRequestError", "invalid_json")
     if not isinstance(data, dict):
         return openai_error(400, "The request body must be a JSON object.", "BadRequestError", "invalid_body")
     model = data.get("model")
@@ -108,12 +138,8 @@ class _UpstreamResponse(StreamingResponse):
     """vLLM's answer, passed on chunk by chunk; the lease is given back however it ends."""
 
     def __init__(self, upstream: httpx.Response, door: FrontDoor, lease: Lease) -> None:
-        super().__init__(upstream.aiter_raw(), status_code=upstream.status_code)
-        self.raw_headers = [
-            (name, value)
-            for name, value in upstream.headers.raw
-            if name.decode("latin-1").lower() not in _RESPONSE_HEADERS_DROPPED
-        ]
+        super().__init__(_relay(upstream, lease), status_code=upstream.status_code)
+        self.raw_headers = _passed_headers(upstream.headers.raw, _RESPONSE_HEADERS_DROPPED)
         self._upstream = upstream
         self._door = door
         self._lease = lease
@@ -130,12 +156,66 @@ class _UpstreamResponse(StreamingResponse):
                 self._door.release(self._lease)
 
 
+async def _relay(upstream: httpx.Response, lease: Lease) -> AsyncIterator[bytes]:
+    """The upstream body; an upstream that fails or goes silent mid-answer ends it, said once in the log
+    and, for a stream, with an OpenAI-shaped error event the client can read."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:
+        what = "stopped sending (read timeout)" if isinstance(exc, httpx.ReadTimeout) else f"failed: {exc!r}"
+        message = f"The model's instance {lease.record.instance_id} {what} in the middle of its answer."
+        log.warning("model %s: %s", lease.state.name, message)
+        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            error = {"error": {"message": message, "type": "ServiceUnavailableError", "code": "upstream_failed"}}
+            yield f"data: {json.dumps(error)}\n\n".encode()
+
+
+def _passed_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[str]) -> list[tuple[bytes, bytes]]:
+    """``headers`` less the hop-by-hop ones: ``dropped`` and those the ``Connection`` header names."""
+    headers = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.decode("latin-1").lower() == "connection"
+        for token in value.decode("latin-1").split(",")
+    }
+    return [(name, value) for name, value in headers if (key := name.decode("latin-1").lower()) not in dropped
+            and key not in named]  # fmt: skip
+
+
 def _forwarded_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(name, value) for name, value in headers if name.decode("latin-1").lower() not in _REQUEST_HEADERS_DROPPED]
+    return _passed_headers(headers, _REQUEST_HEADERS_DROPPED)
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) if the client hangs up first.
+
+    The body is read already, so the next ASGI message is ``http.disconnect`` once the client is gone.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def proxy(request: Request) -> StreamingResponse | JSONResponse:
     """``POST /v1/...``: route by ``"model"`` to that model's instance, starting it if needed."""
+    if has_dot_segment(_raw_path(request)):
+        return dot_segment_error()
     door = _door(request)
     cap = request.app.state.settings.proxy_max_body_bytes
     body = await read_capped(request, cap)
@@ -152,7 +232,7 @@ async def proxy(request: Request) -> StreamingResponse | JSONResponse:
                             "model_not_found")  # fmt: skip
     answer: StreamingResponse | JSONResponse
     try:
-        lease = await door.acquire(state)
+        lease = await _unless_client_leaves(request, door.acquire(state))
     except StartFailed as exc:
         answer = openai_error(502, str(exc), "ServiceUnavailableError", "model_start_failed")
     except NoRoom as exc:
@@ -161,6 +241,9 @@ async def proxy(request: Request) -> StreamingResponse | JSONResponse:
     except NotFound as exc:
         answer = openai_error(404, str(exc), "NotFoundError", "model_not_found")
     else:
+        if lease is None:  # the client left while it waited: it is out of the queue, nothing to send
+            door.metrics.requests.labels(model=state.name, status="499").inc()
+            return JSONResponse({}, status_code=499)
         answer = await _send_upstream(request, door, lease, body)
     door.metrics.requests.labels(model=state.name, status=str(answer.status_code)).inc()
     return answer
@@ -171,8 +254,7 @@ async def _send_upstream(
 ) -> StreamingResponse | JSONResponse:
     record = lease.record
     # The path as the client sent it (still percent-encoded), not as Starlette decoded it.
-    raw_path = request.scope.get("raw_path") or request.url.path.encode()
-    url = f"http://{readiness.probe_host(record.host)}:{record.port}{raw_path.decode('latin-1')}"
+    url = f"http://{readiness.probe_host(record.host)}:{record.port}{_raw_path(request).decode('latin-1')}"
     if request.url.query:
         url += "?" + request.url.query
     client: httpx.AsyncClient = request.app.state.proxy_client
@@ -180,7 +262,10 @@ async def _send_upstream(
         upstream_request = client.build_request(
             request.method, url, content=body, headers=_forwarded_headers(request.headers.raw)
         )
-        upstream = await client.send(upstream_request, stream=True)
+        upstream = await _unless_client_leaves(request, client.send(upstream_request, stream=True))
+        if upstream is None:  # gone before vLLM's headers: the upstream request is closed, vLLM aborts it
+            door.release(lease)
+            return JSONResponse({}, status_code=499)
     except httpx.InvalidURL as exc:
         door.release(lease)
         return openai_error(400, f"The request path cannot be passed on: {exc}", "BadRequestError", "invalid_path")

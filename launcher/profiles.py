@@ -43,6 +43,9 @@ class ModelProfile(BaseModel):
     idle_timeout: float | None = Field(
         default=None, ge=0, description="seconds without a request before it is stopped (0: never; unset: the default)"
     )
+    start_timeout: float | None = Field(
+        default=None, gt=0, description="seconds a start may take to be ready before it fails (unset: --start-timeout)"
+    )
     aliases: list[StrictStr] = Field(default_factory=list, description="other names clients may use")
     preload: StrictBool = Field(default=False, description="start it when the launcher starts")
     share_gpu: StrictBool = Field(
@@ -65,6 +68,20 @@ class ModelProfile(BaseModel):
             raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         return self
 
+    def host(self, tokens: list[str] | None = None) -> str | None:
+        """The ``--host`` the options set (None: the front door's loopback default)."""
+        if tokens is None:
+            try:
+                tokens = shlex.split(self.options)
+            except ValueError:
+                return None
+        for index, token in enumerate(tokens):
+            if token == "--host":
+                return tokens[index + 1] if index + 1 < len(tokens) else ""
+            if token.startswith("--host="):
+                return token.split("=", 1)[1]
+        return None
+
     def instance_config(self, name: str) -> VllmConfig:
         """The instance to create: the options (plus the names clients use), env, GPUs, annotations."""
         options = self.options
@@ -74,6 +91,9 @@ class ModelProfile(BaseModel):
             tokens = []  # VllmConfig.argv reports the quoting error when the instance is created
         if not any(token == _SERVED_NAME_FLAG or token.startswith(_SERVED_NAME_FLAG + "=") for token in tokens):
             options += " " + shlex.join([_SERVED_NAME_FLAG, name, *self.aliases])
+        if self.host(tokens) is None:
+            # Reached through the front door only, which checks the token: nothing to open to the network.
+            options += " --host 127.0.0.1"
         return VllmConfig(
             options=options,
             env_vars=self.env_vars,

@@ -76,8 +76,12 @@ class Settings:
         True, "compile each front-door model (vLLM's default mode) in a throwaway instance before its first request"
     )
     compile_ahead_timeout: float = _setting(1800.0, "seconds a front-door compile-ahead may take before it is given up")
+    start_timeout: float = _setting(1800.0, "seconds a front-door start may take to be ready before it fails")
     queue_timeout: float = _setting(60.0, "seconds a front-door start waits for room before a 503")
-    queue_max: int = _setting(256, "most front-door starts waiting for room at once (503 beyond)")
+    queue_max: int = _setting(256, "most front-door requests waiting for a start at once (503 beyond)")
+    proxy_read_timeout: float = _setting(
+        300.0, "seconds a front-door upstream may send nothing before its request ends with an error (0: never)"
+    )
     proxy_max_body_bytes: int = _setting(16 * 1024 * 1024, "largest /v1 request body, in bytes (413 above)")
 
     def resolved_log_dir(self) -> str:

@@ -272,3 +272,15 @@ def test_options_the_parser_rejects_are_refused_when_the_profile_is_put(tmp_path
         assert answer.status_code == 400
         assert "the following arguments are required: --model" in answer.json()["detail"]
         assert launcher.client.get("/v2/vllm/models/no-model").status_code == 404
+
+
+def test_two_models_asked_at_once_on_a_one_instance_node_are_both_served(tmp_path: Path) -> None:
+    # The livelock seen on Python 3.12: a model that had just become ready was evicted by the
+    # other model's room check before its own waiters held their leases, and so on, back and forth.
+    models = "idle_timeout: 0\nmodels:\n  a: {options: --model A}\n  b: {options: --model B}\n"
+    with front_door(tmp_path, models, LAUNCHER_MAX_INSTANCES="1", LAUNCHER_QUEUE_TIMEOUT="30") as launcher:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda model: ask(launcher, model), ["a", "b", "a", "b"]))
+        assert [answer.status_code for answer in answers] == [200] * 4, [answer.text for answer in answers]
+        starts = sum(metric(launcher, "launcher_front_door_starts_total", model=m, outcome="ready") for m in "ab")
+        assert starts <= 3, starts  # each model once, and at most one more start: no start, evict, start loop
