@@ -10,12 +10,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from launcher.profiles import MODEL_ANNOTATION
@@ -284,3 +286,113 @@ def test_two_models_asked_at_once_on_a_one_instance_node_are_both_served(tmp_pat
         assert [answer.status_code for answer in answers] == [200] * 4, [answer.text for answer in answers]
         starts = sum(metric(launcher, "launcher_front_door_starts_total", model=m, outcome="ready") for m in "ab")
         assert starts <= 3, starts  # each model once, and at most one more start: no start, evict, start loop
+
+
+def test_a_start_past_its_deadline_fails_and_leaves_nothing(tmp_path: Path) -> None:
+    models = 'models:\n  hung: {options: "--model H --startup-delay 60", start_timeout: 1}\n'
+    with front_door(tmp_path, models) as launcher:
+        answer = ask(launcher, "hung")
+        assert answer.status_code == 502, answer.text
+        assert "not ready within 1s (start_timeout)" in answer.json()["error"]["message"]
+        assert model_state(launcher, "hung")["state"] == "failed"
+        wait_until(lambda: not instances_of(launcher, "hung"), 10, what="the hung instance to go")
+
+
+@pytest.mark.parametrize("how", ["stop", "delete", "replace"])
+def test_stop_delete_and_replace_cancel_a_hung_start(tmp_path: Path, how: str) -> None:
+    models = 'models:\n  hung: {options: "--model H --startup-delay 120"}\n'
+    with front_door(tmp_path, models) as launcher, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(ask, launcher, "hung")
+        wait_until(lambda: instances_of(launcher, "hung"), 10, what="the start to begin")
+        if how == "stop":
+            done = launcher.client.post("/v2/vllm/models/hung/stop", timeout=20)  # not after the 120 s start
+            assert done.status_code == 200 and done.json()["state"] == "failed"
+            assert "start was cancelled (stopped)" in waiting.result(timeout=20).json()["error"]["message"]
+        elif how == "delete":
+            assert launcher.client.delete("/v2/vllm/models/hung", timeout=20).status_code == 200
+            assert waiting.result(timeout=20).status_code == 404
+        else:  # the waiting request is served by the new profile's instance
+            replaced = launcher.client.put("/v2/vllm/models/hung", json={"options": "--model H2"}, timeout=20)
+            assert replaced.status_code == 200
+            answer = waiting.result(timeout=20)
+            assert answer.status_code == 200 and answer.json()["model"] == "hung"
+        wait_until(lambda: len(instances_of(launcher, "hung")) <= (how == "replace"), 10, what="the hung instance to go")
+
+
+def test_queue_max_bounds_the_requests_that_wait(tmp_path: Path) -> None:
+    models = 'models:\n  slow: {options: "--model S --startup-delay 3"}\n'
+    with front_door(tmp_path, models, LAUNCHER_QUEUE_MAX="2") as launcher:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: ask(launcher, "slow"), range(5)))
+        statuses = sorted(answer.status_code for answer in answers)
+        assert statuses == [200, 200, 503, 503, 503], [answer.text for answer in answers]
+        refused = next(answer for answer in answers if answer.status_code == 503)
+        assert refused.headers["retry-after"] and "--queue-max 2" in refused.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_while_waiting_leaves_the_queue_and_its_lease(tmp_path: Path) -> None:
+    models = 'idle_timeout: 0\nmodels:\n  slow: {options: "--model S --startup-delay 2"}\n'
+    with front_door(tmp_path, models) as launcher:
+        with pytest.raises(httpx.ReadTimeout):  # gone while the model starts
+            launcher.client.post("/v1/completions", json={"model": "slow"}, timeout=0.5)
+        wait_until(lambda: metric(launcher, "launcher_front_door_queue_depth") == 0, 1, what="the queue to empty")
+        assert metric(launcher, "launcher_front_door_requests_total", model="slow", status="499") == 1
+        wait_until(lambda: model_state(launcher, "slow")["state"] == "ready", 10, what="the start to finish")
+        with pytest.raises(httpx.ReadTimeout):  # gone before vLLM's headers: vLLM would compute for no one
+            launcher.client.post("/v1/completions", json={"model": "slow", "delay": 30}, timeout=0.5)
+        wait_until(lambda: model_state(launcher, "slow")["in_flight"] == 0, 1, what="the lease to be released")
+
+
+def test_an_upstream_that_goes_silent_ends_its_request(tmp_path: Path) -> None:
+    models = 'models:\n  m: {options: "--model M"}\n'
+    with front_door(tmp_path, models, LAUNCHER_PROXY_READ_TIMEOUT="1") as launcher:
+        answer = ask(launcher, "m", delay=30)
+        assert answer.status_code == 502 and answer.json()["error"]["code"] == "upstream_unreachable"
+        assert model_state(launcher, "m")["in_flight"] == 0
+        with launcher.client.stream("POST", "/v1/completions", json={"model": "m", "stream": True, "chunks": 3,
+                                                                      "interval": 5}) as stream:  # fmt: skip
+            events = [line for line in stream.iter_lines() if line]
+        assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "upstream_failed"
+
+
+def _raw_request(launcher: LauncherProcess, path: str, body: bytes) -> tuple[int, bytes]:
+    """A request sent as written, like `curl --path-as-is`: no client normalises the path."""
+    host, port = launcher.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n".encode() + body
+        )
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload
+
+
+@pytest.mark.parametrize("path", ["/v1/../sleep", "/v1/%2e%2e/wake_up", "/v1/./completions", "/v1/x/%2E%2E/%2e%2e/is_sleeping"])
+def test_paths_with_dot_segments_reach_nothing(tmp_path: Path, path: str) -> None:
+    with front_door(tmp_path, 'models:\n  m: {options: "--model M"}\n') as launcher:
+        status, payload = _raw_request(launcher, path, b'{"model": "m"}')
+        assert status == 400 and json.loads(payload)["error"]["code"] == "invalid_path"
+        assert not instances_of(launcher, "m")  # refused before routing: nothing was even started
+
+
+def test_deeply_nested_json_is_an_openai_shaped_400(tmp_path: Path) -> None:
+    with front_door(tmp_path, 'models:\n  m: {options: "--model M"}\n') as launcher:
+        answer = launcher.client.post("/v1/completions", content=b"[" * 100_000 + b"]" * 100_000)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
+
+
+def test_with_a_token_front_door_instances_listen_on_loopback_only(tmp_path: Path) -> None:
+    models = 'models:\n  m: {options: "--model M"}\n'
+    with front_door(tmp_path, models, LAUNCHER_API_TOKEN="s3cret") as launcher:
+        headers = {"Authorization": "Bearer s3cret"}
+        assert launcher.client.post("/v1/completions", json={"model": "m"}, headers=headers).status_code == 200
+        [instance] = launcher.client.get("/v2/vllm/instances", headers=headers).json()["instances"]
+        listening = {
+            conn.laddr.ip
+            for conn in psutil.Process(instance["pid"]).net_connections(kind="inet")
+            if conn.status == psutil.CONN_LISTEN
+        }
+        assert listening == {"127.0.0.1"}, listening  # not reachable from the network without the token
