@@ -366,6 +366,8 @@ class FrontDoor:
                 await asyncio.wait({state.start_task})
             finally:
                 state.waiting -= 1
+            if self._states.get(state.name) is not state:
+                raise NotFound(f"model {state.name!r} was removed")
             outcome = _phase(state)  # what the start left
             if outcome is Phase.FAILED and state.last_error is not None:
                 raise StartFailed(state.last_error)
