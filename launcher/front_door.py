@@ -315,6 +315,18 @@ class FrontDoor:
         finally:
             state.retire = False
 
+    def _start_never_ran(self, state: ModelState, task: asyncio.Task[None]) -> None:
+        """A start cancelled before its first step runs no handler of its own: settle its phase here."""
+        if state.start_task is not task or state.phase is not Phase.STARTING:
+            return  # the start set its outcome itself
+        reason, state.cancel_reason = state.cancel_reason, None
+        if reason == "replaced":
+            state.phase, state.last_error = Phase.STOPPED, None  # its waiters start the new profile
+        else:
+            state.phase, state.last_error = Phase.FAILED, f"model {state.name!r}: its start was cancelled ({reason})"
+        self._claims.discard(id(state))
+        self._notify()
+
     def _cancel_start(self, state: ModelState, reason: str) -> None:
         if state.start_task is not None and not state.start_task.done():
             state.cancel_reason = reason
@@ -381,7 +393,8 @@ class FrontDoor:
         state.last_error = None
         state.retire = False  # whatever was retired is gone: this start uses the current profile
         self._compiler.forget(state.name)  # the real instance compiles (or loads) by itself
-        state.start_task = self._spawn(self._start(state), f"start-{state.name}")
+        task = state.start_task = self._spawn(self._start(state), f"start-{state.name}")
+        task.add_done_callback(lambda _: self._start_never_ran(state, task))
 
     def release(self, lease: Lease) -> None:
         """The request holding ``lease`` is over (answered, failed or cut off by the client)."""

@@ -193,7 +193,10 @@ async def _run(schedule: list[tuple[str, str, int]], models: int, max_instances:
     if not all(task.done() for task in everything):  # a wait with a timer (a room check): real time then
         await asyncio.wait(everything, timeout=SETTLE_SECONDS)
     pending = [task for task in everything if not task.done()]
-    assert not pending, f"{len(pending)} request(s) or operations never ended: a hang or a livelock"
+    assert not pending, (
+        f"{len(pending)} request(s) or operations never ended: a hang or a livelock; "
+        f"{[state.to_json(0) for state in door.states()]}; {schedule=} {max_instances=} {delays=} {failures=}"
+    )
     outcomes = [task.result() for task in requests]
     assert set(outcomes) <= {"200", "404", "502", "503"}, outcomes
     assert manager.most_live <= max_instances
