@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher import room
-from launcher.compile_ahead import CompileAhead, Compiled, needs_compile
+from launcher.compile_ahead import COMPILE_ANNOTATION, CompileAhead, Compiled, needs_compile
 from launcher.errors import NotFound
 from launcher.manager import InstanceManager
 from launcher.metrics import FrontDoorMetrics
-from launcher.profiles import ModelProfile, ModelsFile, ProfileError, check_name
+from launcher.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFile, ProfileError, check_name
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
 
@@ -148,6 +148,7 @@ class FrontDoor:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics = FrontDoorMetrics(manager.metrics.registry, queue_depth=lambda: self._queued)
+        manager.on_adopted(self._adopt)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,6 +176,43 @@ class FrontDoor:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_failure)
         return task
+
+    def _adopt(self, records: list[InstanceRecord]) -> None:
+        """Take back the front-door instances a forkserver kept across an API restart.
+
+        One started with its model's current profile, ready and alive, is the model's instance
+        again (``ready``; idle stop and eviction apply from now). Anything else the front door
+        started is stopped: a throwaway compile, a start that was not finished, an instance whose
+        profile changed or is gone, or a second one of a model. So no model has two instances.
+        """
+        for record in records:
+            annotations = record.config.annotations or {}
+            name = annotations.get(MODEL_ANNOTATION)
+            if name is None:
+                continue  # created through /v2/vllm/instances: not the front door's
+            state = self._states.get(name)
+            takes_it = (
+                state is not None
+                and COMPILE_ANNOTATION not in annotations
+                and record.live
+                and record.ready
+                and state.phase is Phase.STOPPED
+                and state.instance_id is None
+                and state.profile.instance_config(name) == record.config
+            )
+            if state is not None and takes_it:
+                state.phase, state.instance_id, state.running_profile = Phase.READY, record.instance_id, state.profile
+                state.last_used, state.compiled = time.time(), True
+                log.info("model %s: adopted its instance %s", name, record.instance_id)
+                continue
+            if record.live:
+                log.info(
+                    "stopping instance %s of model %s: not the instance of its current profile",
+                    record.instance_id,
+                    name,
+                )
+            self._spawn(self._delete_instance(record.instance_id), f"remove-{record.instance_id}")
+        self._notify()
 
     # ------------------------------------------------------------------ names
 

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,7 @@ class InstanceManager:
         self.metrics.attach(self._metrics_snapshot)
         self._http: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._adoption_listeners: list[Callable[[list[InstanceRecord]], None]] = []
         self.forkserver = ForkserverSupervisor(
             settings, on_event=self._on_event, on_lost=self._on_forkserver_lost, on_connected=self._adopt
         )
@@ -357,8 +359,20 @@ class InstanceManager:
             client = await self.forkserver.client()
             await client.request(protocol.OP_NOTE, instance_id=instance_id, meta=meta)
 
+    def on_adopted(self, listener: Callable[[list[InstanceRecord]], None]) -> None:
+        """Call ``listener`` with the records each attach adopted (the front door takes its own back)."""
+        self._adoption_listeners.append(listener)
+
     async def _adopt(self, hello: dict[str, Any]) -> None:
         """Take over the instances a forkserver already holds (one started on its own)."""
+        adopted: list[InstanceRecord] = []
+        try:
+            await self._adopt_each(hello, adopted)
+        finally:
+            for listener in self._adoption_listeners:
+                listener(adopted)
+
+    async def _adopt_each(self, hello: dict[str, Any], adopted: list[InstanceRecord]) -> None:
         for item in hello.get("instances", []):
             instance_id = str(item["instance_id"])
             record = self._records.get(instance_id)
@@ -372,6 +386,7 @@ class InstanceManager:
                 if record.live and not record.ready:
                     runtime.probe = asyncio.create_task(self._probe(record), name=f"probe-{instance_id}")
                 log.info("adopted instance %s (pid %s, %s)", instance_id, record.pid, record.status.value)
+                adopted.append(record)
             if not item.get("running") and record.live:
                 self._stopped(record, exit_code=item.get("exit_code"), stopped_at=item.get("stopped_at"), reason=None)
 
