@@ -60,6 +60,8 @@ class _Health(BaseHTTPRequestHandler):
             self._answer(404, json.dumps({"error": {"message": f"no model {request.get('model')!r}"}}).encode())
             return
         echo = {"object": "standin", "model": request["model"], "path": self.path, "pid": os.getpid()}
+        if request.get("echo_headers"):
+            echo["headers"] = {name.lower(): value for name, value in self.headers.items()}
         time.sleep(float(request.get("delay", 0.0)))  # thinking before the headers, like a long completion
         if not request.get("stream"):
             self._answer(200, json.dumps(echo).encode())

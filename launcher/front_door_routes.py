@@ -138,7 +138,7 @@ class _UpstreamResponse(StreamingResponse):
     """vLLM's answer, passed on chunk by chunk; the lease is given back however it ends."""
 
     def __init__(self, upstream: httpx.Response, door: FrontDoor, lease: Lease) -> None:
-        super().__init__(_relay(upstream, lease), status_code=upstream.status_code)
+        super().__init__(_relay(upstream, door, lease), status_code=upstream.status_code)
         self.raw_headers = _passed_headers(upstream.headers.raw, _RESPONSE_HEADERS_DROPPED)
         self._upstream = upstream
         self._door = door
@@ -156,7 +156,7 @@ class _UpstreamResponse(StreamingResponse):
                 self._door.release(self._lease)
 
 
-async def _relay(upstream: httpx.Response, lease: Lease) -> AsyncIterator[bytes]:
+async def _relay(upstream: httpx.Response, door: FrontDoor, lease: Lease) -> AsyncIterator[bytes]:
     """The upstream body; an upstream that fails or goes silent mid-answer ends it, said once in the log
     and, for a stream, with an OpenAI-shaped error event the client can read."""
     try:
@@ -166,6 +166,7 @@ async def _relay(upstream: httpx.Response, lease: Lease) -> AsyncIterator[bytes]
         what = "stopped sending (read timeout)" if isinstance(exc, httpx.ReadTimeout) else f"failed: {exc!r}"
         message = f"The model's instance {lease.record.instance_id} {what} in the middle of its answer."
         log.warning("model %s: %s", lease.state.name, message)
+        door.metrics.upstream_errors.labels(model=lease.state.name).inc()
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             error = {"error": {"message": message, "type": "ServiceUnavailableError", "code": "upstream_failed"}}
             yield f"data: {json.dumps(error)}\n\n".encode()

@@ -108,7 +108,15 @@ class FrontDoorMetrics:
             "launcher_front_door_idle_stops", "Instances stopped after their idle timeout, by model", ["model"],
             registry=registry,
         )  # fmt: skip
-        depth = Gauge("launcher_front_door_queue_depth", "Starts waiting for room", registry=registry)
+        self.upstream_errors = Counter(
+            "launcher_front_door_upstream_errors",
+            "Answers cut off because the instance failed or went silent mid-answer, by model",
+            ["model"],
+            registry=registry,
+        )
+        depth = Gauge(
+            "launcher_front_door_queue_depth", "Requests waiting for a model that is not ready", registry=registry
+        )
         depth.set_function(queue_depth)
 
 

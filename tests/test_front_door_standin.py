@@ -353,6 +353,15 @@ def test_an_upstream_that_goes_silent_ends_its_request(tmp_path: Path) -> None:
                                                                       "interval": 5}) as stream:  # fmt: skip
             events = [line for line in stream.iter_lines() if line]
         assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "upstream_failed"
+        assert metric(launcher, "launcher_front_door_upstream_errors_total", model="m") == 1
+
+
+def test_headers_the_connection_header_names_are_not_passed_on(tmp_path: Path) -> None:
+    with front_door(tmp_path, 'models:\n  m: {options: "--model M"}\n') as launcher:
+        headers = {"Connection": "keep-alive, X-Hop", "X-Hop": "secret", "X-Kept": "yes"}
+        answer = launcher.client.post("/v1/completions", json={"model": "m", "echo_headers": True}, headers=headers)
+        passed = answer.json()["headers"]
+        assert passed["x-kept"] == "yes" and "x-hop" not in passed
 
 
 def _raw_request(launcher: LauncherProcess, path: str, body: bytes) -> tuple[int, bytes]:
