@@ -83,18 +83,23 @@ class CompileAhead:
         *,
         timeout: float,
         on_done: Callable[[str, ModelProfile, Compiled, str | None], None],
+        serving_waits: Callable[[], bool] = lambda: False,
     ) -> None:
-        """``on_done(name, profile, compiled, error)`` reports every change of a model's state."""
+        """``on_done(name, profile, compiled, error)`` reports every change of a model's state;
+        while ``serving_waits()`` (a start waits for room) no throwaway is started."""
         self._manager = manager
         self._timeout = timeout
         self._on_done = on_done
+        self._serving_waits = serving_waits
         self._queue: dict[str, _Job] = {}
         self._current: _Job | None = None
         self._wake = asyncio.Event()
 
     def request(self, name: str, profile: ModelProfile) -> None:
-        """Compile ``profile`` of model ``name`` (again, if asked again); later asks replace earlier ones."""
-        if self._current is not None and self._current.name == name and self._current.profile != profile:
+        """Compile ``profile`` of model ``name``; later asks replace earlier ones."""
+        if self._current is not None and self._current.name == name:
+            if self._current.profile == profile:
+                return  # under way already
             self.cancel(name)
         self._queue[name] = _Job(name, profile)
         self._wake.set()
@@ -127,9 +132,10 @@ class CompileAhead:
     async def run_forever(self) -> None:
         """Work the queue, one model at a time, until cancelled."""
         while True:
-            while not self._queue:
+            while not self._queue or self._serving_waits():
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS)
             name = next(iter(self._queue))
             job = self._queue.pop(name)
             self._current = job

@@ -134,7 +134,13 @@ class FrontDoor:
         self.default_idle_timeout = models.idle_timeout
         self._states: dict[str, ModelState] = {}
         self._labels: dict[str, str] = {}  # name or alias -> name
-        self._compiler = CompileAhead(manager, timeout=settings.compile_ahead_timeout, on_done=self._compiled)
+        self._making_room = 0  # starts waiting for room: compile-ahead waits for them
+        self._compiler = CompileAhead(
+            manager,
+            timeout=settings.compile_ahead_timeout,
+            on_done=self._compiled,
+            serving_waits=lambda: self._making_room > 0,
+        )
         # Only vLLM compiles: a stand-in's profiles are compiled ahead only when asked (POST .../warm).
         self._auto_compile = settings.compile_ahead and settings.forkserver_workload == "vllm"
         for name, profile in models.models.items():
@@ -547,6 +553,13 @@ class FrontDoor:
     async def _make_room(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         """Wait until ``profile`` fits (evicting idle front-door instances), then claim its slot."""
         wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu)
+        self._making_room += 1
+        try:
+            await self._make_room_for(state, wanted, deadline)
+        finally:
+            self._making_room -= 1
+
+    async def _make_room_for(self, state: ModelState, wanted: room.Wanted, deadline: float) -> None:
         while True:
             victims = room.plan_room(
                 wanted,

@@ -58,6 +58,9 @@ class MemoryManager:
         self.created_per_model: dict[str, int] = {}
         self.most_live = 0
 
+    def on_adopted(self, listener: Any) -> None:
+        pass  # nothing is ever adopted here
+
     def live_count(self) -> int:
         return sum(record.live for record in self.records.values())
 
