@@ -335,8 +335,12 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue_and_its_lease(tmp_p
     with front_door(tmp_path, models) as launcher:
         with pytest.raises(httpx.ReadTimeout):  # gone while the model starts
             launcher.client.post("/v1/completions", json={"model": "slow"}, timeout=0.5)
-        wait_until(lambda: metric(launcher, "launcher_front_door_queue_depth") == 0, 1, what="the queue to empty")
-        assert metric(launcher, "launcher_front_door_requests_total", model="slow", status="499") == 1
+        wait_until(
+            lambda: metric(launcher, "launcher_front_door_queue_depth") == 0
+            and metric(launcher, "launcher_front_door_requests_total", model="slow", status="499") == 1,
+            1,
+            what="the request to leave the queue",
+        )
         wait_until(lambda: model_state(launcher, "slow")["state"] == "ready", 10, what="the start to finish")
         with pytest.raises(httpx.ReadTimeout):  # gone before vLLM's headers: vLLM would compute for no one
             launcher.client.post("/v1/completions", json={"model": "slow", "delay": 30}, timeout=0.5)

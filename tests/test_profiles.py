@@ -56,10 +56,10 @@ def test_a_bad_file_names_the_line_and_field(text: str, expected: str) -> None:
 def test_instance_config_adds_the_names_clients_use_unless_given() -> None:
     profile = ModelProfile(options="--model /m --max-model-len 256", aliases=["x y"[:1]], annotations={"team": "a"})
     config = profile.instance_config("tiny")
-    assert shlex.split(config.options)[-3:] == ["--served-model-name", "tiny", "x"]
+    assert shlex.split(config.options)[-5:] == ["--served-model-name", "tiny", "x", "--host", "127.0.0.1"]
     assert config.annotations == {"team": "a", MODEL_ANNOTATION: "tiny"}
-    own = ModelProfile(options="--model /m --served-model-name=mine").instance_config("tiny")
-    assert own.options == "--model /m --served-model-name=mine"
+    own = ModelProfile(options="--model /m --served-model-name=mine --host=::").instance_config("tiny")
+    assert own.options == "--model /m --served-model-name=mine --host=::"  # both given: nothing added
 
 
 def test_the_launcher_refuses_to_start_with_a_bad_models_file(tmp_path: Path) -> None:
