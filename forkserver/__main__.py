@@ -16,7 +16,7 @@ _ORIGINAL_ENV = dict(os.environ)
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 from forkserver import fork_safety, leftovers, osutil
-from forkserver.server import ForkServer, bind_listener
+from forkserver.server import ForkServer, bind_listener, make_private_dir
 from forkserver.workload import WorkloadOptions, load_workload
 
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forkserver: removing {len(orphans)} orphaned shared-memory segment(s)", file=sys.stderr, flush=True)
         leftovers.remove_segments(orphans)
     # Until the loop installs its handlers, SIGTERM simply ends us (nothing forked yet).
-    os.makedirs(os.path.dirname(os.path.abspath(args.socket)), mode=0o700, exist_ok=True)
+    make_private_dir(os.path.dirname(os.path.abspath(args.socket)))
     tmp_root = args.tmp_root or tempfile.mkdtemp(prefix="fs-", dir=os.path.dirname(args.socket))
     os.makedirs(tmp_root, mode=0o700, exist_ok=True)
 

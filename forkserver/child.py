@@ -28,8 +28,11 @@ def _die_with_parent() -> None:
 
 def _reset_signals() -> None:
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGPIPE):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    # As in any Python program (`vllm serve` included): a write to a closed pipe is an EPIPE error
+    # the server handles, not a signal that kills the instance.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 

@@ -78,6 +78,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
         message = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameError(f"frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise FrameError("frame is JSON nested too deeply") from None
     if not isinstance(message, dict):
         raise FrameError("frame is not a JSON object")
     return message

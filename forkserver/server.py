@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import selectors
 import shutil
@@ -28,6 +29,10 @@ from forkserver.workload import OptionsError, ParsedOptions, Workload
 
 MAX_CLIENTS = 64
 MAX_NICE = 19  # the lowest CPU priority an instance may be asked to run at
+MAX_GRACE = 3600.0  # seconds from SIGTERM to SIGKILL, at most (NaN and infinity are refused)
+MAX_OUTGOING = 8 << 20  # a client whose unread replies pass this is dropped, never waited for
+FLUSH_SECONDS = 1.0  # the most a last flush to one client may take (a frame error, shutdown)
+HELLO_BUDGET = protocol.MAX_FRAME - (64 << 10)  # a hello page's instances stay under this, encoded
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -76,12 +81,12 @@ class ForkServer:
         """Run until shut down (SIGTERM, SIGINT or a ``shutdown`` request) and every instance is gone."""
         for sock in (self._wakeup_r, self._wakeup_w, self._listener):
             sock.setblocking(False)
+        self._pending_signals: list[int] = []  # before the handlers that append to it
         signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._note_signal)
         self._selector.register(self._listener, selectors.EVENT_READ, "listener")
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
-        self._pending_signals: list[int] = []
         while True:
             for key, mask in self._selector.select(self._instances.timeout()):
                 if key.data == "listener":
@@ -155,14 +160,24 @@ class ForkServer:
                 messages = client.frames.feed(chunk)
             except protocol.FrameError as exc:
                 self._send(client, {"ok": False, "kind": protocol.KIND_INVALID, "error": str(exc)})
-                self._flush_clients()
+                self._flush_client(client)  # this client only: the others are not waited for
                 self._drop_client(fd)
                 return
             for message in messages:
                 self._send(client, self._dispatch(message))
 
     def _send(self, client: _Client, message: dict[str, Any]) -> None:
-        client.outgoing += protocol.encode(message)
+        try:
+            frame = protocol.encode(message)
+        except (protocol.FrameError, TypeError, ValueError) as exc:  # one reply can never end the server
+            frame = protocol.encode(
+                {"ok": False, "kind": protocol.KIND_INTERNAL, "error": f"reply not sent: {exc}", "id": message.get("id")}
+            )
+        client.outgoing += frame
+        if len(client.outgoing) > MAX_OUTGOING:
+            print("forkserver: dropping a client that does not read its replies", file=sys.stderr, flush=True)
+            self._drop_client(client.sock.fileno())
+            return
         self._write_pending(client)
 
     def _write_pending(self, client: _Client) -> None:
@@ -181,14 +196,24 @@ class ForkServer:
             self._selector.modify(client.sock, events, "client")
 
     def _flush_clients(self) -> None:
+        # Bounded: a client that stopped reading may hold up each flush at most FLUSH_SECONDS.
         for client in list(self._clients.values()):
-            client.sock.setblocking(True)
+            client.sock.settimeout(FLUSH_SECONDS)
             try:
                 client.sock.sendall(client.outgoing)
             except OSError:
                 pass
             client.outgoing.clear()
             client.sock.setblocking(False)
+
+    def _flush_client(self, client: _Client) -> None:
+        client.sock.settimeout(FLUSH_SECONDS)
+        try:
+            client.sock.sendall(client.outgoing)
+        except OSError:
+            pass
+        client.outgoing.clear()
+        client.sock.setblocking(False)
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         for client in list(self._clients.values()):
@@ -220,14 +245,36 @@ class ForkServer:
         return reply
 
     def _op_hello(self, message: dict[str, Any]) -> dict[str, Any]:
-        return {
+        """The forkserver and its instances, a page at a time: from ``offset``, under one frame.
+
+        ``next_offset`` is set when more instances follow (their metadata can be large).
+        """
+        offset = message.get("offset", 0)
+        if type(offset) is not int or offset < 0:
+            raise RequestError(protocol.KIND_INVALID, "offset must be an integer >= 0")
+        instances = self._instances.all()
+        page: list[dict[str, Any]] = []
+        size = 0
+        for instance in instances[offset:]:
+            described = instance.describe()
+            length = len(json.dumps(described, separators=(",", ":")))
+            if page and size + length > HELLO_BUDGET:
+                break
+            if length > HELLO_BUDGET:  # alone too big for a frame: sent without its metadata
+                described = {**described, "meta": {}, "meta_dropped": True}
+            page.append(described)
+            size += length
+        reply: dict[str, Any] = {
             "version": protocol.PROTOCOL_VERSION,
             "pid": os.getpid(),
             "workload": self._workload.name,
             "preload_seconds": self._preload_seconds,
             "threads": osutil.os_thread_count(),
-            "instances": [instance.describe() for instance in self._instances.all()],
+            "instances": page,
         }
+        if offset + len(page) < len(instances):
+            reply["next_offset"] = offset + len(page)
+        return reply
 
     def _parse(self, message: dict[str, Any]) -> ParsedOptions:
         argv = message.get("argv")
@@ -325,8 +372,8 @@ class ForkServer:
     def _op_stop(self, message: dict[str, Any]) -> dict[str, Any]:
         instance = self._lookup(message)
         grace = message.get("grace_seconds", 10.0)
-        if not isinstance(grace, (int, float)) or grace < 0:
-            raise RequestError(protocol.KIND_INVALID, "grace_seconds must be a number >= 0")
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= MAX_GRACE:
+            raise RequestError(protocol.KIND_INVALID, f"grace_seconds must be a number from 0 to {MAX_GRACE:g}")
         self._instances.stop(instance, float(grace))
         return {"running": not instance.finished}
 
@@ -347,7 +394,9 @@ class ForkServer:
 
     def _op_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
         grace = message.get("grace_seconds", 10.0)
-        self._begin_shutdown(float(grace) if isinstance(grace, (int, float)) else 10.0)
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= MAX_GRACE:
+            raise RequestError(protocol.KIND_INVALID, f"grace_seconds must be a number from 0 to {MAX_GRACE:g}")
+        self._begin_shutdown(float(grace))
         return {}
 
     def _lookup(self, message: dict[str, Any]) -> Instance:
@@ -372,11 +421,19 @@ class ForkServer:
         self._broadcast({"event": protocol.EVENT_EXITED, **instance.describe()})
 
 
-def bind_listener(path: str) -> socket.socket:
-    """A Unix stream socket at ``path`` (directory made 0700, socket 0600)."""
-    directory = os.path.dirname(path)
+def make_private_dir(directory: str) -> None:
+    """Create ``directory`` (and parents) as 0700 if it does not exist; an existing one is left as
+    it is (``--socket /tmp/x.sock`` must not chmod /tmp: the socket's own 0600 and the uid check
+    guard it)."""
+    if os.path.isdir(directory):
+        return
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    os.chmod(directory, 0o700)
+    os.chmod(directory, 0o700)  # makedirs' mode passes through the umask
+
+
+def bind_listener(path: str) -> socket.socket:
+    """A Unix stream socket at ``path`` (socket 0600; its directory made 0700 if it is new)."""
+    make_private_dir(os.path.dirname(path))
     try:
         os.unlink(path)
     except FileNotFoundError:

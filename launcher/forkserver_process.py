@@ -123,9 +123,20 @@ class ForkserverSupervisor:
             await self._on_lost(self.last_error)
             self.restarts += 1
 
+    @staticmethod
+    async def _hello(client: ForkserverClient) -> dict[str, Any]:
+        """The forkserver's hello with every instance: it comes a page at a time (``next_offset``)."""
+        hello: dict[str, Any] = await client.request("hello")
+        while "next_offset" in hello:
+            page = await client.request("hello", offset=hello.pop("next_offset"))
+            hello["instances"] = [*hello.get("instances", []), *page.get("instances", [])]
+            if "next_offset" in page:
+                hello["next_offset"] = page["next_offset"]
+        return hello
+
     async def _attach(self) -> None:
         self._client = await ForkserverClient.connect(self.socket_path, self._on_event)
-        self.hello = await self._client.request("hello")
+        self.hello = await self._hello(self._client)
         self.last_error = ""
         log.info("attached to forkserver pid %s at %s", self.hello.get("pid"), self.socket_path)
 
@@ -177,7 +188,7 @@ class ForkserverSupervisor:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"it did not listen within {self._settings.forkserver_start_timeout:.0f}s")
             await asyncio.sleep(CONNECT_POLL)
-        self.hello = await self._client.request("hello")
+        self.hello = await self._hello(self._client)
         self.last_error = ""
         log.info(
             "forkserver pid %s ready in %.1fs (preload %.1fs)",
