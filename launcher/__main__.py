@@ -6,7 +6,7 @@ import sys
 
 import uvicorn
 
-from launcher import gpus
+from launcher import dir_lock, gpus
 from launcher.app import create_app
 from launcher.profiles import ProfileError, load_models_file
 from launcher.settings import Settings
@@ -17,10 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)
     try:  # checked before anything starts: one clear line each
         load_models_file(settings.models_file)
+        dir_lock.lock(settings.resolved_log_dir())  # held for the process's life (the app takes it again)
         if settings.mock_gpus and settings.gpu_map:
             gpus.configured_gpus(mock=True, count=settings.mock_gpu_count, gpu_map=settings.gpu_map,
                                  node_name=settings.node_name)  # fmt: skip
-    except (ProfileError, gpus.GpuMapError) as exc:
+    except (ProfileError, gpus.GpuMapError, dir_lock.DirectoryInUse) as exc:
         print(f"launcher: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from forkserver import phases, protocol
-from launcher import events, gpus, ports, readiness, sweep
+from launcher import dir_lock, events, gpus, ports, readiness, sweep
 from launcher.errors import (
     BadRequest,
     Conflict,
@@ -112,6 +112,7 @@ class InstanceManager:
 
     def start(self) -> None:
         """Clean up after a killed predecessor, then start the forkserver (in the background)."""
+        dir_lock.lock(self.log_dir)  # before any sweep: a live launcher's logs are never touched
         if not self.forkserver.external:
             # An external forkserver's instances are alive and their logs are theirs: leave them.
             sweep.sweep(self.log_dir)
@@ -133,6 +134,9 @@ class InstanceManager:
             for record in self._records.values():
                 self._remove_log(record.log_path)
         self._records.clear()
+        # The default <tmp>/vllm-launcher-<uid>/<port>/logs goes once empty; a --log-dir given stays.
+        default = not self._settings.log_dir and not self.forkserver.external
+        dir_lock.release(self.log_dir, remove_empty=[self.log_dir, os.path.dirname(self.log_dir)] if default else [])
         if self._http is not None:
             await self._http.aclose()
 

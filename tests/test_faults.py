@@ -208,3 +208,40 @@ def test_reading_a_big_log_does_not_block_other_requests(standin: LauncherProces
         assert all(f.result().status_code == 206 for f in reads)
         assert all(f.result().status_code == 200 for f in health)
     assert all(len(f.result().content) == 1 << 20 for f in reads)  # 1 MiB cap on each
+
+
+def test_a_second_launcher_on_the_same_log_directory_refuses_and_deletes_nothing() -> None:
+    # `make run PORT=18500`, then `LAUNCHER_PORT=18500 uvicorn launcher.app:app --port 18531`: the
+    # second one used to sweep the first one's live logs.
+    log_dir = Path(tempfile.mkdtemp(prefix="shared-logs-"))
+    first = LauncherProcess(workload="standin", env={"LAUNCHER_LOG_DIR": str(log_dir)})
+    try:
+        assert first.create("keep", options=_options("--spam-lines 10")).status_code == 201
+        wait_until(lambda: first.state("keep")["ready"], 10, what="keep ready")
+        before = first.client.get("/v2/vllm/instances/keep/log").content
+        assert before
+        for command in (
+            [sys.executable, "-m", "launcher", "--port", str(free_port())],
+            [sys.executable, "-m", "uvicorn", "launcher.app:app", "--port", str(free_port())],
+        ):
+            second = subprocess.run(
+                command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+                env={**os.environ, "LAUNCHER_LOG_DIR": str(log_dir), "LAUNCHER_FORKSERVER_WORKLOAD": "standin",
+                     "TMPDIR": str(first.tmpdir)},
+            )  # fmt: skip
+            assert second.returncode != 0
+            assert f"the log directory {log_dir} is in use by another launcher (pid {first.process.pid})" in second.stderr
+        assert (log_dir / "keep.log").exists()
+        assert first.client.get("/v2/vllm/instances/keep/log").content.startswith(before)  # nothing lost
+    finally:
+        first.stop()
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def test_a_clean_shutdown_leaves_no_empty_log_folders() -> None:
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_LOG_DIR": ""})  # <tmp>/vllm-launcher-<uid>/<port>/logs
+    port_dir = launcher.tmpdir / f"vllm-launcher-{os.getuid()}" / str(launcher.port)
+    assert (port_dir / "logs").is_dir()
+    assert launcher.create("x", options=_options()).status_code == 201
+    assert launcher.stop() == []
+    assert not port_dir.exists()

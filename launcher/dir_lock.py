@@ -1,0 +1,58 @@
+"""One launcher per log directory: a lock held for the launcher's life.
+
+The default log directory is named after ``--port`` (``<tmp>/vllm-launcher-<uid>/<port>/logs``),
+but ``uvicorn launcher.app:app --port P`` listens on a port the settings never hear of: two
+launchers could share a directory, and the second one's start-up sweep would delete the live
+logs of the first one's instances. So the directory is locked (``flock`` on ``.launcher.lock``,
+released by the kernel when the process ends, however it ends) before anything in it is swept,
+and a second launcher refuses to start, naming the directory and the owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Sequence
+
+LOCK_FILE = ".launcher.lock"
+_held: dict[str, int] = {}  # directory -> the open lock file, for this process's life
+
+
+class DirectoryInUse(RuntimeError):
+    """Another live launcher holds the directory."""
+
+
+def lock(directory: str) -> None:
+    """Hold ``directory`` for this process (again: no-op); :class:`DirectoryInUse` if another has it."""
+    directory = os.path.abspath(directory)
+    if directory in _held:
+        return
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DirectoryInUse(
+            f"the log directory {directory} is in use by another launcher (pid {owner}); give this one its own "
+            "--log-dir (LAUNCHER_LOG_DIR), or --port if it uses the default"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held[directory] = fd
+
+
+def release(directory: str, *, remove_empty: Sequence[str] = ()) -> None:
+    """Let ``directory`` go (its lock file removed), then remove each of ``remove_empty`` that is empty."""
+    directory = os.path.abspath(directory)
+    fd = _held.pop(directory, None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(directory, LOCK_FILE))
+    os.close(fd)
+    for path in remove_empty:
+        with contextlib.suppress(OSError):  # not empty (another launcher's, a user's file): kept
+            os.rmdir(path)
