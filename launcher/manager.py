@@ -38,6 +38,17 @@ from launcher.settings import Settings
 from launcher.state import InstanceRecord
 
 log = logging.getLogger("launcher.manager")
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists (and is not a zombie awaiting its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 PHASE_LOG_BYTES = 4 << 20  # where an instance's start-phase markers are looked for
 
 
@@ -377,6 +388,12 @@ class InstanceManager:
                 listener(adopted)
 
     async def _adopt_each(self, hello: dict[str, Any], adopted: list[InstanceRecord]) -> None:
+        held = {str(item["instance_id"]) for item in hello.get("instances", [])}
+        for known in list(self._records.values()):
+            if known.live and known.instance_id not in held:  # the forkserver we knew is gone, and they with it
+                self._stopped(
+                    known, exit_code=None, stopped_at=None, reason="not held by the forkserver reconnected to"
+                )
         for item in hello.get("instances", []):
             instance_id = str(item["instance_id"])
             record = self._records.get(instance_id)
@@ -516,5 +533,8 @@ class InstanceManager:
 
     async def _on_forkserver_lost(self, reason: str) -> None:
         for record in list(self._records.values()):
-            if record.live:
-                self._stopped(record, exit_code=None, stopped_at=None, reason=reason)
+            if not record.live:
+                continue
+            if self.forkserver.external and _pid_alive(record.pid):
+                continue  # only the connection may be gone: the reconnect's hello tells (_adopt)
+            self._stopped(record, exit_code=None, stopped_at=None, reason=reason)

@@ -245,3 +245,51 @@ def test_a_clean_shutdown_leaves_no_empty_log_folders() -> None:
     assert launcher.create("x", options=_options()).status_code == 201
     assert launcher.stop() == []
     assert not port_dir.exists()
+
+
+def test_after_a_dropped_connection_the_list_matches_the_running_processes() -> None:
+    # In-process, so the test can drop the API's connection to an external forkserver (nothing
+    # outside the API can); everything else is real: the forkserver, its instances, the reconnect.
+    import asyncio
+
+    from launcher.manager import InstanceManager
+    from launcher.models import VllmConfig
+    from launcher.settings import Settings
+
+    workdir = Path(tempfile.mkdtemp(prefix="fs-drop-"))
+    socket_path = str(workdir / "run" / "fs.sock")
+    forkserver = _start_standalone_forkserver(socket_path)
+    settings = Settings(forkserver_socket=socket_path, forkserver_workload="standin", log_dir=str(workdir / "logs"))
+
+    async def scenario() -> None:
+        manager = InstanceManager(settings)
+        manager.start()
+        try:
+            await manager.forkserver.client()
+            for name in ("stays", "dies"):
+                await manager.create(VllmConfig(options=_options()), name, received_at=time.time())
+                await manager.wait_settled(name)
+            client = manager.forkserver._client  # noqa: SLF001 - the connection this test drops
+            assert client is not None
+            os.kill(manager.get("dies").pid, signal.SIGKILL)  # exits while the API is not connected
+            await client.close()
+            await asyncio.sleep(0.5)
+            await manager.forkserver.client()  # reconnected
+            for _ in range(100):
+                if not manager.get("dies").live:
+                    break
+                await asyncio.sleep(0.05)
+            stays, dies = manager.get("stays"), manager.get("dies")
+            assert stays.live and process_alive(stays.pid), "a running instance was forgotten"
+            assert os.path.exists(stays.log_path)
+            assert not dies.live and not process_alive(dies.pid)
+            await manager.delete("stays")
+        finally:
+            await manager.shutdown()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        forkserver.send_signal(signal.SIGTERM)
+        forkserver.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
