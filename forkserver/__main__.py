@@ -38,6 +38,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tmp-root", default=None, help="parent of the per-instance TMPDIRs")
     parser.add_argument(
+        "--shm-ledger",
+        default=None,
+        metavar="DIR",
+        help="where each instance's /dev/shm segments are noted for a later forkserver to remove "
+        "(default: <tmp>/vllm-launcher-<uid>/shm-ledger; see forkserver/leftovers.py)",
+    )
+    parser.add_argument(
         "--fork-engine",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -95,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.getppid() != args.die_with_parent:
             return 1  # the parent is already gone
     osutil.set_child_subreaper()
-    orphans = leftovers.orphan_segments()  # left by instances of a launcher that was killed
+    ledger = leftovers.Ledger(args.shm_ledger or leftovers.default_ledger_dir())
+    swept = ledger.sweep_dead()  # what the instances of a killed launcher's forkserver left
+    if swept:
+        print(f"forkserver: removed {len(swept)} shared-memory segment(s) of a dead forkserver's instances",
+              file=sys.stderr, flush=True)  # fmt: skip
+    orphans = leftovers.orphan_segments()  # vLLM's kinds nobody maps (left before ledgers existed)
     if orphans:
         print(f"forkserver: removing {len(orphans)} orphaned shared-memory segment(s)", file=sys.stderr, flush=True)
         leftovers.remove_segments(orphans)
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         base_env=_ORIGINAL_ENV,
         tmp_root=tmp_root,
         preload_seconds=preload_seconds,
+        ledger=ledger,
     )
     try:
         server.serve_forever()

@@ -17,7 +17,7 @@ from typing import Any
 from forkserver import leftovers, osutil
 
 SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
-SHM_SCAN_INTERVAL = 5.0  # seconds between looks at which /dev/shm segments live instances map
+SHM_SCAN_INTERVAL = 1.0  # seconds between looks at which /dev/shm segments live instances map
 
 
 @dataclass
@@ -42,14 +42,16 @@ class Instance:
         """True once no process of the instance is left."""
         return self.stopped_at is not None
 
-    def remember_segments(self, groups: dict[int, list[int]] | None = None) -> None:
-        """Note the /dev/shm segments the instance's processes map right now.
+    def remember_segments(self, groups: dict[int, list[int]] | None = None) -> bool:
+        """Note the /dev/shm segments the instance's processes map or hold open right now; True if new ones.
 
         ``groups`` (from :func:`leftovers.pids_by_group`) saves a pass over /proc per instance
         when many are scanned at once.
         """
         pids = groups.get(self.pid, []) if groups is not None else leftovers.group_pids(self.pid)
+        before = len(self.shm_segments)
         self.shm_segments |= leftovers.mapped_segments(pids)
+        return len(self.shm_segments) > before
 
     def describe(self) -> dict[str, Any]:
         """The instance as the protocol reports it."""
@@ -70,8 +72,9 @@ class Instance:
 class InstanceTable:
     """Every instance the forkserver forked and has not forgotten yet."""
 
-    def __init__(self, on_finished: Callable[[Instance], None]) -> None:
+    def __init__(self, on_finished: Callable[[Instance], None], ledger: leftovers.Ledger | None = None) -> None:
         self._on_finished = on_finished
+        self._ledger = ledger
         self._instances: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
         self._next_shm_scan = time.monotonic() + SHM_SCAN_INTERVAL
@@ -142,7 +145,8 @@ class InstanceTable:
             if running:
                 groups = leftovers.pids_by_group()
                 for instance in running:
-                    instance.remember_segments(groups)
+                    if instance.remember_segments(groups):
+                        self._write_ledger(instance)
 
     def _reap(self) -> None:
         while True:
@@ -158,12 +162,19 @@ class InstanceTable:
             if instance is None:
                 continue  # an orphaned helper reparented to us (we are a subreaper)
             instance.exit_code = osutil.exit_code_from_status(status)
-            instance.remember_segments()  # its helpers may still map them
+            if instance.remember_segments():  # its helpers may still map them
+                self._write_ledger(instance)
             # The main process is gone; whatever it left in its group goes now.
             osutil.signal_group(instance.pid, signal.SIGKILL)
 
     def _finish(self, instance: Instance) -> None:
         instance.stopped_at = time.time()
         shutil.rmtree(instance.tmpdir, ignore_errors=True)
-        leftovers.remove_segments(instance.shm_segments)
+        leftovers.remove_unused(instance.shm_segments)  # never one a live process still uses
+        if self._ledger is not None:
+            self._ledger.forget(instance.instance_id)
         self._on_finished(instance)
+
+    def _write_ledger(self, instance: Instance) -> None:
+        if self._ledger is not None:
+            self._ledger.record(instance.instance_id, instance.shm_segments)

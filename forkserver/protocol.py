@@ -34,6 +34,7 @@ def valid_instance_id(value: object) -> bool:
     """True if ``value`` is a string that is a valid instance id."""
     return isinstance(value, str) and INSTANCE_ID.fullmatch(value) is not None
 
+
 # Request operations.
 OP_HELLO = "hello"  # -> {"pid", "version", "workload", "preload_seconds", "threads", "instances": [...]}
 OP_VALIDATE = "validate"  # {"argv"} -> {"model", "port", "port_given", "host"}

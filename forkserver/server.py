@@ -6,6 +6,7 @@ starts one. Signals only write to the wakeup socket; the loop does the work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkserver import fork_safety, osutil, protocol
+from forkserver import fork_safety, leftovers, osutil, protocol
 from forkserver.child import become_instance
 from forkserver.instances import Instance, InstanceTable
 from forkserver.workload import OptionsError, ParsedOptions, Workload
@@ -62,6 +63,7 @@ class ForkServer:
         base_env: Mapping[str, str],
         tmp_root: str,
         preload_seconds: float,
+        ledger: leftovers.Ledger | None = None,
     ) -> None:
         self._listener = listener
         self._workload = workload
@@ -70,7 +72,7 @@ class ForkServer:
         self._preload_seconds = preload_seconds
         self._selector = selectors.DefaultSelector()
         self._clients: dict[int, _Client] = {}
-        self._instances = InstanceTable(on_finished=self._report_exit)
+        self._instances = InstanceTable(on_finished=self._report_exit, ledger=ledger)
         self._shutdown_grace: float | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._threads_seen = fork_safety.extra_threads()  # reported at start-up by __main__
@@ -171,7 +173,12 @@ class ForkServer:
             frame = protocol.encode(message)
         except (protocol.FrameError, TypeError, ValueError) as exc:  # one reply can never end the server
             frame = protocol.encode(
-                {"ok": False, "kind": protocol.KIND_INTERNAL, "error": f"reply not sent: {exc}", "id": message.get("id")}
+                {
+                    "ok": False,
+                    "kind": protocol.KIND_INTERNAL,
+                    "error": f"reply not sent: {exc}",
+                    "id": message.get("id"),
+                }
             )
         client.outgoing += frame
         if len(client.outgoing) > MAX_OUTGOING:
@@ -196,24 +203,22 @@ class ForkServer:
             self._selector.modify(client.sock, events, "client")
 
     def _flush_clients(self) -> None:
-        # Bounded: a client that stopped reading may hold up each flush at most FLUSH_SECONDS.
         for client in list(self._clients.values()):
-            client.sock.settimeout(FLUSH_SECONDS)
-            try:
-                client.sock.sendall(client.outgoing)
-            except OSError:
-                pass
-            client.outgoing.clear()
-            client.sock.setblocking(False)
+            self._flush_client(client)
 
     def _flush_client(self, client: _Client) -> None:
-        client.sock.settimeout(FLUSH_SECONDS)
+        """Send what is queued for ``client``, waiting at most FLUSH_SECONDS (a last word before a close)."""
+        if self._clients.get(client.sock.fileno()) is not client:
+            return  # dropped already (its socket is closed)
         try:
+            client.sock.settimeout(FLUSH_SECONDS)
             client.sock.sendall(client.outgoing)
         except OSError:
             pass
-        client.outgoing.clear()
-        client.sock.setblocking(False)
+        finally:
+            client.outgoing.clear()
+            with contextlib.suppress(OSError):
+                client.sock.setblocking(False)
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         for client in list(self._clients.values()):

@@ -163,6 +163,9 @@ class ForkserverSupervisor:
             "--in-process-worker" if self._settings.in_process_worker else "--no-in-process-worker",
             "--inspect-models-in-fork" if self._settings.inspect_models_in_fork else "--no-inspect-models-in-fork",
             "--compile-cache-fix" if self._settings.compile_cache_fix else "--no-compile-cache-fix",
+            # The launcher's own temp dir (the forkserver's TMPDIR is private): a later forkserver finds it.
+            "--shm-ledger",
+            os.path.join(tempfile.gettempdir(), f"vllm-launcher-{os.getuid()}", "shm-ledger"),
         ]
         if self._settings.forkserver_preload:
             command += ["--preload", self._settings.forkserver_preload]

@@ -241,9 +241,11 @@ def test_a_second_launcher_on_the_same_log_directory_refuses_and_deletes_nothing
 def test_a_clean_shutdown_leaves_no_empty_log_folders() -> None:
     launcher = LauncherProcess(workload="standin", env={"LAUNCHER_LOG_DIR": ""})  # <tmp>/vllm-launcher-<uid>/<port>/logs
     port_dir = launcher.tmpdir / f"vllm-launcher-{os.getuid()}" / str(launcher.port)
-    assert (port_dir / "logs").is_dir()
-    assert launcher.create("x", options=_options()).status_code == 201
-    assert launcher.stop() == []
+    try:
+        assert (port_dir / "logs").is_dir()
+        assert launcher.create("x", options=_options()).status_code == 201
+    finally:
+        assert launcher.stop() == []
     assert not port_dir.exists()
 
 

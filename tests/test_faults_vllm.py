@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -87,3 +88,51 @@ def test_sigkilled_api_takes_everything_with_it(tiny_model: Path) -> None:
     # Every process gone within seconds (stop() waits up to 10 s), none of them killed by the test.
     # Segments a SIGKILLed launcher leaves are swept by the next one at start-up (test_faults.py).
     assert launcher.stop(signal.SIGKILL) == []
+
+
+def _segments_of(pid: int) -> set[str]:
+    """The /dev/shm files the processes of this test's instance map (read here, not by the launcher)."""
+    names = set()
+    for pid_in_tree in _tree(pid):
+        with contextlib.suppress(psutil.Error):
+            for mapping in psutil.Process(pid_in_tree).memory_maps(grouped=True):
+                if mapping.path.startswith("/dev/shm/"):
+                    names.add(mapping.path.removeprefix("/dev/shm/").removesuffix(" (deleted)"))
+    return names
+
+
+def _tensor_parallel(launcher: LauncherProcess, instance_id: str, model: Path) -> dict:
+    response = launcher.create(instance_id, options=f"--model {model} {SERVE_FLAGS} --tensor-parallel-size 2")
+    assert response.status_code == 201, response.text
+    state = wait_until(lambda: (s := launcher.state(instance_id))["ready"] and s, 240, 0.25, f"{instance_id} ready")
+    state["segments"] = _segments_of(state["pid"])
+    assert any(name.startswith("vllm_dist_") for name in state["segments"]), state  # TP on CPU shares memory
+    # The forkserver samples an instance's segments every second: wait until it has seen these.
+    ledger = launcher.tmpdir / f"vllm-launcher-{os.getuid()}" / "shm-ledger"
+    wait_until(lambda: any("vllm_dist_" in path.read_text() for path in ledger.glob("*.tp")), 30, 0.25, "the ledger")
+    return state
+
+
+@pytest.mark.parametrize("how", ["delete", "sigkill-instance", "sigkill-launcher"])
+def test_tensor_parallel_leaves_nothing_in_dev_shm(tiny_model: Path, how: str) -> None:
+    temp = Path(tempfile.mkdtemp(prefix="tp-shm-"))  # both launchers' TMPDIR: where the ledger is
+    cache = tempfile.mkdtemp(prefix="vllm-cache-")
+    env = {**VLLM_ENV, "VLLM_CACHE_ROOT": cache}
+    launcher = LauncherProcess(workload="vllm", env=env, ready_timeout=300, tmpdir=temp)
+    try:
+        state = _tensor_parallel(launcher, "tp", tiny_model)
+        if how == "delete":
+            assert launcher.client.delete("/v2/vllm/instances/tp").status_code == 200
+        elif how == "sigkill-instance":
+            os.killpg(state["pid"], signal.SIGKILL)
+            wait_until(lambda: launcher.state("tp")["status"] == "stopped", 30, 0.1, "the instance to be reaped")
+        else:
+            assert launcher.stop(signal.SIGKILL) == []  # nobody is left to unlink anything
+            left = state["segments"] & set(os.listdir("/dev/shm"))
+            assert left, "the SIGKILL left nothing to sweep: the test tests nothing"
+            launcher = LauncherProcess(workload="vllm", env=env, ready_timeout=300, tmpdir=temp)
+        wait_until(lambda: not state["segments"] & set(os.listdir("/dev/shm")), 30, 0.25, "its segments gone")
+    finally:
+        launcher.stop()
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -88,8 +88,8 @@ def _check_adoption(node: _Node, options: str) -> None:
         assert state["state"] == "ready" and state["instance_id"] == kept["instance_id"], state
         assert _ask(second, "fr").status_code == 200
         assert [item["instance_id"] for item in _front_door_instances(second, "fr")] == [kept["instance_id"]]
-        wait_until(lambda: not process_alive(dropped["pid"]), 60, what="the instance of the vanished profile to stop")
-        assert not _front_door_instances(second, "gone")
+        wait_until(lambda: not _front_door_instances(second, "gone"), 60, what="the vanished profile's instance to go")
+        assert not process_alive(dropped["pid"])
     finally:
         second.stop(signal.SIGKILL)
 
