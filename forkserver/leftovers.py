@@ -118,6 +118,12 @@ class Ledger:
         with contextlib.suppress(OSError):
             os.unlink(self._path(instance_id))
 
+    def close(self) -> None:
+        """At a clean exit (every instance forgotten): remove the ledger folder, and its parent, if empty."""
+        for path in (self.directory, os.path.dirname(self.directory)):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
     def sweep_dead(self) -> set[str]:
         """Remove what the ledgers of forkservers no longer running list (unless in use); what went."""
         removed: set[str] = set()
