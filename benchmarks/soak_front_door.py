@@ -3,7 +3,7 @@
 Three profiles on a node with room for two (``--max-instances 2``) and a short idle timeout.
 Clients send bursts of requests for one model at a time (so models swap and idle out), mixing
 completions and chat, streamed and not, streams hung up after the first chunk, and bad requests
-(an unknown model, a body that is not JSON). The forkserver is SIGKILLed twice along the way.
+(an unknown model, a body that is not JSON). The forkserver is SIGKILLed twice, a second into a batch of requests.
 Every 1000 requests the API's and the forkserver's RSS, fds and threads are sampled; the table
 has their slopes per 1000 requests after warm-up, every status seen (inside and outside the
 kill windows), the starts, evictions and idle stops, and what was left at the end.
@@ -134,8 +134,10 @@ def _drive(launcher: LauncherProcess, workload: str, requests: int, kills: int, 
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 with lock:
-                    timings.append(time.time() - started)
-                    near_kill = any(begin <= started <= end for begin, end in kill_windows)
+                    finished = time.time()
+                    timings.append(finished - started)
+                    # In flight at a kill, or sent in the window after it: an error is expected there.
+                    near_kill = any(started <= end and finished >= begin for begin, end in kill_windows)
                     (in_windows if near_kill else statuses)[status] += 1
                     done += 1
 
@@ -145,16 +147,22 @@ def _drive(launcher: LauncherProcess, workload: str, requests: int, kills: int, 
     for batch in batches:
         per_client = [[(sent + i, model, kind) for i, (model, kind) in enumerate(batch) if i // BURST % CLIENTS == c]
                       for c in range(CLIENTS)]  # fmt: skip
-        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
-            list(pool.map(worker, per_client))
         before, sent = sent, sent + len(batch)
-        if any(before < at <= sent for at in kill_at):
-            old = launcher.forkserver_pid()
-            killed_at = time.time()
-            os.kill(old, signal.SIGKILL)
-            wait_until(lambda: launcher.client.get("/health").status_code == 200 and _new_forkserver(launcher, old),
-                       300, 0.2, "a new forkserver")  # fmt: skip
-            kill_windows.append((killed_at, time.time() + KILL_WINDOW))
+        kill = any(before < at <= sent for at in kill_at)
+        with concurrent.futures.ThreadPoolExecutor(CLIENTS + 1) as pool:
+            running = [pool.submit(worker, items) for items in per_client]
+            if kill:  # in the middle of the batch: requests in flight see their instance die
+                time.sleep(1.0)
+                with lock:
+                    kill_windows.append((time.time(), float("inf")))
+                old = launcher.forkserver_pid()
+                os.kill(old, signal.SIGKILL)
+                wait_until(lambda: launcher.client.get("/health").status_code == 200 and _new_forkserver(launcher, old),
+                           300, 0.2, "a new forkserver")  # fmt: skip
+                with lock:
+                    kill_windows[-1] = (kill_windows[-1][0], time.time() + KILL_WINDOW)
+            for future in running:
+                future.result()
         if sent // 1000 > before // 1000:
             samples["api"].append(_measure(launcher.process.pid))
             samples["forkserver"].append(_measure(launcher.forkserver_pid()))
