@@ -31,12 +31,13 @@ from tests.launcher_process import VLLM_ENV, LauncherProcess, free_port, wait_un
 METRICS = ("rss_mib", "fds", "threads")
 
 
-def _measure(pid: int) -> dict[str, float]:
+def measure_process(pid: int) -> dict[str, float]:
+    """RSS (MiB), open fds and threads of ``pid``."""
     process = psutil.Process(pid)
     return {"rss_mib": process.memory_info().rss / 2**20, "fds": process.num_fds(), "threads": process.num_threads()}
 
 
-def _slope(values: list[float]) -> float:
+def slope(values: list[float]) -> float:
     """Least-squares growth per cycle (0 for fewer than 2 points)."""
     if len(values) < 2:
         return 0.0
@@ -69,8 +70,8 @@ def run(cycles: int, kill_every: int) -> dict[str, Any]:
         try:
             for number in range(1, cycles + 1):
                 starts.append(_cycle(launcher, model, number))
-                api.append(_measure(launcher.process.pid))
-                lives[-1].append(_measure(launcher.forkserver_pid()))
+                api.append(measure_process(launcher.process.pid))
+                lives[-1].append(measure_process(launcher.forkserver_pid()))
                 if number % kill_every == 0 and number < cycles:
                     old = launcher.forkserver_pid()
                     os.kill(old, signal.SIGKILL)
@@ -91,12 +92,12 @@ def run(cycles: int, kill_every: int) -> dict[str, Any]:
                               "api": {}, "forkserver": {}, "samples": {"api": api, "forkserver": lives}}  # fmt: skip
     for name in METRICS:
         series = [sample[name] for sample in api]
-        result["api"][name] = {"first": series[0], "last": series[-1], "slope_per_cycle": _slope(series)}
+        result["api"][name] = {"first": series[0], "last": series[-1], "slope_per_cycle": slope(series)}
         per_life = [[sample[name] for sample in life] for life in lives if life]
         result["forkserver"][name] = {
             "first": per_life[0][0],
             "last": per_life[-1][-1],
-            "slope_per_cycle": statistics.mean(_slope(values) for values in per_life),
+            "slope_per_cycle": statistics.mean(slope(values) for values in per_life),
         }
     return result
 

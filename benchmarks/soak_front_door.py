@@ -33,25 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from benchmarks.common import SERVE_FLAGS, build_tiny_model, machine, write_results
+from benchmarks.soak import METRICS, measure_process, slope
 from tests.launcher_process import VLLM_ENV, LauncherProcess, wait_until
 
 MODELS = ("a", "b", "c")
 BURST = 25  # requests in a row for one model
 CLIENTS = 4
 KILL_WINDOW = 5.0  # seconds after a new forkserver is up in which errors are still expected
-METRICS = ("rss_mib", "fds", "threads")
-
-
-def _measure(pid: int) -> dict[str, float]:
-    process = psutil.Process(pid)
-    return {"rss_mib": process.memory_info().rss / 2**20, "fds": process.num_fds(), "threads": process.num_threads()}
-
-
-def _slope(values: list[float]) -> float:
-    return statistics.linear_regression(range(len(values)), values).slope if len(values) >= 2 else 0.0
 
 
 def _one(client: httpx.Client, model: str, kind: str, rng: random.Random) -> str:
@@ -164,8 +154,8 @@ def _drive(launcher: LauncherProcess, workload: str, requests: int, kills: int, 
             for future in running:
                 future.result()
         if sent // 1000 > before // 1000:
-            samples["api"].append(_measure(launcher.process.pid))
-            samples["forkserver"].append(_measure(launcher.forkserver_pid()))
+            samples["api"].append(measure_process(launcher.process.pid))
+            samples["forkserver"].append(measure_process(launcher.forkserver_pid()))
             print(f"{sent}/{len(plan)} requests, {time.time() - started:.0f}s: {dict(statuses)} "
                   f"(near kills: {dict(in_windows)}), api {samples['api'][-1]}", flush=True)  # fmt: skip
     metrics_text = launcher.client.get("/metrics").text
@@ -181,7 +171,7 @@ def _drive(launcher: LauncherProcess, workload: str, requests: int, kills: int, 
     }  # fmt: skip
     for process, series in samples.items():
         warm = series[1:] if len(series) > 2 else series  # the first thousand warms caches up
-        result["slopes_per_1000"][process] = {name: _slope([sample[name] for sample in warm]) for name in METRICS}
+        result["slopes_per_1000"][process] = {name: slope([sample[name] for sample in warm]) for name in METRICS}
     return result
 
 
