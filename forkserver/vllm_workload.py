@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from forkserver import compile_cache_compat, cpu_compat, fork_safety, phases, vllm_entrypoints
+from forkserver import compile_cache_compat, cpu_compat, fork_safety, model_path, phases, vllm_entrypoints
 from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
 
@@ -71,6 +71,10 @@ class VllmWorkload:
         model_given = bool(args.model_tag) or tokens_name_flag(argv, "--model")
         if not model_given:
             raise OptionsError("options must name a model: add --model MODEL (a local path or model id)")
+        problem = model_path.local_model_problem(str(args.model))
+        if problem is not None:
+            raise OptionsError(problem)
+        args.model = model_path.expand(str(args.model))
         try:
             vllm_entrypoints.validate_args()(args)
         except (ValueError, TypeError) as exc:

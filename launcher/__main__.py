@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 
 import uvicorn
@@ -15,13 +17,19 @@ from launcher.settings import Settings
 def main(argv: list[str] | None = None) -> int:
     """Parse flags (over ``LAUNCHER_*`` variables) and serve until SIGTERM or Ctrl-C."""
     settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)
+    listener: socket.socket | None = None
     try:  # checked before anything starts: one clear line each
         load_models_file(settings.models_file)
+        # Bound now, before the forkserver preloads vLLM: a busy port fails in a moment, not in 15 s
+        # (and before the log directory's lock, which a launcher on the same port also holds).
+        listener = bind_api_socket(settings.host, settings.port)
         dir_lock.lock(settings.resolved_log_dir())  # held for the process's life (the app takes it again)
         if settings.mock_gpus and settings.gpu_map:
             gpus.configured_gpus(mock=True, count=settings.mock_gpu_count, gpu_map=settings.gpu_map,
                                  node_name=settings.node_name)  # fmt: skip
-    except (ProfileError, gpus.GpuMapError, dir_lock.DirectoryInUse) as exc:
+    except (ProfileError, gpus.GpuMapError, dir_lock.DirectoryInUse, PortInUse) as exc:
+        if listener is not None:
+            listener.close()
         print(f"launcher: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)
@@ -33,11 +41,47 @@ def main(argv: list[str] | None = None) -> int:
         # Streaming responses must not hold up a shutdown for long.
         timeout_graceful_shutdown=5,
     )
+    server = uvicorn.Server(config)
+    fatal: list[str] = []
+
+    def stop_with_error(message: str) -> None:  # a start-up check that failed late (a bad profile)
+        fatal.append(message)
+        server.should_exit = True
+
+    app.state.stop_with_error = stop_with_error
     try:
-        uvicorn.Server(config).run()
+        with listener:
+            server.run(sockets=[listener])
     except KeyboardInterrupt:
         return 130  # uvicorn re-raises Ctrl-C after a clean shutdown: no traceback for that
+    if fatal:
+        print(f"launcher: {fatal[0]}", file=sys.stderr)
+        return 2
     return 0
+
+
+class PortInUse(OSError):
+    """The API's address cannot be bound; the message says which and what to do."""
+
+
+def bind_api_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, bound as uvicorn would bind it (it serves on this one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host.strip("[]"), port))
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"port {port} on {host} is already in use: stop what holds it, or pick another with --port "
+                "(LAUNCHER_PORT; `make run PORT=...`)"
+            ) from None
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    listener.set_inheritable(False)
+    return listener
 
 
 if __name__ == "__main__":

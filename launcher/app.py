@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 
 import httpx
@@ -52,6 +54,20 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
+def _stop_with_error(app: Starlette, message: str) -> None:
+    """A start-up check that can only run once the forkserver is up failed: stop the launcher.
+
+    ``python -m launcher`` sets ``app.state.stop_with_error`` (it exits 2 with the message);
+    under a plain ``uvicorn launcher.app:app`` the message is logged and the server told to stop.
+    """
+    hook = getattr(app.state, "stop_with_error", None)
+    if hook is not None:
+        hook(message)
+        return
+    log.error("%s", message)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app. Without ``settings``, they are read from the environment at start-up."""
 
@@ -73,7 +89,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             trust_env=False,
         )
         manager.start()
-        front_door.start()
+        front_door.start(on_bad_profiles=lambda message: _stop_with_error(app, message))
         try:
             with on_shutdown_signals(manager.events.close):  # watch streams end as shutdown begins
                 yield

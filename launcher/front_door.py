@@ -17,12 +17,14 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from launcher import room
 from launcher.compile_ahead import COMPILE_ANNOTATION, CompileAhead, Compiled, needs_compile
-from launcher.errors import NotFound
+from launcher.errors import LauncherError, NotFound, ServiceUnavailable
+from launcher.failure_reason import failure_reason
 from launcher.manager import InstanceManager
 from launcher.metrics import FrontDoorMetrics
 from launcher.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFile, ProfileError, check_name
@@ -32,6 +34,7 @@ from launcher.state import InstanceRecord
 log = logging.getLogger("launcher.front_door")
 
 REAP_INTERVAL = 0.5  # seconds between idle checks; also the longest a waiter sleeps between looks
+FAILED_LOG_LINES = 400  # kept of a failed start's log, once its instance is removed
 
 
 class Phase(str, enum.Enum):
@@ -71,6 +74,7 @@ class ModelState:
     cancel_reason: str | None = None  # why its start is being cancelled (stop, delete, replace)
     compiled: Compiled = False  # see launcher/compile_ahead.py
     compile_error: str | None = None
+    failed_log: str | None = field(default=None, repr=False)  # the end of the last failed start's log
 
     def to_json(self, default_idle_timeout: float) -> dict[str, Any]:
         """The model's profile and state, as ``/v2/vllm/models`` shows it."""
@@ -158,15 +162,42 @@ class FrontDoor:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        """Start the idle reaper, the models marked ``preload`` and compiling the others ahead."""
+    def start(self, on_bad_profiles: Callable[[str], None]) -> None:
+        """Start the idle reaper; once the models file's options pass vLLM's parser, the models
+        marked ``preload`` and compiling the others ahead.
+
+        ``on_bad_profiles`` gets one message naming each profile vLLM's parser rejects: the
+        launcher stops then, as for any other error in the models file.
+        """
         self._spawn(self._reap_forever(), "front-door-reaper")
         self._spawn(self._compiler.run_forever(), "compile-ahead")
-        for state in self._states.values():
+        self._spawn(self._check_then_begin(on_bad_profiles), "check-profiles")
+
+    async def _check_then_begin(self, on_bad_profiles: Callable[[str], None]) -> None:
+        problems = await self._check_profiles(list(self._states.values()))
+        if problems:
+            on_bad_profiles(f"models file {self._settings.models_file}: " + "; ".join(problems))
+            return
+        for state in list(self._states.values()):
             if state.profile.preload:
                 self._spawn(self._preload(state), f"preload-{state.name}")
             elif self._auto_compile:
                 self._compile_ahead(state)
+
+    async def _check_profiles(self, states: list[ModelState]) -> list[str]:
+        """Each profile's options through vLLM's parser in the forkserver, as a ``PUT`` checks them."""
+        problems = []
+        for state in states:
+            while True:
+                try:
+                    await self._manager.validate(state.profile.instance_config(state.name))
+                except ServiceUnavailable:  # the forkserver is (re)starting: the check waits for it
+                    await asyncio.sleep(1.0)
+                    continue
+                except LauncherError as exc:
+                    problems.append(f"model {state.name!r}: {exc.detail}")
+                break
+        return problems
 
     async def shutdown(self) -> None:
         """Stop the background work (the manager stops the instances)."""
@@ -467,7 +498,8 @@ class FrontDoor:
             record = self._manager.get(instance_id)
         except NotFound:
             return
-        state.last_error = f"its instance {instance_id} exited with code {record.exit_code}"
+        why = f": {record.stop_reason}" if record.stop_reason else ""
+        state.last_error = f"its instance {instance_id} exited with code {record.exit_code}{why}"
         log.warning("model %s: %s", state.name, state.last_error)
         self._spawn(self._delete_instance(instance_id), f"remove-{instance_id}")
 
@@ -499,13 +531,13 @@ class FrontDoor:
             except TimeoutError:
                 raise StartFailed(
                     f"model {state.name!r} failed to start: its instance {instance_id} was not ready within "
-                    f"{timeout:g}s (start_timeout). Last lines of its log:\n{self._manager.log_tail(record)}"
+                    f"{timeout:g}s (start_timeout); its log ends with: {self._last_log_line(state, record, hung=True)}"
                 ) from None
             if not record.ready:
-                tail = self._manager.log_tail(record)
+                # One line here; the whole end of the log at GET /v2/vllm/models/<name>/log.
                 raise StartFailed(
                     f"model {state.name!r} failed to start: its instance {instance_id} exited with code "
-                    f"{record.exit_code} before it was ready. Last lines of its log:\n{tail}"
+                    f"{record.exit_code} before it was ready: {self._last_log_line(state, record)}"
                 )
         except NoRoom as exc:
             state.phase, state.last_error, state.instance_id = Phase.STOPPED, str(exc), None
@@ -543,6 +575,16 @@ class FrontDoor:
         self.metrics.start_seconds.labels(model=state.name).observe(seconds)
         log.info("model %s ready on instance %s in %.2fs", state.name, instance_id, seconds)
         self._notify()
+
+    def _last_log_line(self, state: ModelState, record: InstanceRecord, *, hung: bool = False) -> str:
+        """Keep the end of a failed start's log for the model's log endpoint; its one telling line
+        (the root cause of a failure, the last line of a start that hung)."""
+        state.failed_log = tail = self._manager.log_tail(record, lines=FAILED_LOG_LINES)
+        if hung:
+            reason = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), None)
+        else:
+            reason = record.stop_reason or failure_reason(tail)
+        return f"{reason or '(its log is empty)'} (the end of its log: GET /v2/vllm/models/{state.name}/log)"
 
     async def _create(self, state: ModelState, profile: ModelProfile) -> InstanceRecord:
         # From here the manager's own reservation holds the slot (taken before its first await).

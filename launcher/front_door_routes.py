@@ -22,14 +22,14 @@ import httpx
 from pydantic import ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from launcher import readiness
 from launcher.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from launcher.front_door import FrontDoor, Lease, ModelState, NoRoom, StartFailed
-from launcher.profiles import ModelProfile, ProfileError, check_name
+from launcher.profiles import ModelProfile, ProfileError, check_name, plain_errors
 from launcher.routes import read_capped, read_json_body
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself; everything else passes.
@@ -303,7 +303,7 @@ async def put_profile(request: Request) -> JSONResponse:
     try:
         profile = ModelProfile.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(plain_errors(exc, model=name))
         raise Unprocessable(f"invalid model profile: {problems}"[:2000]) from None
     try:
         check_name(name)
@@ -325,6 +325,19 @@ def _profile_state(request: Request) -> ModelState:
     if state is None:
         raise NotFound(f"model {request.path_params['name']!r} not found")
     return state
+
+
+async def profile_log(request: Request) -> Response:
+    """``GET /v2/vllm/models/{name}/log``: the end of the log of the model's last failed start.
+
+    A failed start's instance is removed (nothing is left behind); its log's end is kept here.
+    A running model's log is its instance's: ``/v2/vllm/instances/{id}/log``.
+    """
+    state = _profile_state(request)
+    if state.failed_log is None:
+        where = f"; its instance's log: /v2/vllm/instances/{state.instance_id}/log" if state.instance_id else ""
+        raise NotFound(f"model {state.name!r} has no failed start to show{where}")
+    return PlainTextResponse(state.failed_log)
 
 
 async def start_profile(request: Request) -> JSONResponse:
@@ -371,6 +384,7 @@ def front_door_routes() -> list[Route]:
         Route("/v2/vllm/models/{name:anypath}/start", start_profile, methods=["POST"]),
         Route("/v2/vllm/models/{name:anypath}/stop", stop_profile, methods=["POST"]),
         Route("/v2/vllm/models/{name:anypath}/warm", warm_profile, methods=["POST"]),
+        Route("/v2/vllm/models/{name:anypath}/log", profile_log, methods=["GET"]),
         Route("/v2/vllm/models/{name:anypath}", get_profile, methods=["GET"]),
         Route("/v2/vllm/models/{name:anypath}", put_profile, methods=["PUT"]),
         Route("/v2/vllm/models/{name:anypath}", delete_profile, methods=["DELETE"]),

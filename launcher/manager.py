@@ -30,6 +30,7 @@ from launcher.errors import (
     TooManyInstances,
 )
 from launcher.events import EventLog
+from launcher.failure_reason import TAIL_BYTES, read_failure_reason
 from launcher.forkserver_client import ForkserverError, ForkserverGone
 from launcher.forkserver_process import ForkserverSupervisor
 from launcher.metrics import LauncherMetrics, StateSnapshot, count_instances, exit_kind
@@ -218,7 +219,7 @@ class InstanceManager:
         try:
             with open(record.log_path, "rb") as log_file:
                 log_file.seek(0, os.SEEK_END)
-                log_file.seek(max(0, log_file.tell() - 16384))
+                log_file.seek(max(0, log_file.tell() - TAIL_BYTES))
                 tail = log_file.read()
         except OSError:
             return ""
@@ -524,11 +525,15 @@ class InstanceManager:
                 self._early_exits[instance_id] = message  # exited before create() recorded it
             return
         exit_code = message.get("exit_code")
+        code = int(exit_code) if isinstance(exit_code, int) else None
+        runtime = self._runtime.get(instance_id)
+        # An instance that failed by itself says why in its log's last error (a signal leaves none).
+        failed = code is not None and code > 0 and not (runtime is not None and runtime.deleting)
         self._stopped(
             record,
-            exit_code=int(exit_code) if isinstance(exit_code, int) else None,
+            exit_code=code,
             stopped_at=message.get("stopped_at") or time.time(),
-            reason=None,
+            reason=read_failure_reason(record.log_path) if failed else None,
         )
 
     async def _on_forkserver_lost(self, reason: str) -> None:

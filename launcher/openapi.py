@@ -221,7 +221,8 @@ OPERATIONS: tuple[Operation, ...] = (
                400: _openai_error("the body is not a JSON object or names no model"),
                404: _openai_error("no model has this name or alias"),
                413: _openai_error("the body is larger than --proxy-max-body-bytes"),
-               502: _openai_error("the model's instance could not be started (the reason and the end of its log) "
+               502: _openai_error("the model's instance could not be started (one line: the reason; the end of its "
+                                  "log at GET /v2/vllm/models/{name}/log) "
                                   "or did not answer"),
                503: _openai_error("no room for the model within --queue-timeout", {"Retry-After": "seconds"})},
               parameters=("path",)),
@@ -249,6 +250,11 @@ OPERATIONS: tuple[Operation, ...] = (
               "answers at once", None,
               {202: Answer(ModelState, "asked for (see 'compiled'); nothing to do if it is compiled already"),
                404: _error("no model has this name or alias")},
+              parameters=("name",)),
+    Operation("GET", _MODEL + "/log", "get_model_failed_log",
+              "Front door: the end of the log of the model's last failed start (its instance is removed)", None,
+              {200: Answer({"type": "string"}, "the last lines of that log", "text/plain"),
+               404: _error("no model has this name or alias, or none of its starts failed")},
               parameters=("name",)),
     Operation("POST", _MODEL + "/stop", "stop_model",
               "Front door: stop a model's instance once no request is in flight; answers once it is gone", None,

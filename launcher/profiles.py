@@ -6,10 +6,12 @@ Read from a YAML file (``--models-file``) at start and managed at run time throu
 
 from __future__ import annotations
 
+import difflib
 import re
 import shlex
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import (
@@ -22,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from launcher.models import VllmConfig
 
@@ -141,24 +144,216 @@ def check_unique_names(models: dict[str, ModelProfile]) -> None:
             owner[label] = name
 
 
-def _line_of(node: yaml.Node | None, location: tuple[Any, ...]) -> int | None:
-    """The 1-based line of the YAML node at ``location`` (as far as it exists)."""
+# ------------------------------------------------------------ errors in plain words
+
+_PROFILE_FIELDS = tuple(ModelProfile.model_fields)
+_TOP_FIELDS = tuple(ModelsFile.model_fields)
+_NESTING = "model profiles go under 'models:' (indent it by two spaces)"
+_FIELDS_UNDER_MODELS = "did you put a profile's fields directly under 'models:'?"
+_PYDANTIC_PREFIX = re.compile(r"(^|; )(?:(?:: )?(?:Value error|Assertion failed), )+")  # also those nested in it
+_INNER_FIELD = re.compile(r"^(?P<field>\w+): (?P<message>[^;]*)$")
+_EMPTY_MODELS = "list the model profiles under it, each indented by two spaces (or leave 'models' out)"
+_TOP_PROFILE_FIELD = "it goes under a model name under 'models:'"
+
+
+class _Problem(NamedTuple):
+    location: tuple[str | int, ...]  # where in the data, for the line
+    at_key: bool  # the line of the key at ``location`` rather than of its value
+    message: str
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` when one of ``valid`` is close to ``name`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_field(
+    name: str, valid: Sequence[str], *, kind: str = "field", where: str = "", listing: str = "valid fields"
+) -> str:
+    """``unknown field 'alias' in model 'tiny' (did you mean 'aliases'?); valid fields: options, ...``."""
+    place = f" {where}" if where else ""
+    return f"unknown {kind} {name[:100]!r}{place}{did_you_mean(name, valid)}; {listing}: {', '.join(valid)}"
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "a mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def _looks_like_profile(value: object) -> bool:
+    """A mapping with a profile's fields (``options`` among them)."""
+    return isinstance(value, dict) and "options" in value
+
+
+def _path(parts: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in parts:
+        if part == "[key]":
+            text += " (its key)"
+        elif isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _pydantic_message(item: ErrorDetails) -> str:
+    """Pydantic's message, without its ``Value error, `` prefixes, with the value given where it is short."""
+    message = _PYDANTIC_PREFIX.sub(r"\1", item["msg"])[:500]
+    value = item.get("input")
+    if item["type"] not in ("value_error", "assertion_error", "missing"):
+        if value is None:
+            message += " (got an empty value)"
+        elif isinstance(value, str | int | float):
+            message += f" (got {value!r})" if len(repr(value)) <= 60 else f" (got {repr(value)[:57]}...)"
+    return message
+
+
+def _profile_problem(
+    model: str | None, rest: tuple[str | int, ...], item: ErrorDetails, *, in_file: bool
+) -> tuple[tuple[str | int, ...], bool, str]:
+    """One error inside a profile (``rest``: the place in it): where in it, whether at a key, the message."""
+    what = f"model {model[:100]!r}" if model is not None else "the model profile"
+    kind, value = item["type"], item.get("input")
+    example = 'options: "--model /path/to/model"' if in_file else '"options": "--model /path/to/model"'
+    if not rest and kind == "value_error":  # what the instance API would refuse, e.g. "env_vars: 'A=B' is not ..."
+        inner = _INNER_FIELD.match(_pydantic_message(item))
+        if inner and inner["field"] in _PROFILE_FIELDS:
+            field_name = inner["field"]
+            return (field_name,), False, f"{what}, field {field_name!r}: {inner['message']}"
+    if not rest:
+        if kind not in ("model_type", "model_attributes_type", "dict_type"):
+            return rest, True, f"{what}: {_pydantic_message(item)}"
+        if value is None:
+            return (
+                rest,
+                True,
+                f"{what} is empty; its fields (at least {example}) go under it, indented by two more spaces",
+            )
+        message = f"{what} should be a mapping of fields (options, aliases, ...), not {_kind(value)}"
+        if isinstance(value, str) and in_file and model not in _PROFILE_FIELDS:
+            message += f"; to give it these vLLM flags, write them under it as {example}"
+        return rest, True, message
+    field = str(rest[0])
+    if len(rest) == 1 and kind == "extra_forbidden":
+        message = unknown_field(field, _PROFILE_FIELDS, where=f"in {what}" if model is not None else "")
+        if in_file and _looks_like_profile(value):
+            message += f"; {field[:100]!r} looks like a model profile itself: profiles go directly under 'models:'"
+        return rest, True, message
+    if len(rest) == 1 and kind == "missing":
+        if field == "options":
+            return rest, True, f"{what} has no 'options' (the vLLM flags, e.g. {example})"
+        return rest, True, f"{what} has no {field!r}"
+    where = f"{what}, field" if model is not None else "field"
+    return rest, False, f"{where} {_path(rest)!r}: {_pydantic_message(item)}"
+
+
+def _top_level_problem(item: ErrorDetails, location: tuple[str | int, ...], nested: bool) -> _Problem | None:
+    """An error in the top level or in ``models`` itself (None: one to leave out)."""
+    kind, value = item["type"], item.get("input")
+    key = str(location[0])
+    if location == ("models",):
+        if value is None:
+            if nested:  # a profile at the top level left it empty: that profile's message says it all
+                return None
+            return _Problem(location, True, f"'models' is empty; {_EMPTY_MODELS}")
+        return _Problem(location, True, f"'models' should be a mapping of model names to profiles, not {_kind(value)}")
+    if len(location) == 1 and kind == "extra_forbidden":
+        if _looks_like_profile(value):
+            return _Problem(location, True, f"{key[:100]!r} is at the top level; {_NESTING}")
+        if key in _PROFILE_FIELDS:
+            return _Problem(
+                location,
+                True,
+                f"{key[:100]!r} is a field of a model profile, not of the top level; {_TOP_PROFILE_FIELD}",
+            )
+        return _Problem(
+            location, True, unknown_field(key, _TOP_FIELDS, kind="top-level field", listing="the top level has")
+        )
+    return _Problem(location, False, f"top-level field {_path(location)!r}: {_pydantic_message(item)}")
+
+
+def _problems(exc: ValidationError, model: str | None = None, *, in_file: bool = False) -> list[_Problem]:
+    """The errors of validating a :class:`ModelsFile` or a :class:`ModelProfile`, in plain words."""
+    items = exc.errors()
+    if exc.title != ModelsFile.__name__:  # one profile, e.g. a PUT body
+        problems = []
+        for item in items:
+            where, at_key, message = _profile_problem(model, tuple(item["loc"]), item, in_file=in_file)
+            problems.append(_Problem(where, at_key, message))
+        return problems
+    nested = any(
+        len(item["loc"]) == 1 and item["type"] == "extra_forbidden" and _looks_like_profile(item.get("input"))
+        for item in items
+    )
+    problems = []
+    for item in items:
+        location = tuple(item["loc"])
+        if not location:
+            problems.append(_Problem(location, True, _pydantic_message(item)))
+        elif location[0] != "models" or len(location) == 1:
+            problem = _top_level_problem(item, location, nested)
+            if problem is not None:
+                problems.append(problem)
+        elif len(location) >= 3 and location[2] == "[key]":
+            name = location[1]
+            problems.append(_Problem(location[:2], True, f"model name {name!r} should be a string; quote it: '{name}'"))
+        else:
+            name = str(location[1])
+            where, at_key, message = _profile_problem(name, location[2:], item, in_file=in_file)
+            if name in _PROFILE_FIELDS and _FIELDS_UNDER_MODELS not in message:
+                message += f"; {_FIELDS_UNDER_MODELS}"
+            problems.append(_Problem(location[:2] + where, at_key, message))
+    return problems
+
+
+def plain_errors(exc: ValidationError, model: str | None = None) -> list[str]:
+    """The errors of ``ModelProfile.model_validate`` (or ``ModelsFile``'s) in plain words, one string each.
+
+    ``unknown field 'alias' in model 'tiny' (did you mean 'aliases'?); valid fields: ...``,
+    ``model 'tiny' has no 'options' (...)``, ``model 'tiny', field 'idle_timeout': Input should be ...``.
+    ``model`` names the profile (``PUT /v2/vllm/models/{name}``); without it, "the model profile".
+    """
+    return [problem.message for problem in _problems(exc, model)]
+
+
+def _line_of(node: yaml.Node | None, location: tuple[Any, ...], *, at_key: bool = False) -> int | None:
+    """The 1-based line of the YAML node at ``location`` (as far as it exists); ``at_key``: of its key."""
     line = None if node is None else node.start_mark.line + 1
     for part in location:
-        if not isinstance(node, yaml.MappingNode):
+        found: tuple[yaml.Node, yaml.Node] | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    found = (key, value)  # the last one, as yaml.safe_load keeps
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            found = (node.value[part], node.value[part])
+        if found is None:
             break
-        for key, value in node.value:
-            if key.value == str(part):
-                node = value
-                line = value.start_mark.line + 1
-                break
-        else:
-            break
+        key_node, node = found
+        line = (key_node if at_key else node).start_mark.line + 1
     return line
 
 
+def _at(source: str, line: int | None) -> str:
+    return f"{source}, line {line}" if line else source
+
+
 def parse_models_file(text: str, source: str = "models file") -> ModelsFile:
-    """Parse the YAML text of a models file; :class:`ProfileError` names the line and field."""
+    """Parse the YAML text of a models file; :class:`ProfileError` names the line and field.
+
+    One problem a line, each ``<source>, line N: <what is wrong, in plain words>``, in line order.
+    """
     try:
         data = yaml.safe_load(text)
         root = yaml.compose(text)
@@ -173,13 +368,17 @@ def parse_models_file(text: str, source: str = "models file") -> ModelsFile:
     try:
         parsed = ModelsFile.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for item in exc.errors():
-            location = tuple(item["loc"])
-            line = _line_of(root, location)
-            field = ".".join(str(part) for part in location) or "(top level)"
-            problems.append(f"line {line}, {field}: {item['msg']}" if line else f"{field}: {item['msg']}")
-        raise ProfileError(f"{source}: " + "; ".join(problems)) from None
+        located = [
+            (_line_of(root, problem.location, at_key=problem.at_key), problem.message)
+            for problem in _problems(exc, in_file=True)
+        ]
+        located.sort(key=lambda pair: (pair[0] is None, pair[0] or 0))
+        raise ProfileError("\n".join(f"{_at(source, line)}: {message}" for line, message in located)) from None
+    for name in parsed.models:
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise ProfileError(f"{_at(source, _line_of(root, ('models', name), at_key=True))}: {exc}") from None
     try:
         check_unique_names(parsed.models)
     except ValueError as exc:

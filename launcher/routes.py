@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import logging
 import re
@@ -17,7 +18,7 @@ from launcher import __version__, events, log_range
 from launcher.errors import BadRequest, LauncherError, PayloadTooLarge, RangeNotSatisfiable, UnsupportedMediaType
 from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
-from launcher.models import check_instance_id, load_json_object, parse_config
+from launcher.models import VllmConfig, check_instance_id, load_json_object, parse_config
 from launcher.state import Status
 from launcher.ui_routes import wants_html
 
@@ -41,6 +42,7 @@ ENDPOINTS = {
     "list_model_profiles": "GET /v2/vllm/models",
     "model_profile": "GET|PUT|DELETE /v2/vllm/models/{name}",
     "model_start_stop": "POST /v2/vllm/models/{name}/start, POST /v2/vllm/models/{name}/stop",
+    "model_failed_log": "GET /v2/vllm/models/{name}/log (the end of its last failed start's log)",
     "dashboard": "GET /ui (browsers asking for / are sent there)",
 }
 
@@ -118,9 +120,22 @@ async def _create(request: Request, instance_id: str | None) -> JSONResponse:
     }
     headers = {}
     if ignored:
+        # In the body too: plain curl never shows the header, and a typo'd env_vars is silent otherwise.
+        body["ignored_fields"] = ignored
+        body["warning"] = ignored_fields_sentence(ignored)
         headers["Warning"] = _ignored_fields_warning(ignored)
         log.warning("create %s: ignored unknown field(s) %s", record.instance_id, ", ".join(ignored)[:500])
     return JSONResponse(body, status_code=201, headers=headers)
+
+
+def ignored_fields_sentence(ignored: list[str]) -> str:
+    """``unknown fields ignored: env_var (did you mean env_vars?)``: the fields, with the likely one."""
+    known = list(VllmConfig.model_fields)
+    named = []
+    for name in ignored:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return "unknown fields ignored: " + ", ".join(named)
 
 
 def _ignored_fields_warning(ignored: list[str]) -> str:

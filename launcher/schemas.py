@@ -46,6 +46,10 @@ class CreateResponse(_Configured):
     port: int = Field(description="the port the instance serves on")
     model: str = Field(description="the model the instance serves")
     revision: int = Field(description="the event revision of the instance's creation")
+    ignored_fields: list[str] | SkipJsonSchema[None] = _sometimes(
+        "unknown top-level fields of the body that were ignored (also in a `Warning: 299` header)"
+    )
+    warning: str | SkipJsonSchema[None] = _sometimes("the ignored fields in words, with the likely field meant")
 
 
 class InstanceState(_Configured):
@@ -77,7 +81,8 @@ class InstanceState(_Configured):
         "stopped instances only: Unix time no process of the instance was left"
     )
     stop_reason: str | SkipJsonSchema[None] = _sometimes(
-        "stopped instances only, when known (e.g. the forkserver died)"
+        "stopped instances only, when known: the last error line of its log (an instance that failed "
+        "by itself), or what stopped it (e.g. the forkserver died)"
     )
 
 
