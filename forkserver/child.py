@@ -65,6 +65,7 @@ def _apply_environment(env: Mapping[str, str], tmpdir: str) -> None:
 
 def become_instance(
     *,
+    instance_id: str,
     workload: Workload,
     parsed: ParsedOptions,
     log_fd: int,
@@ -85,6 +86,7 @@ def become_instance(
         if os.getppid() != forkserver_pid:  # the forkserver died before the flag was set
             os._exit(code)
         os.register_at_fork(after_in_child=_die_with_parent)
+        osutil.set_process_title(f"instance {instance_id}", comm="vllm-instance")  # a forked EngineCore renames itself
         if nice:
             os.nice(nice)
         _reset_signals()

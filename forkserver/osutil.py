@@ -76,3 +76,23 @@ def open_fds() -> list[int]:
 def os_thread_count() -> int:
     """Number of OS threads in this process (Python threads and native pools alike)."""
     return len(os.listdir("/proc/self/task"))
+
+
+TITLE_PREFIX = "vllm-launcher: "
+
+
+def set_process_title(title: str, comm: str) -> None:
+    """Name this process for ps and top: ``vllm-launcher: <title>`` as its command line, ``comm``
+    (the kernel keeps 15 bytes) as its short name.
+
+    Without it, the forkserver, every instance and every EngineCore all read ``python -m
+    forkserver --socket ...``. setproctitle finds the command line's memory through ``environ``
+    the first time it is used; instances clear their environment (child.py), so the forkserver
+    uses it first, before any fork: children (vLLM's ``VLLM::EngineCore`` too) inherit that set-up.
+    """
+    try:
+        import setproctitle
+    except ImportError:
+        return  # cosmetic: without it, processes keep the command line they started with
+    setproctitle.setproctitle(TITLE_PREFIX + title)
+    setproctitle.setthreadtitle(comm)  # this (the main) thread's name is the process's comm

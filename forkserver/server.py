@@ -340,6 +340,7 @@ class ForkServer:
             raise RequestError(protocol.KIND_INTERNAL, f"fork failed: {exc}") from None
         if pid == 0:
             become_instance(
+                instance_id=instance_id,
                 workload=self._workload,
                 parsed=parsed,
                 log_fd=log_fd,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import sys
 
+import setproctitle
 import uvicorn
 
 from launcher import dir_lock, gpus
@@ -17,6 +19,7 @@ from launcher.settings import Settings
 def main(argv: list[str] | None = None) -> int:
     """Parse flags (over ``LAUNCHER_*`` variables) and serve until SIGTERM or Ctrl-C."""
     settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)
+    setproctitle.setproctitle(f"vllm-launcher: api :{settings.port}")  # ps tells it from its forkserver
     listener: socket.socket | None = None
     try:  # checked before anything starts: one clear line each
         load_models_file(settings.models_file)
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
+    # uvicorn says where it listens only when it binds the socket itself.
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    logging.getLogger("uvicorn.error").info("Listening on http://%s:%d (Press CTRL+C to quit)", shown, settings.port)
     fatal: list[str] = []
 
     def stop_with_error(message: str) -> None:  # a start-up check that failed late (a bad profile)

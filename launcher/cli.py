@@ -311,8 +311,10 @@ def format_event(event: dict[str, Any]) -> str:
     state = event.get("object", {})
     if event.get("type") == "ERROR":
         return f"ERROR {state.get('detail', state)}"
+    happened = event.get("time")  # a replayed event (--since) shows when it happened, not when printed
+    stamp = time.localtime(happened) if isinstance(happened, (int, float)) else time.localtime()
     return (
-        f"{time.strftime('%H:%M:%S')} {state.get('revision', '-'):>5} {event.get('type', '?'):<8} "
+        f"{time.strftime('%H:%M:%S', stamp)} {state.get('revision', '-'):>5} {event.get('type', '?'):<8} "
         f"{state.get('instance_id')}  {_status(state)}{', ready' if state.get('ready') else ''}  "
         f"port={state.get('port')} pid={state.get('pid')}"
     )

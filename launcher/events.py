@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 CREATED = "CREATED"
@@ -40,9 +41,10 @@ class Event:
     revision: int
     type: str
     object: dict[str, Any]
+    time: float = field(default_factory=time.time)  # when it happened (a replay shows it, not now)
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "object": self.object}
+        return {"type": self.type, "object": self.object, "time": self.time}
 
 
 class Watcher:

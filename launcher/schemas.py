@@ -164,6 +164,7 @@ class WatchEvent(_Strict):
 
     type: Literal["CREATED", "READY", "STOPPED", "DELETED", "ERROR"]
     object: InstanceState | WatchError = Field(description="the instance's state after the change; for ERROR, why")
+    time: float | SkipJsonSchema[None] = _sometimes("Unix time of the change (replayed events keep theirs)")
 
 
 class ErrorResponse(_Strict):

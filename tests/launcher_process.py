@@ -98,6 +98,7 @@ class LauncherProcess:
         self.tmpdir = tmpdir or self.workdir / "tmp"  # a test may hand in one it prepared
         self.tmpdir.mkdir(exist_ok=True)
         self.temp_leftovers: list[str] = []  # what was left in tmpdir, as stop() found it
+        self.final_output = ""  # what the launcher printed, its stop included (set by stop())
         self.output = (self.workdir / "launcher.out").open("wb")
         child_env = {
             **os.environ,
@@ -183,6 +184,8 @@ class LauncherProcess:
                 pass
         self.client.close()
         self.output.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.final_output = self.output_text()
         with contextlib.suppress(FileNotFoundError):
             self.temp_leftovers = sorted(os.listdir(self.tmpdir))
         shutil.rmtree(self.workdir, ignore_errors=True)

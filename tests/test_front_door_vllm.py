@@ -41,7 +41,8 @@ def door(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator
             "tiny2": {"options": flags},
             "tiny3": {"options": flags},
             "idler": {"options": flags, "idle_timeout": 2},
-            "broken": {"options": f"--model {folder / 'missing-model'} {SERVE_FLAGS}"},
+            # Passes vLLM's parser (checked at load), fails in the instance: longer than the model allows.
+            "broken": {"options": f"--model {tiny_model} --enforce-eager --max-model-len 100000"},
         },
     }
     models_file = folder / "models.yaml"
@@ -180,7 +181,11 @@ def test_a_failed_start_answers_every_waiter_and_leaves_nothing(client: openai.O
         errors = list(pool.map(ask, range(3)))
     for error in errors:
         assert error.status_code == 502
-        assert "failed to start" in error.message and "missing-model" in error.message  # the end of its log
+        assert "failed to start" in error.message and "max_model_len (100000)" in error.message  # the cause
+        assert "\n" not in error.message and "Traceback" not in error.message  # one line, no traceback
+        assert "GET /v2/vllm/models/broken/log" in error.message
+    log = door.client.get("/v2/vllm/models/broken/log")
+    assert log.status_code == 200 and "Traceback" in log.text and "max_model_len" in log.text
     assert live_instances_of(door, "broken") == []
     listing = door.client.get("/v2/vllm/instances").json()["instances"]
     assert not [item for item in listing if _model_of(item) == "broken"]

@@ -1,0 +1,141 @@
+"""A newcomer's usual mistakes get a clear error, early (stand-in workload: fast).
+
+Bad options in a models file stop the launcher at start, naming the profile and the parser's
+message; a busy API port fails before any forkserver is started; a failed start says why in one
+line; a typo'd create field is reported in the answer's body; replayed watch events keep their
+times. The real vLLM's side (local model paths, vLLM's error lines) is in test_vllm_e2e.py and
+test_front_door_vllm.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from launcher.cli import format_event
+from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
+
+
+def run_launcher(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m launcher ARGS`` to its end (a start-up error), with private directories."""
+    with tempfile.TemporaryDirectory(prefix="fh-") as workdir:
+        child_env = {key: value for key, value in os.environ.items() if not key.startswith("LAUNCHER_")}
+        child_env |= {
+            "LAUNCHER_FORKSERVER_WORKLOAD": "standin",
+            "LAUNCHER_LOG_DIR": f"{workdir}/logs",
+            "LAUNCHER_RUNTIME_DIR": f"{workdir}/run",
+            "TMPDIR": workdir,
+            **env,
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "launcher", "--host", "127.0.0.1", *args],
+            cwd=REPO,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ("--model M --max-model-lenn 5", "unrecognized arguments: --max-model-lenn 5"),
+        ("--max-model-len 5", "the following arguments are required: --model"),
+    ],
+)
+def test_options_the_parser_rejects_stop_the_launcher_at_start(tmp_path: Path, options: str, words: str) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(f'models:\n  good: {{options: "--model G"}}\n  tiny: {{options: "{options}"}}\n')
+    done = run_launcher("--port", str(free_port()), env={"LAUNCHER_MODELS_FILE": str(models)})
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"launcher: models file {models}: model 'tiny': "), last
+    assert words in last and "'good'" not in last, last
+
+
+def test_a_profile_put_with_the_same_mistake_is_refused_alike(tmp_path: Path) -> None:
+    launcher = LauncherProcess(workload="standin")
+    try:
+        answer = launcher.client.put("/v2/vllm/models/tiny", json={"options": "--model M --max-model-lenn 5"})
+        assert answer.status_code == 400 and "unrecognized arguments: --max-model-lenn 5" in answer.json()["detail"]
+        answer = launcher.client.put("/v2/vllm/models/tiny", json={"options": "--model M", "alias": ["t"]})
+        assert answer.status_code == 422
+        assert "unknown field 'alias' in model 'tiny' (did you mean 'aliases'?)" in answer.json()["detail"]
+    finally:
+        assert not launcher.stop()
+
+
+def test_a_busy_api_port_fails_before_the_forkserver_starts() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        done = run_launcher("--port", str(port), env={}, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"launcher: port {port} on 127.0.0.1 is already in use: stop what holds it, or pick another "
+                     "with --port (LAUNCHER_PORT; `make run PORT=...`)"], lines  # fmt: skip
+    assert "forkserver" not in done.stdout + done.stderr  # nothing was started
+
+
+@pytest.fixture(scope="module")
+def standin_launcher() -> Iterator[LauncherProcess]:
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_STOP_TIMEOUT": "2"})
+    yield launcher
+    assert not launcher.stop()
+
+
+def test_a_failed_start_has_a_one_line_stop_reason(standin_launcher: LauncherProcess) -> None:
+    answer = standin_launcher.create("fails", options=f"--model M --port {free_port()} --fail-at-start --exit-code 7")
+    assert answer.status_code == 201, answer.text
+    state = wait_until(lambda: (s := standin_launcher.state("fails"))["status"] == "stopped" and s, 30, what="stop")
+    assert state["exit_code"] == 7
+    assert state["stop_reason"] == "standin failing at start with code 7"  # the log's last line: no traceback
+    deleted = standin_launcher.client.delete("/v2/vllm/instances/fails")
+    assert deleted.status_code == 200
+
+
+def test_a_deleted_instance_has_no_stop_reason(standin_launcher: LauncherProcess) -> None:
+    answer = standin_launcher.create("kept", options=f"--model M --port {free_port()}")
+    assert answer.status_code == 201
+    wait_until(lambda: standin_launcher.state("kept")["ready"], 30, what="ready")
+    assert standin_launcher.client.delete("/v2/vllm/instances/kept").json()["status"] == "terminated"
+
+
+def test_ignored_create_fields_are_named_in_the_body_with_the_likely_field(standin_launcher: LauncherProcess) -> None:
+    answer = standin_launcher.create("typo", options=f"--model M --port {free_port()}", env_var={"A": "1"})
+    assert answer.status_code == 201, answer.text
+    body = answer.json()
+    assert body["ignored_fields"] == ["env_var"]
+    assert body["warning"] == "unknown fields ignored: env_var (did you mean env_vars?)"
+    assert answer.headers["warning"] == '299 - "unknown fields ignored: env_var"'
+    standin_launcher.client.delete("/v2/vllm/instances/typo")
+
+
+def test_replayed_watch_events_keep_the_time_they_happened(standin_launcher: LauncherProcess) -> None:
+    before = time.time()
+    answer = standin_launcher.create("timed", options=f"--model M --port {free_port()}")
+    assert answer.status_code == 201
+    revision = answer.json()["revision"]
+    wait_until(lambda: standin_launcher.state("timed")["ready"], 30, what="ready")
+    time.sleep(1.2)  # a replay now is more than a second after the events
+    with httpx.stream("GET", f"{standin_launcher.base_url}/v2/vllm/instances/watch",
+                      params={"since": revision - 1}, timeout=10) as stream:  # fmt: skip
+        lines = stream.iter_lines()
+        created = httpx.Response(200, content=next(lines)).json()
+    assert created["type"] == "CREATED" and created["object"]["instance_id"] == "timed"
+    assert before <= created["time"] <= created["object"]["created_at"] + 1
+    printed = format_event(created)
+    assert printed.startswith(time.strftime("%H:%M:%S ", time.localtime(created["time"]))), printed
+    standin_launcher.client.delete("/v2/vllm/instances/timed")
