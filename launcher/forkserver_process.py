@@ -215,10 +215,17 @@ class ForkserverSupervisor:
         An external forkserver is left running with its instances: only the connection closes.
         """
         self._stopping = True
+        asked = False
         if self._client is not None and self._ready.is_set() and not self.external:
             with contextlib.suppress(ForkserverGone, Exception):
                 await self._client.request("shutdown", grace_seconds=grace_seconds)
+                asked = True
         process = self._process
+        if process is not None and process.returncode is None and not asked:
+            # Still preloading vLLM (or not answering): no instance of it exists yet, so nothing
+            # is lost by ending it now rather than after the preload (Ctrl-C then takes a moment).
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
         if process is not None and process.returncode is None:
             try:
                 await asyncio.wait_for(process.wait(), grace_seconds + 5.0)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from launcher.cli import format_event
@@ -139,3 +140,45 @@ def test_replayed_watch_events_keep_the_time_they_happened(standin_launcher: Lau
     printed = format_event(created)
     assert printed.startswith(time.strftime("%H:%M:%S ", time.localtime(created["time"]))), printed
     standin_launcher.client.delete("/v2/vllm/instances/timed")
+
+
+@pytest.mark.vllm
+def test_vllms_parser_checks_the_models_file_at_start(tmp_path: Path, tiny_model: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n"
+        f'  good: {{options: "--model {tiny_model} --enforce-eager"}}\n'
+        f'  typo: {{options: "--model {tiny_model} --max-model-lenn 5"}}\n'
+        f'  nowhere: {{options: "--model {tmp_path}/no-such-model"}}\n'
+    )
+    done = run_launcher(
+        "--port", str(free_port()), env={"LAUNCHER_MODELS_FILE": str(models), "LAUNCHER_FORKSERVER_WORKLOAD": "vllm"}
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"launcher: models file {models}: model 'typo': vllm serve: error: "), last
+    assert "unrecognized arguments: --max-model-lenn" in last, last
+    assert f"model 'nowhere': --model {tmp_path}/no-such-model: no such file or directory" in last, last
+    assert "'good'" not in last
+
+
+@pytest.mark.vllm
+def test_a_launcher_stopped_while_vllm_preloads_ends_its_forkserver_at_once() -> None:
+    with tempfile.TemporaryDirectory(prefix="fh-") as workdir:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LAUNCHER_")}
+        env |= {"LAUNCHER_LOG_DIR": f"{workdir}/logs", "LAUNCHER_RUNTIME_DIR": f"{workdir}/run", "TMPDIR": workdir}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "--host", "127.0.0.1", "--port", str(free_port())],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: psutil.Process(process.pid).children(), 30, what="the forkserver")  # preloading
+            [forkserver] = psutil.Process(process.pid).children()
+            process.terminate()
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert not forkserver.is_running()
+        assert "did not exit in time" not in output, output  # it is not left to finish its preload first
+        assert "Traceback" not in output, output

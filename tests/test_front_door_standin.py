@@ -198,8 +198,11 @@ def test_a_failed_start_answers_every_waiter_and_leaves_nothing(tmp_path: Path) 
         for answer in answers:
             assert answer.status_code == 502
             message = answer.json()["error"]["message"]
-            assert "exited with code 7 before it was ready" in message
-            assert "standin failing at start with code 7" in message  # the end of its log
+            assert "exited with code 7 before it was ready: standin failing at start with code 7" in message
+            assert "\n" not in message and "GET /v2/vllm/models/broken/log" in message  # one line, and where
+        log = launcher.client.get("/v2/vllm/models/broken/log")  # the end of the log outlives the instance
+        assert log.status_code == 200 and log.text.rstrip().endswith("standin failing at start with code 7")
+        assert launcher.client.get("/v2/vllm/models/nobody/log").status_code == 404
         assert launcher.client.get("/v2/vllm/instances").json()["instances"] == []
         assert model_state(launcher, "broken")["state"] == "failed"
         assert metric(launcher, "launcher_front_door_starts_total", model="broken", outcome="failed") == 1

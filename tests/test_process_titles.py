@@ -34,3 +34,6 @@ def test_forkserver_and_instances_are_named_in_ps(standin: LauncherProcess) -> N
     helper = wait_until(lambda: psutil.Process(pid).children(), 10, what="the instance's helper")[0]
     assert _cmdline(helper.pid) == b"vllm-launcher: instance titled"
     assert _cmdline(forkserver) == f"vllm-launcher: forkserver {socket_path}".encode()  # unchanged by forks
+    # The API process too, beside its forkserver.
+    assert _cmdline(standin.process.pid) == f"vllm-launcher: api :{standin.port}".encode()
+    assert _comm(standin.process.pid) == "vllm-launcher"
