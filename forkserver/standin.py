@@ -38,6 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spam-lines", type=int, default=0, help="lines on stdout and stderr each")
     parser.add_argument("--print-env", action="append", default=[], help="print VAR=value at start")
     parser.add_argument("--served-model-name", nargs="+", default=None, help="names POST requests may use")
+    parser.add_argument("--fast", action="store_true", help="an asyncio server answering as fast as it can")
     return parser
 
 
@@ -155,6 +156,8 @@ class StandinWorkload:
         if args.fail_at_start:
             print(f"standin failing at start with code {args.exit_code}", flush=True)
             return int(args.exit_code)
+        if args.fast:
+            return _serve_fast(args, stop)
         _Health.model = args.model
         _Health.served = args.served_model_name or [args.model]
         server = ThreadingHTTPServer((args.host or "0.0.0.0", args.port), _Health)
@@ -170,6 +173,70 @@ class StandinWorkload:
         server.server_close()
         print("standin stopped", flush=True)
         return 0
+
+
+def _serve_fast(args: argparse.Namespace, stop: threading.Event) -> int:
+    """The synthetic upstream of the front door's benchmark: the same answers, from asyncio."""
+    import asyncio
+
+    served = set(args.served_model_name or [args.model])
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, _, header_block = head.partition(b"\r\n")
+                method, path = request_line.split(b" ")[:2]
+                length = 0
+                for line in header_block.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                request = json.loads(await reader.readexactly(length) or b"{}") if length else {}
+                parts = _fast_answer(method, path, request, served, args.model)
+                if request.get("paced"):  # each event its own write, as vLLM sends each token
+                    for part in parts:
+                        writer.write(part)
+                        await writer.drain()
+                        await asyncio.sleep(0)
+                else:
+                    writer.write(b"".join(parts))
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(answer, args.host or "0.0.0.0", args.port)
+        print(f"standin serving {args.model} on port {args.port} (fast)", flush=True)
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        server.close()
+
+    asyncio.run(main())
+    print("standin stopped", flush=True)
+    return 0
+
+
+def _fast_answer(method: bytes, path: bytes, request: dict[str, object], served: set[str], model: str) -> list[bytes]:
+    def whole(status: str, body: bytes, content_type: bytes = b"application/json") -> list[bytes]:
+        return [f"HTTP/1.1 {status}\r\ncontent-type: ".encode() + content_type
+                + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body]  # fmt: skip
+
+    if method == b"GET":
+        if path == b"/health":
+            return whole("200 OK", b"")
+        return whole("200 OK", json.dumps({"data": [{"id": model}]}).encode())
+    if request.get("model") not in served:
+        return whole("404 Not Found", b'{"error": {"message": "no such model"}}')
+    if not request.get("stream"):
+        return whole("200 OK", json.dumps({"object": "standin", "model": request["model"]}).encode())
+    parts = [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"]
+    chunks = request.get("chunks", 3)
+    for number in range(chunks if isinstance(chunks, int) else 3):
+        event = f"data: {json.dumps({'model': request['model'], 'chunk': number})}\n\n".encode()
+        parts.append(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+    parts.append(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+    return parts
 
 
 WORKLOAD = StandinWorkload()

@@ -12,7 +12,7 @@ import uvicorn
 
 from launcher import dir_lock, gpus
 from launcher.app import create_app
-from launcher.profiles import ProfileError, load_models_file
+from launcher.frontdoor.profiles import ProfileError, load_models_file
 from launcher.settings import Settings
 
 

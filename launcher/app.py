@@ -8,7 +8,6 @@ import os
 import signal
 from collections.abc import AsyncIterator
 
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -18,11 +17,13 @@ from starlette.routing import Route
 
 from launcher.auth import BearerTokenMiddleware, expected_header
 from launcher.errors import LauncherError
-from launcher.front_door import FrontDoor
-from launcher.front_door_routes import OPENAI_PREFIX, front_door_routes, openai_error
+from launcher.frontdoor.door import FrontDoor
+from launcher.frontdoor.errors import OPENAI_PREFIX, openai_error
+from launcher.frontdoor.profiles import load_models_file
+from launcher.frontdoor.routes import front_door_routes
+from launcher.frontdoor.upstream import UpstreamPool
 from launcher.manager import InstanceManager
 from launcher.metrics import metrics_endpoint
-from launcher.profiles import load_models_file
 from launcher.routes import routes
 from launcher.settings import Settings
 from launcher.shutdown_signals import on_shutdown_signals
@@ -81,13 +82,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.settings = resolved
         app.state.manager = manager
         app.state.front_door = front_door
-        # The proxy's own client: no overall timeout (streams last as long as vLLM generates), but
-        # an upstream silent for --proxy-read-timeout ends its request (and frees its lease).
-        app.state.proxy_client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=10.0, read=resolved.proxy_read_timeout or None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            trust_env=False,
-        )
+        # The proxy's pooled keep-alive connections to instances: an instance silent for
+        # --proxy-read-timeout in the middle of an answer ends that request (and frees its lease).
+        app.state.upstream_pool = UpstreamPool(connect_timeout=10.0, read_timeout=resolved.proxy_read_timeout)
         manager.start()
         front_door.start(on_bad_profiles=lambda message: _stop_with_error(app, message))
         try:
@@ -95,7 +92,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 yield
         finally:
             await front_door.shutdown()
-            await app.state.proxy_client.aclose()
+            app.state.upstream_pool.close()
             await manager.shutdown()
 
     app = Starlette(

@@ -12,8 +12,8 @@ the launcher or makes it buffer without bound.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -62,6 +62,17 @@ _FAILURE_REASONS: dict[type[LauncherError], str] = {
 }
 
 
+# The latest start marker (forkserver/phases.py), in words.
+_PROGRESS = {
+    "child_ready": "loading the model",
+    "compile_start": "compiling",
+    "compile_done": "loading the model",
+    "graphs_start": "capturing CUDA graphs",
+    "graphs_done": "warming up",
+    "engine_ready": "warming up",
+}
+
+
 def _http_error(exc: ForkserverError) -> LauncherError:
     if isinstance(exc, ForkserverGone):
         return ServiceUnavailable(str(exc))
@@ -212,6 +223,19 @@ class InstanceManager:
             return None
         ready_at = record.ready_at if record.ready_at is not None else time.time()
         return phases.start_phases(phases.read(head), received_at=record.received_at, ready_at=ready_at)
+
+    @staticmethod
+    def start_progress(record: InstanceRecord) -> str:
+        """The start phase ``record``'s instance is in, in a few words (from its log's markers)."""
+        try:
+            with open(record.log_path, "rb") as log_file:
+                marks = phases.read(log_file.read(PHASE_LOG_BYTES))
+        except OSError:
+            marks = {}
+        if record.ready:
+            return "ready"
+        latest = max(marks, key=marks.__getitem__, default=None)
+        return _PROGRESS.get(latest or "", "forking")
 
     @staticmethod
     def log_tail(record: InstanceRecord, lines: int = 20) -> str:

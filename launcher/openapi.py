@@ -18,8 +18,8 @@ from pydantic.json_schema import models_json_schema
 
 from forkserver.protocol import INSTANCE_ID_PATTERN
 from launcher import __version__
+from launcher.frontdoor.profiles import ModelProfile, OpenAIRequest
 from launcher.models import VllmConfig
-from launcher.profiles import ModelProfile, OpenAIRequest
 from launcher.schemas import (
     RESPONSE_MODELS,
     CreateResponse,

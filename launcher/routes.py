@@ -15,10 +15,11 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import Route
 
 from launcher import __version__, events, log_range
-from launcher.errors import BadRequest, LauncherError, PayloadTooLarge, RangeNotSatisfiable, UnsupportedMediaType
+from launcher.errors import BadRequest, LauncherError, RangeNotSatisfiable
 from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
-from launcher.models import VllmConfig, check_instance_id, load_json_object, parse_config
+from launcher.models import VllmConfig, check_instance_id, parse_config
+from launcher.request_body import read_api_body
 from launcher.state import Status
 from launcher.ui_routes import wants_html
 
@@ -52,36 +53,6 @@ def _manager(request: Request) -> InstanceManager:
     return manager
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refusing non-JSON content types (415) and oversized bodies (413)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise UnsupportedMediaType(f"content type {content_type!r} is not supported: send application/json")
-    cap = request.app.state.settings.max_body_bytes
-    body = await read_capped(request, cap)
-    if body is None:
-        raise PayloadTooLarge(f"request body exceeds the {cap}-byte limit")
-    return body
-
-
-async def read_capped(request: Request, cap: int) -> bytes | None:
-    """The request body, or None as soon as it is (or is declared) larger than ``cap`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            return None
-    return bytes(body)
-
-
-async def read_json_body(request: Request, what: str) -> dict[str, Any]:
-    """The request body as a JSON object (415, 413, 400 and 422 as for creates)."""
-    return load_json_object(await _read_body(request), what)
-
-
 async def index(request: Request) -> Response:
     """Service name, version and endpoints; a browser is sent to the dashboard instead."""
     if wants_html(request.headers.get("accept", "")):
@@ -104,7 +75,7 @@ async def _create(request: Request, instance_id: str | None) -> JSONResponse:
     try:
         if instance_id is not None:
             check_instance_id(instance_id)
-        config, ignored = parse_config(await _read_body(request), strict=request.app.state.settings.strict_fields)
+        config, ignored = parse_config(await read_api_body(request), strict=request.app.state.settings.strict_fields)
     except LauncherError:
         manager.metrics.create_failures.labels(reason="invalid").inc()
         raise

@@ -77,6 +77,11 @@ class Settings:
     )
     compile_ahead_timeout: float = _setting(1800.0, "seconds a front-door compile-ahead may take before it is given up")
     start_timeout: float = _setting(1800.0, "seconds a front-door start may take to be ready before it fails")
+    start_keepalive: bool = _setting(
+        False,
+        "a front-door stream waiting for its model's start gets its headers at once and an SSE comment every few "
+        "seconds until its first chunk (a profile's start_keepalive beats it)",
+    )
     queue_timeout: float = _setting(60.0, "seconds a front-door start waits for room before a 503")
     queue_max: int = _setting(256, "most front-door requests waiting for a start at once (503 beyond)")
     proxy_read_timeout: float = _setting(

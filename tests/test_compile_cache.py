@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from launcher.compile_ahead import COMPILE_ANNOTATION
+from launcher.frontdoor.compile_ahead import COMPILE_ANNOTATION
 from tests.conftest import real_vllm_launcher
 from tests.launcher_process import DEFAULT_MODE_FLAGS, LauncherProcess, free_port, wait_instance_healthy, wait_until
 

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from launcher.profiles import MODEL_ANNOTATION
+from launcher.frontdoor.profiles import MODEL_ANNOTATION
 from tests.launcher_process import REPO, SERVE_FLAGS, VLLM_ENV, LauncherProcess, process_alive, wait_until
 
 

@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from launcher.errors import NotFound, TooManyInstances
-from launcher.front_door import FrontDoor, NoRoom, StartFailed
+from launcher.frontdoor.door import FrontDoor, NoRoom, StartFailed
 from launcher.models import VllmConfig
-from launcher.profiles import ModelProfile, ModelsFile
+from launcher.frontdoor.profiles import ModelProfile, ModelsFile
 from launcher.settings import Settings
 from launcher.state import InstanceRecord, Status
 

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from launcher.profiles import MODEL_ANNOTATION
+from launcher.frontdoor.profiles import MODEL_ANNOTATION
 from tests.launcher_process import LauncherProcess, WatchReader, wait_until
 
 

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from launcher.profiles import MODEL_ANNOTATION
+from launcher.frontdoor.profiles import MODEL_ANNOTATION
 from tests.conftest import real_vllm_launcher
 from tests.launcher_process import SERVE_FLAGS, LauncherProcess, WatchReader, wait_until
 

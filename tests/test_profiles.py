@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from launcher.profiles import MODEL_ANNOTATION, ModelProfile, ProfileError, parse_models_file, plain_errors
+from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile, ProfileError, parse_models_file, plain_errors
 from tests.launcher_process import REPO, free_port
 
 GOOD = """\
@@ -85,7 +85,7 @@ def test_the_launcher_refuses_to_start_with_a_bad_models_file(tmp_path: Path) ->
     )
 
 
-PROFILE_FIELDS = "options, env_vars, gpu_uuids, annotations, idle_timeout, start_timeout, aliases, preload, share_gpu"
+PROFILE_FIELDS = "options, env_vars, gpu_uuids, annotations, idle_timeout, start_timeout, start_keepalive, aliases, preload, share_gpu"
 
 
 def problems(text: str) -> list[str]:

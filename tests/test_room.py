@@ -12,7 +12,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.room import Holder, Wanted, plan_room
+from launcher.frontdoor.room import Holder, Wanted, plan_room
 
 GPUS = ["GPU-0", "GPU-1", "GPU-2"]
 

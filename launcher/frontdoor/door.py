@@ -21,17 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher import room
-from launcher.compile_ahead import COMPILE_ANNOTATION, CompileAhead, Compiled, needs_compile
 from launcher.errors import LauncherError, NotFound, ServiceUnavailable
 from launcher.failure_reason import failure_reason
+from launcher.frontdoor import room
+from launcher.frontdoor.compile_ahead import COMPILE_ANNOTATION, CompileAhead, Compiled, needs_compile
+from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFile, ProfileError, check_name
 from launcher.manager import InstanceManager
 from launcher.metrics import FrontDoorMetrics
-from launcher.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFile, ProfileError, check_name
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
 
-log = logging.getLogger("launcher.front_door")
+log = logging.getLogger("launcher.frontdoor.door")
 
 REAP_INTERVAL = 0.5  # seconds between idle checks; also the longest a waiter sleeps between looks
 FAILED_LOG_LINES = 400  # kept of a failed start's log, once its instance is removed
@@ -422,11 +422,9 @@ class FrontDoor:
                 if self._states.get(state.name) is not state:
                     raise NotFound(f"model {state.name!r} was removed")
                 if state.phase is Phase.READY and not state.retire:
-                    record = self._live_record(state)
-                    if record is not None:
-                        state.in_flight += 1
-                        state.last_used = time.time()
-                        return Lease(state, record)
+                    lease = self.try_acquire(state)
+                    if lease is not None:
+                        return lease
                     self._lost(state)
                     continue
                 if not queued:  # from here on the request waits: count it against --queue-max
@@ -441,6 +439,35 @@ class FrontDoor:
         finally:
             if queued:
                 self._queued -= 1
+
+    def try_acquire(self, state: ModelState) -> Lease | None:
+        """Hold the model's instance for one request if it is ready now (no waiting), else None.
+
+        The proxy's fast path: a ready model's request is leased without a task or an ``await``.
+        """
+        if state.phase is not Phase.READY or state.retire or self._states.get(state.name) is not state:
+            return None
+        record = self._live_record(state)
+        if record is None:
+            return None
+        state.in_flight += 1
+        state.last_used = time.time()
+        return Lease(state, record)
+
+    def keeps_alive(self, state: ModelState) -> bool:
+        """Whether a stream waiting for this model's start gets SSE comments meanwhile."""
+        wanted = state.profile.start_keepalive
+        return self._settings.start_keepalive if wanted is None else wanted
+
+    def start_progress(self, state: ModelState) -> str:
+        """Where the model's start is, in a few words (for the keep-alive comments)."""
+        if state.instance_id is None:
+            return "waiting for room" if state.phase is Phase.STARTING else state.phase.value
+        try:
+            record = self._manager.get(state.instance_id)
+        except NotFound:
+            return state.phase.value
+        return self._manager.start_progress(record)
 
     async def _wait_or_start(self, state: ModelState) -> None:
         """One step of a request that cannot be served yet: wait for what is under way, or start."""

@@ -33,11 +33,11 @@ from collections.abc import Callable
 from typing import Literal
 
 from launcher.errors import LauncherError, NotFound, TooManyInstances
+from launcher.frontdoor.profiles import ModelProfile
 from launcher.manager import InstanceManager
 from launcher.models import VllmConfig
-from launcher.profiles import ModelProfile
 
-log = logging.getLogger("launcher.compile_ahead")
+log = logging.getLogger("launcher.frontdoor.compile_ahead")
 
 COMPILE_ANNOTATION = "launcher.front-door/compile-ahead"  # on every throwaway instance
 COMPILE_NICE = 19

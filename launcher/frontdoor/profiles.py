@@ -49,6 +49,11 @@ class ModelProfile(BaseModel):
     start_timeout: float | None = Field(
         default=None, gt=0, description="seconds a start may take to be ready before it fails (unset: --start-timeout)"
     )
+    start_keepalive: StrictBool | None = Field(
+        default=None,
+        description="a stream waiting for this model's start gets its headers at once and SSE comments until its "
+        "first chunk (unset: --start-keepalive)",
+    )
     aliases: list[StrictStr] = Field(default_factory=list, description="other names clients may use")
     preload: StrictBool = Field(default=False, description="start it when the launcher starts")
     share_gpu: StrictBool = Field(

@@ -1,0 +1,355 @@
+"""``POST /v1/...``: route by the body's ``model`` and pass the request through, at line rate.
+
+A plain ASGI endpoint (no Request object, no response class, no task group): the body is read
+in one piece, parsed once for ``model`` and ``stream``, the model's instance held (started
+first if needed), and the request written to a pooled keep-alive connection
+(:mod:`launcher.frontdoor.upstream`). Status, headers and body come back as the instance
+sends them; body pieces that arrive together go on as one. One task per request watches for
+the client hanging up, which closes the upstream connection so that vLLM aborts the request.
+
+A stream waiting for its model's start may be kept alive (``start_keepalive``): its headers
+go out at once, then an SSE comment line every few seconds (``: starting tiny, compiling,
+4 s``) until the first real chunk; a failed start ends it with an OpenAI-shaped error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from launcher import readiness
+from launcher.errors import NotFound
+from launcher.frontdoor.door import FrontDoor, Lease, ModelState, NoRoom, StartFailed
+from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
+from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
+from launcher.request_body import read_capped
+
+log = logging.getLogger("launcher.frontdoor.door")
+T = TypeVar("T")
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself; everything else passes.
+REQUEST_HEADERS_DROPPED = frozenset(
+    {b"host", b"content-length", b"authorization", b"connection", b"keep-alive", b"transfer-encoding", b"te",
+     b"upgrade", b"proxy-authorization", b"proxy-connection", b"expect"}
+)  # fmt: skip
+RESPONSE_HEADERS_DROPPED = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection", b"date", b"server"}
+)
+UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics label for names no profile has
+RETRY_AFTER_SECONDS = "5"
+KEEPALIVE_INTERVAL = 3.0  # seconds between SSE comments while a stream waits for its start
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]  # fmt: skip
+
+
+def passed_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """``headers`` less the hop-by-hop ones: ``dropped`` and those the ``Connection`` header names."""
+    headers = [(name.lower(), value) for name, value in headers]
+    named = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
+    if named:
+        dropped = dropped | named
+    return [(name, value) for name, value in headers if name not in dropped]
+
+
+def read_request(body: bytes) -> tuple[str, bool] | JSONResponse:
+    """The body's ``model`` and whether it asks for a stream, or the OpenAI-shaped 400."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return openai_error(400, f"The request body is not valid JSON: {exc}", "BadRequestError", "invalid_json")
+    except RecursionError:
+        return openai_error(400, "The request body is nested too deeply to read.", "BadRequestError", "invalid_json")
+    if not isinstance(data, dict):
+        return openai_error(400, "The request body must be a JSON object.", "BadRequestError", "invalid_body")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        return openai_error(400, "The request body must name a model: add \"model\": \"<name>\" "
+                            "(GET /v1/models lists them).", "BadRequestError", "model_required")  # fmt: skip
+    return model, data.get("stream") is True
+
+
+class _Exchange:
+    """One request's hold on its upstream connection, so that a client's hang-up can close it."""
+
+    __slots__ = ("connection", "gone")
+
+    def __init__(self) -> None:
+        self.connection: Connection | None = None
+        self.gone = False
+
+    def attach(self, connection: Connection) -> None:
+        self.connection = connection
+        if self.gone:
+            connection.close()
+
+    def client_left(self) -> None:
+        self.gone = True
+        if self.connection is not None:
+            self.connection.close()  # wakes the reader; the instance sees its request aborted
+
+
+async def _watch_client(receive: Receive, exchange: _Exchange) -> None:
+    # The body is read already: the next message is http.disconnect (a hang-up, or the answer's end).
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    exchange.client_left()
+
+
+async def _unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+    exchange = _Exchange()
+    gone = asyncio.ensure_future(_watch_client(receive, exchange))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+class OpenAIProxy:
+    """The ASGI endpoint of ``POST /v1/{path}`` (the front door, its settings and pool on ``app.state``)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state_of_app = scope["app"].state
+        door: FrontDoor = state_of_app.front_door
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if has_dot_segment(raw_path):
+            await dot_segment_error()(scope, receive, send)
+            return
+        cap = state_of_app.settings.proxy_max_body_bytes
+        try:
+            body = await read_capped(scope, receive, cap)
+        except ClientDisconnect:
+            return
+        if body is None:
+            await openai_error(413, f"The request body exceeds the {cap}-byte limit.", "BadRequestError",
+                               "request_too_large")(scope, receive, send)  # fmt: skip
+            return
+        parsed = read_request(body)
+        if isinstance(parsed, JSONResponse):
+            await parsed(scope, receive, send)
+            return
+        model, stream = parsed
+        state = door.resolve(model)
+        if state is None:
+            door.metrics.requests.labels(model=UNKNOWN_MODEL_LABEL, status="404").inc()
+            await openai_error(404, f"The model '{model}' does not exist (GET /v1/models lists them).",
+                               "NotFoundError", "model_not_found")(scope, receive, send)  # fmt: skip
+            return
+        lease = door.try_acquire(state)  # a ready model: no waiting, no task
+        if lease is None and stream and door.keeps_alive(state):
+            status = await _KeptAlive(scope, receive, send, door, state).serve(body)
+        elif lease is None:
+            status = await self._acquire_then_pass(scope, receive, send, door, state, body)
+        else:
+            status = await _pass(scope, receive, send, door, lease, body)
+        door.metrics.requests.labels(model=state.name, status=str(status)).inc()
+
+    @staticmethod
+    async def _acquire_then_pass(
+        scope: Scope, receive: Receive, send: Send, door: FrontDoor, state: ModelState, body: bytes
+    ) -> int:
+        try:
+            lease = await _unless_client_leaves(receive, door.acquire(state))
+        except (StartFailed, NoRoom, NotFound) as exc:
+            answer = _acquire_error(exc)
+            await answer(scope, receive, send)
+            return answer.status_code
+        if lease is None:  # the client left while it waited: it is out of the queue, nothing to send
+            return 499
+        return await _pass(scope, receive, send, door, lease, body)
+
+
+def _acquire_error(exc: Exception) -> JSONResponse:
+    if isinstance(exc, StartFailed):
+        return openai_error(502, str(exc), "ServiceUnavailableError", "model_start_failed")
+    if isinstance(exc, NoRoom):
+        return openai_error(503, str(exc), "ServiceUnavailableError", "no_room",
+                            headers={"Retry-After": RETRY_AFTER_SECONDS})  # fmt: skip
+    return openai_error(404, str(exc), "NotFoundError", "model_not_found")
+
+
+def _request_head(scope: Scope, lease: Lease, host: str, length: int) -> bytes:
+    # The path as the client sent it (still percent-encoded), not as decoded for routing.
+    target: bytes = scope.get("raw_path") or scope["path"].encode()
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    lines = [b"POST ", target, b" HTTP/1.1\r\nhost: ", f"{host}:{lease.record.port}".encode(),
+             b"\r\ncontent-length: ", str(length).encode(), b"\r\n"]  # fmt: skip
+    for name, value in passed_headers(scope["headers"], REQUEST_HEADERS_DROPPED):
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+async def _open(
+    scope: Scope, door: FrontDoor, lease: Lease, body: bytes, exchange: _Exchange
+) -> Connection | JSONResponse:
+    """Send the request to the lease's instance; its connection once the answer's head is in."""
+    pool: UpstreamPool = scope["app"].state.upstream_pool
+    host = readiness.probe_host(lease.record.host)
+    try:
+        connection = await pool.request(
+            host, lease.record.port, _request_head(scope, lease, host, len(body)), body, on_connection=exchange.attach
+        )
+    except UpstreamError as exc:
+        if exchange.gone:
+            return JSONResponse({}, status_code=499)
+        return openai_error(502, f"The model's instance {lease.record.instance_id} did not answer: {exc}",
+                            "ServiceUnavailableError", "upstream_unreachable")  # fmt: skip
+    return connection
+
+
+async def _pass(scope: Scope, receive: Receive, send: Send, door: FrontDoor, lease: Lease, body: bytes) -> int:
+    """Pass the request to the lease's instance and its answer back; the lease is given back."""
+    exchange = _Exchange()
+    watcher = asyncio.ensure_future(_watch_client(receive, exchange))
+    connection: Connection | None = None
+    try:
+        opened = await _open(scope, door, lease, body, exchange)
+        if isinstance(opened, JSONResponse):
+            if opened.status_code != 499:
+                await opened(scope, receive, send)
+            return opened.status_code
+        connection = opened
+        await send({"type": "http.response.start", "status": connection.status,
+                    "headers": passed_headers(connection.headers, RESPONSE_HEADERS_DROPPED)})  # fmt: skip
+        await _relay(send, connection, door, lease, exchange)
+        return connection.status
+    finally:
+        watcher.cancel()
+        if connection is not None:
+            scope["app"].state.upstream_pool.release(connection)
+        door.release(lease)
+
+
+async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lease, exchange: _Exchange) -> None:
+    """The answer's body, piece by piece; an instance failing mid-answer ends it, said once."""
+    try:
+        while True:
+            data = await connection.read()
+            if data is None:
+                break
+            if connection.complete and not exchange.gone:
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+    except UpstreamError as exc:
+        if exchange.gone:
+            return  # the client left: closing the connection was ours
+        what = "stopped sending (read timeout)" if isinstance(exc, UpstreamTimeout) else f"failed: {exc}"
+        message = f"The model's instance {lease.record.instance_id} {what} in the middle of its answer."
+        log.warning("model %s: %s", lease.state.name, message)
+        door.metrics.upstream_errors.labels(model=lease.state.name).inc()
+        if _is_event_stream(connection.headers):
+            await send({"type": "http.response.body", "body": _error_event(message, "upstream_failed"),
+                        "more_body": True})  # fmt: skip
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"content-type" and value.startswith(b"text/event-stream") for name, value in headers)
+
+
+def _error_event(message: str, code: str, error_type: str = "ServiceUnavailableError") -> bytes:
+    error = {"error": {"message": message, "type": error_type, "code": code}}
+    return f"data: {json.dumps(error)}\n\n".encode()
+
+
+class _KeptAlive:
+    """A stream whose model is starting: headers at once, comments while it starts, then the stream."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, door: FrontDoor, state: ModelState) -> None:
+        self._scope, self._receive, self._send = scope, receive, send
+        self._door, self._state = door, state
+
+    async def _comment(self, started: float) -> None:
+        progress = self._door.start_progress(self._state)
+        line = f": starting {self._state.name}, {progress}, {time.monotonic() - started:.0f} s\n\n"
+        await self._send({"type": "http.response.body", "body": line.encode(), "more_body": True})
+
+    async def _end(self, last: bytes = b"") -> None:
+        await self._send({"type": "http.response.body", "body": last, "more_body": False})
+
+    async def serve(self, body: bytes) -> int:
+        started = time.monotonic()
+        await self._send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
+        await self._comment(started)
+        exchange = _Exchange()
+        watcher = asyncio.ensure_future(_watch_client(self._receive, exchange))
+        acquiring = asyncio.ensure_future(self._door.acquire(self._state))
+        try:
+            while True:
+                await asyncio.wait({acquiring, watcher}, timeout=KEEPALIVE_INTERVAL,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if acquiring.done() or watcher.done():
+                    break
+                await self._comment(started)
+        finally:
+            watcher.cancel()
+        if not acquiring.done():  # the client left while it waited
+            acquiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await acquiring
+            return 499
+        try:
+            lease = acquiring.result()
+        except (StartFailed, NoRoom, NotFound) as exc:
+            answer = _acquire_error(exc)
+            error = json.loads(bytes(answer.body))["error"]
+            await self._end(_error_event(error["message"], error["code"], error["type"]))
+            return answer.status_code
+        return await self._stream(lease, body)
+
+    async def _stream(self, lease: Lease, body: bytes) -> int:
+        exchange = _Exchange()
+        watcher = asyncio.ensure_future(_watch_client(self._receive, exchange))
+        connection: Connection | None = None
+        try:
+            opened = await _open(self._scope, self._door, lease, body, exchange)
+            if isinstance(opened, JSONResponse):
+                if opened.status_code != 499:
+                    error = json.loads(bytes(opened.body))["error"]
+                    await self._end(_error_event(error["message"], error["code"]))
+                return opened.status_code
+            connection = opened
+            if connection.status != 200:  # vLLM refused it (a bad parameter): said as an error event
+                await self._end(await _error_event_from(connection))
+                return connection.status
+            await _relay(self._send, connection, self._door, lease, exchange)
+            return 200
+        finally:
+            watcher.cancel()
+            if connection is not None:
+                self._scope["app"].state.upstream_pool.release(connection)
+            self._door.release(lease)
+
+
+async def _error_event_from(connection: Connection) -> bytes:
+    """An instance's error answer, whose status can no longer be sent, as an SSE error event."""
+    parts = []
+    with contextlib.suppress(UpstreamError):
+        while (data := await connection.read()) is not None:
+            parts.append(data)
+    text = b"".join(parts)[:65536].decode(errors="replace")
+    error: Any = None
+    with contextlib.suppress(ValueError, AttributeError):
+        error = json.loads(text).get("error")
+    if not isinstance(error, dict):
+        error = {"message": text or f"HTTP {connection.status}", "type": "BadRequestError", "code": None}
+    return f"data: {json.dumps({'error': error})}\n\n".encode()
