@@ -97,8 +97,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
+            *front_door_routes(),  # first: a proxied request is matched after three routes, not thirty
             *routes(),
-            *front_door_routes(),
             *ui_routes(),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],

@@ -235,7 +235,7 @@ class InstanceManager:
         if record.ready:
             return "ready"
         latest = max(marks, key=marks.__getitem__, default=None)
-        return _PROGRESS.get(latest or "", "forking")
+        return _PROGRESS.get(latest or "", "forking" if latest else "starting")  # no markers: a stand-in
 
     @staticmethod
     def log_tail(record: InstanceRecord, lines: int = 20) -> str:

@@ -90,6 +90,7 @@ class FrontDoorMetrics:
             "launcher_front_door_requests", "Front-door requests by model and HTTP status",
             ["model", "status"], registry=registry,
         )  # fmt: skip
+        self._request_counters: dict[tuple[str, int], Counter] = {}
         self.starts = Counter(
             "launcher_front_door_starts", "On-demand starts by model and outcome (ready, failed, no_room)",
             ["model", "outcome"], registry=registry,
@@ -118,6 +119,13 @@ class FrontDoorMetrics:
             "launcher_front_door_queue_depth", "Requests waiting for a model that is not ready", registry=registry
         )
         depth.set_function(queue_depth)
+
+    def count_request(self, model: str, status: int) -> None:
+        """One front-door request answered with ``status`` (the labelled child kept: the hot path)."""
+        counter = self._request_counters.get((model, status))
+        if counter is None:
+            counter = self._request_counters[(model, status)] = self.requests.labels(model=model, status=str(status))
+        counter.inc()
 
 
 def count_instances(states: Iterable[tuple[str, bool]]) -> dict[tuple[str, bool], int]:

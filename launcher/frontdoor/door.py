@@ -462,7 +462,7 @@ class FrontDoor:
     def start_progress(self, state: ModelState) -> str:
         """Where the model's start is, in a few words (for the keep-alive comments)."""
         if state.instance_id is None:
-            return "waiting for room" if state.phase is Phase.STARTING else state.phase.value
+            return "waiting for room" if state.phase is Phase.STARTING else "starting"
         try:
             record = self._manager.get(state.instance_id)
         except NotFound:

@@ -147,7 +147,7 @@ class OpenAIProxy:
         model, stream = parsed
         state = door.resolve(model)
         if state is None:
-            door.metrics.requests.labels(model=UNKNOWN_MODEL_LABEL, status="404").inc()
+            door.metrics.count_request(UNKNOWN_MODEL_LABEL, 404)
             await openai_error(404, f"The model '{model}' does not exist (GET /v1/models lists them).",
                                "NotFoundError", "model_not_found")(scope, receive, send)  # fmt: skip
             return
@@ -158,7 +158,7 @@ class OpenAIProxy:
             status = await self._acquire_then_pass(scope, receive, send, door, state, body)
         else:
             status = await _pass(scope, receive, send, door, lease, body)
-        door.metrics.requests.labels(model=state.name, status=str(status)).inc()
+        door.metrics.count_request(state.name, status)
 
     @staticmethod
     async def _acquire_then_pass(

@@ -127,7 +127,8 @@ class Connection(asyncio.Protocol):
         while not self.head_done:
             if self.error is not None:
                 raise self.error
-            await self._wait()
+            waiter = self._waiter = self._loop.create_future()
+            await waiter
 
     async def read(self) -> bytes | None:
         """The body that has arrived since the last call (waiting for some); None at its end."""
@@ -145,7 +146,8 @@ class Connection(asyncio.Protocol):
                 return None
             if self.error is not None:
                 raise self.error
-            await self._wait()
+            waiter = self._waiter = self._loop.create_future()
+            await waiter  # woken by the next piece, the end, or an error
 
     def close(self) -> None:
         """Close the connection (an instance sees its request aborted)."""
@@ -156,17 +158,12 @@ class Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ internals
 
-    async def _wait(self) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # a reader cancelled meanwhile leaves a cancelled future
+                waiter.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None:
