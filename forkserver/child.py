@@ -74,7 +74,7 @@ def become_instance(
     forkserver_pid: int,
     nice: int = 0,
 ) -> None:
-    """Set up the child (session, log, environment, temp dir, parent death signal) and run the workload; always ``os._exit``.
+    """Set up the child (session, log, env, temp dir, death signal), run the workload; always ``os._exit``.
 
     ``nice`` lowers the instance's CPU priority (and its helpers', which inherit it): the
     front door's compile-ahead runs at 19, so that it never competes with serving.
