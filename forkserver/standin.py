@@ -39,6 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-env", action="append", default=[], help="print VAR=value at start")
     parser.add_argument("--served-model-name", nargs="+", default=None, help="names POST requests may use")
     parser.add_argument("--fast", action="store_true", help="an asyncio server answering as fast as it can")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="as vLLM's (the launcher reads it)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="as vLLM's (for GPU placement)")
     return parser
 
 

@@ -13,6 +13,7 @@ import uvicorn
 from launcher import dir_lock, gpus
 from launcher.app import create_app
 from launcher.frontdoor.profiles import ProfileError, load_models_file
+from launcher.memory import parse_size
 from launcher.settings import Settings
 
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     listener: socket.socket | None = None
     try:  # checked before anything starts: one clear line each
         load_models_file(settings.models_file)
+        check_sizes(settings)
         # Bound now, before the forkserver preloads vLLM: a busy port fails in a moment, not in 15 s
         # (and before the log directory's lock, which a launcher on the same port also holds).
         listener = bind_api_socket(settings.host, settings.port)
@@ -65,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: {fatal[0]}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_sizes(settings: Settings) -> None:
+    """``--memory-budget`` and ``--gpu-memory-reserve`` must be sizes; a ProfileError names the flag."""
+    for flag, value in (
+        ("--memory-budget", settings.memory_budget),
+        ("--gpu-memory-reserve", settings.gpu_memory_reserve),
+    ):
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            raise ProfileError(f"{flag}: {exc}") from None
 
 
 class PortInUse(OSError):

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from forkserver import phases, protocol
-from launcher import dir_lock, events, gpus, ports, readiness, sweep
+from launcher import dir_lock, events, gpus, memory, ports, readiness, sweep
 from launcher.errors import (
     BadRequest,
     Conflict,
@@ -36,6 +36,7 @@ from launcher.forkserver_process import ForkserverSupervisor
 from launcher.metrics import LauncherMetrics, StateSnapshot, count_instances, exit_kind
 from launcher.models import VllmConfig, check_instance_id
 from launcher.settings import Settings
+from launcher.memory import Footprint
 from launcher.state import InstanceRecord
 
 log = logging.getLogger("launcher.manager")
@@ -51,6 +52,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 PHASE_LOG_BYTES = 4 << 20  # where an instance's start-phase markers are looked for
+MEMORY_SAMPLE_SECONDS = 2.0  # how often each live instance's footprint is read
 
 
 _FAILURE_REASONS: dict[type[LauncherError], str] = {
@@ -123,6 +125,7 @@ class InstanceManager:
         self._deleting: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._early_exits: dict[str, dict[str, Any]] = {}
         self.metrics = LauncherMetrics()
+        self._sampler: asyncio.Task[None] | None = None
         self.metrics.attach(self._metrics_snapshot)
         self._http: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -142,6 +145,7 @@ class InstanceManager:
             sweep.mark_runtime_dir(self.forkserver.runtime_dir)
         self._http = httpx.AsyncClient(trust_env=False)
         self.forkserver.start()
+        self._sampler = asyncio.create_task(self._sample_memory_forever(), name="memory-sampler")
 
     async def shutdown(self) -> None:
         """End watch streams, stop every instance and the forkserver, remove the log files.
@@ -149,6 +153,8 @@ class InstanceManager:
         Instances of an external forkserver keep running (with their logs) for the next API.
         """
         self.events.close()
+        if self._sampler is not None:
+            self._sampler.cancel()
         for runtime in self._runtime.values():
             if runtime.probe is not None:
                 runtime.probe.cancel()
@@ -162,6 +168,45 @@ class InstanceManager:
         dir_lock.release(self.log_dir, remove_empty=[self.log_dir, os.path.dirname(self.log_dir)] if default else [])
         if self._http is not None:
             await self._http.aclose()
+
+    # ------------------------------------------------------------------ memory
+
+    async def _sample_memory_forever(self) -> None:
+        while True:
+            live = [record for record in self._records.values() if record.live]
+            if live:
+                try:
+                    sampled = await asyncio.to_thread(self._measure, live)
+                except Exception:  # noqa: BLE001 - a bad sample must not end sampling
+                    log.exception("memory sampling failed")
+                    sampled = {}
+                for record in live:
+                    footprint = sampled.get(record.instance_id)
+                    if footprint is not None and record.live:
+                        record.memory = footprint
+                        record.memory_peak = (
+                            footprint if record.memory_peak is None else record.memory_peak.peak(footprint)
+                        )
+            await asyncio.sleep(MEMORY_SAMPLE_SECONDS)
+
+    def _measure(self, records: list[InstanceRecord]) -> dict[str, Footprint]:
+        """Each instance's footprint now (run in a worker thread: it reads /proc)."""
+        trees = {record.instance_id: memory.process_tree(record.pid) for record in records}
+        real_gpus = bool(self.gpus) and not self._settings.mock_gpus
+        by_pid: dict[int, dict[str, int]] = {}
+        if real_gpus:
+            for record in records:
+                by_pid[record.pid] = memory.nvml_gpu_bytes(trees[record.instance_id])
+        sizes = {gpu.uuid: (gpu.memory_mib or 0) * 2**20 for gpu in self.gpus}
+        found = {}
+        for record in records:
+            if real_gpus:
+                gpu_bytes = by_pid[record.pid]
+            else:  # mock GPUs: what vLLM would take of each device it is given
+                share = memory.gpu_utilization(record.config.options)
+                gpu_bytes = {uuid: int(share * sizes.get(uuid, 0)) for uuid in record.config.gpu_uuids or []}
+            found[record.instance_id] = Footprint(memory.pss_bytes(trees[record.instance_id]), gpu_bytes)
+        return found
 
     # ------------------------------------------------------------------ queries
 
@@ -183,6 +228,11 @@ class InstanceManager:
             forkserver_restarts=self.forkserver.restarts,
             watchers=self.events.watchers,
             revision=self.events.revision,
+            memory={
+                record.instance_id: (record.memory.host_bytes, dict(record.memory.gpu_bytes))
+                for record in self._records.values()
+                if record.live and record.memory is not None
+            },  # fmt: skip
         )
 
     async def validate(self, config: VllmConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -22,6 +22,7 @@ class StateSnapshot:
     forkserver_restarts: int
     watchers: int
     revision: int
+    memory: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)  # id -> (host, gpu by uuid)
 
 
 START_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -52,6 +53,16 @@ class _StateCollector(Collector):
         )  # fmt: skip
         yield GaugeMetricFamily("launcher_watchers", "Open watch streams", value=state.watchers)
         yield GaugeMetricFamily("launcher_revision", "Current event revision", value=state.revision)
+        host = GaugeMetricFamily("launcher_instance_host_memory_bytes", "Host memory (PSS of its processes) of a "
+                                 "running instance", labels=["instance_id"])  # fmt: skip
+        gpu = GaugeMetricFamily("launcher_instance_gpu_memory_bytes", "GPU memory of a running instance, by device",
+                                labels=["instance_id", "gpu_uuid"])  # fmt: skip
+        for instance_id, (host_bytes, gpu_bytes) in sorted(state.memory.items()):
+            host.add_metric([instance_id], host_bytes)
+            for uuid, used in sorted(gpu_bytes.items()):
+                gpu.add_metric([instance_id, uuid], used)
+        yield host
+        yield gpu
 
 
 class LauncherMetrics:

@@ -52,6 +52,13 @@ class CreateResponse(_Configured):
     warning: str | SkipJsonSchema[None] = _sometimes("the ignored fields in words, with the likely field meant")
 
 
+class MemoryState(_Strict):
+    """What an instance holds (sampled every 2 s), or what a model is expected to hold."""
+
+    host_bytes: int = Field(description="host memory: PSS of every process of the instance")
+    gpu_bytes: dict[str, int] = Field(description="GPU memory per device UUID (NVML; mock GPUs: the vLLM share)")
+
+
 class InstanceState(_Configured):
     """One instance's state: ``GET /v2/vllm/instances/{id}`` and each item of the detailed list."""
 
@@ -80,6 +87,7 @@ class InstanceState(_Configured):
     stopped_at: float | SkipJsonSchema[None] = _sometimes(
         "stopped instances only: Unix time no process of the instance was left"
     )
+    memory: MemoryState | SkipJsonSchema[None] = _sometimes("running instances, once sampled: what it holds now")
     stop_reason: str | SkipJsonSchema[None] = _sometimes(
         "stopped instances only, when known: the last error line of its log (an instance that failed "
         "by itself), or what stopped it (e.g. the forkserver died)"
@@ -173,6 +181,12 @@ class ErrorResponse(_Strict):
     detail: str = Field(description="what is wrong")
 
 
+class ExpectedMemory(MemoryState):
+    """A model's expected footprint: the profile's ``memory``, the peak measured, or an estimate."""
+
+    source: Literal["declared", "measured", "estimated"]
+
+
 class ModelState(_Configured):
     """A front-door model profile and its state (``/v2/vllm/models``)."""
 
@@ -191,6 +205,13 @@ class ModelState(_Configured):
         "being compiled ahead in a throwaway instance ('compiling'), or not known to be (false)"
     )
     compile_error: str | None = Field(description="why the last compile-ahead failed; null otherwise")
+    start_timeout: float | SkipJsonSchema[None] = _sometimes("as given, when given")
+    start_keepalive: bool | SkipJsonSchema[None] = _sometimes("as given, when given")
+    memory: int | str | SkipJsonSchema[None] = _sometimes("as given, when given")
+    gpu_memory: int | str | SkipJsonSchema[None] = _sometimes("as given, when given")
+    memory_estimate: ExpectedMemory = Field(description="what its instance is expected to hold, and why")
+    fits: bool = Field(description="false: it exceeds a memory budget even on an empty node (requests get 503)")
+    fit_problem: str | SkipJsonSchema[None] = _sometimes("when it does not fit: why")
 
 
 class ModelList(_Strict):

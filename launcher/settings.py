@@ -77,6 +77,13 @@ class Settings:
     )
     compile_ahead_timeout: float = _setting(1800.0, "seconds a front-door compile-ahead may take before it is given up")
     start_timeout: float = _setting(1800.0, "seconds a front-door start may take to be ready before it fails")
+    memory_budget: str = _setting(
+        "0", "host memory the front door's instances may hold together, bytes or with a unit ('48GiB'; 0: no budget)"
+    )
+    gpu_memory_reserve: str = _setting("1GiB", "GPU memory each device keeps free of instances (its budget: the rest)")
+    footprints_file: str = _setting(
+        "", "where measured model footprints are kept across restarts (default: beside the log directory)"
+    )
     start_keepalive: bool = _setting(
         False,
         "a front-door stream waiting for its model's start gets its headers at once and an SSE comment every few "
@@ -88,6 +95,12 @@ class Settings:
         300.0, "seconds a front-door upstream may send nothing before its request ends with an error (0: never)"
     )
     proxy_max_body_bytes: int = _setting(16 * 1024 * 1024, "largest /v1 request body, in bytes (413 above)")
+
+    def resolved_footprints_file(self) -> str:
+        """The footprints file, with the default filled in (beside the log directory)."""
+        return self.footprints_file or os.path.join(
+            os.path.dirname(self.resolved_log_dir().rstrip("/")), "footprints.json"
+        )
 
     def resolved_log_dir(self) -> str:
         """The log directory, with the default filled in (one per API port: launchers never share)."""

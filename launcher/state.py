@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.memory import Footprint
 from launcher.models import VllmConfig
 
 
@@ -38,6 +39,8 @@ class InstanceRecord:
     stop_reason: str | None = None
     revision: int = 0
     start_phases: dict[str, float] | None = None  # where start_seconds went (forkserver/phases.py)
+    memory: Footprint | None = None  # what it holds now, sampled (launcher/memory.py)
+    memory_peak: Footprint | None = None  # the most it held
 
     @property
     def live(self) -> bool:
@@ -77,6 +80,8 @@ class InstanceRecord:
             "start_phases": self.start_phases,
             "revision": self.revision,
         }
+        if self.memory is not None and self.status is Status.RUNNING:
+            state["memory"] = self.memory.to_json()
         if self.status is Status.STOPPED:
             state["exit_code"] = self.exit_code
             state["stopped_at"] = self.stopped_at

@@ -121,8 +121,8 @@ def test_a_gpu_is_exclusive_unless_both_profiles_share_it(tmp_path: Path) -> Non
 models:
   g1: {options: "--model G1", gpu_uuids: [GPU-0]}
   g2: {options: "--model G2", gpu_uuids: [GPU-0]}
-  s1: {options: "--model S1", gpu_uuids: [GPU-1], share_gpu: true}
-  s2: {options: "--model S2", gpu_uuids: [GPU-1], share_gpu: true}
+  s1: {options: "--model S1 --gpu-memory-utilization 0.4", gpu_uuids: [GPU-1], share_gpu: true}
+  s2: {options: "--model S2 --gpu-memory-utilization 0.4", gpu_uuids: [GPU-1], share_gpu: true}
 """
     with front_door(tmp_path, models, LAUNCHER_MOCK_GPUS="1", LAUNCHER_MOCK_GPU_COUNT="2") as launcher:
         assert ask(launcher, "g1").status_code == 200

@@ -85,7 +85,10 @@ def test_the_launcher_refuses_to_start_with_a_bad_models_file(tmp_path: Path) ->
     )
 
 
-PROFILE_FIELDS = "options, env_vars, gpu_uuids, annotations, idle_timeout, start_timeout, start_keepalive, aliases, preload, share_gpu"
+PROFILE_FIELDS = (
+    "options, env_vars, gpu_uuids, annotations, idle_timeout, start_timeout, start_keepalive, memory, gpu_memory, "
+    "aliases, preload, share_gpu"
+)
 
 
 def problems(text: str) -> list[str]:

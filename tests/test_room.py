@@ -1,4 +1,4 @@
-"""The front door's eviction policy (launcher/room.py), a pure function, checked with hypothesis.
+"""The front door's eviction policy (launcher/frontdoor/room.py), pure functions, checked with hypothesis.
 
 Properties: it only ever evicts idle front-door holders; after its evictions the wanted model
 fits (instance limit and GPUs); the extra evictions for the limit are the least recently used;
@@ -12,7 +12,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.frontdoor.room import Holder, Wanted, plan_room
+from launcher.frontdoor.room import Budgets, Holder, Wanted, never_fits, place, plan_room
 
 GPUS = ["GPU-0", "GPU-1", "GPU-2"]
 
@@ -90,3 +90,114 @@ def test_least_recently_used_goes_first() -> None:
     old = Holder("old", frozenset(), False, 10.0, True)
     new = Holder("new", frozenset(), False, 20.0, True)
     assert plan_room(Wanted("w", frozenset(), False), [new, old], live=2, max_instances=2) == ["old"]
+
+
+# ---------------------------------------------------------------------- memory budgets and placement
+
+GIB = 2**30
+memory_holders = st.lists(
+    st.builds(
+        Holder,
+        name=st.sampled_from([f"m{i}" for i in range(7)]),
+        gpu_uuids=gpu_sets,
+        share_gpu=st.booleans(),
+        last_used=st.floats(min_value=0, max_value=1000, allow_nan=False),
+        evictable=st.booleans(),
+        host_bytes=st.integers(min_value=0, max_value=8).map(lambda n: n * GIB),
+        gpu_bytes=st.dictionaries(st.sampled_from(GPUS), st.integers(min_value=0, max_value=80).map(lambda n: n * GIB)),
+    ),
+    max_size=6,
+    unique_by=lambda holder: holder.name,
+)
+budgets_strategy = st.builds(
+    Budgets,
+    host_bytes=st.sampled_from([0, 4 * GIB, 10 * GIB, 16 * GIB]),
+    gpu_bytes=st.dictionaries(st.sampled_from(GPUS), st.sampled_from([40 * GIB, 79 * GIB])),
+    fixed_host=st.sampled_from([0, 2 * GIB]),
+    fixed_gpu=st.dictionaries(st.sampled_from(GPUS), st.sampled_from([0, 10 * GIB])),
+)
+memory_wanted = st.builds(
+    Wanted, name=st.just("w"), gpu_uuids=gpu_sets, share_gpu=st.booleans(),
+    host_bytes=st.integers(min_value=0, max_value=6).map(lambda n: n * GIB),
+    gpu_bytes=st.dictionaries(st.sampled_from(GPUS), st.integers(min_value=0, max_value=80).map(lambda n: n * GIB)),
+)  # fmt: skip
+
+
+def _fits_all(wanted: Wanted, remaining: list[Holder], live: int, max_instances: int, budgets: Budgets) -> bool:
+    if not _fits(wanted, remaining, live, max_instances):
+        return False
+    if budgets.host_bytes and budgets.fixed_host + sum(h.host_bytes for h in remaining) + wanted.host_bytes > budgets.host_bytes:
+        return False
+    for uuid, needed in wanted.gpu_bytes.items():
+        limit = budgets.gpu_bytes.get(uuid)
+        if limit and budgets.fixed_gpu.get(uuid, 0) + sum(h.gpu_bytes.get(uuid, 0) for h in remaining) + needed > limit:
+            return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(wanted=memory_wanted, holders=memory_holders, others=st.integers(min_value=0, max_value=3),
+       max_instances=st.integers(min_value=0, max_value=8), budgets=budgets_strategy)  # fmt: skip
+def test_plan_room_by_memory_is_safe_sufficient_and_minimal(
+    wanted: Wanted, holders: list[Holder], others: int, max_instances: int, budgets: Budgets
+) -> None:
+    live = len(holders) + others
+    plan = plan_room(wanted, holders, live=live, max_instances=max_instances, budgets=budgets)
+    by_name = {holder.name: holder for holder in holders}
+    conflicts = {h.name for h in holders if wanted.gpu_uuids & h.gpu_uuids and not (wanted.share_gpu and h.share_gpu)}
+    if plan is not None:
+        assert all(by_name[name].evictable for name in plan), "a busy or non-front-door instance was stopped"
+        remaining = [holder for holder in holders if holder.name not in plan]
+        assert _fits_all(wanted, remaining, live - len(plan), max_instances, budgets)  # safe
+        for name in set(plan) - conflicts:  # minimal: every other victim is needed
+            kept = [*remaining, by_name[name]]
+            assert not _fits_all(wanted, kept, live - len(plan) + 1, max_instances, budgets), f"{name} was not needed"
+    else:  # sufficient: no choice of idle front-door instances would have made room
+        evictable = [holder for holder in holders if holder.evictable]
+        for size in range(len(evictable) + 1):
+            for subset in itertools.combinations(evictable, size):
+                names = {holder.name for holder in subset}
+                remaining = [holder for holder in holders if holder.name not in names]
+                assert not _fits_all(wanted, remaining, live - size, max_instances, budgets), f"room by {names}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(holders=holders_strategy, size=st.integers(min_value=1, max_value=4), budget=st.integers(min_value=1, max_value=8))
+def test_with_models_of_one_size_the_least_recently_used_make_room(holders: list[Holder], size: int, budget: int) -> None:
+    sized = [Holder(h.name, frozenset(), False, h.last_used, h.evictable, size * GIB) for h in holders]
+    wanted = Wanted("w", frozenset(), False, size * GIB)
+    plan = plan_room(wanted, sized, live=len(sized), max_instances=0, budgets=Budgets(host_bytes=budget * GIB))
+    if plan:
+        spared = [h for h in sized if h.evictable and h.name not in plan]
+        if spared:
+            assert max(h.last_used for h in sized if h.name in plan) <= min(h.last_used for h in spared)
+
+
+def test_a_model_larger_than_a_budget_never_fits() -> None:
+    budgets = Budgets(host_bytes=4 * GIB, gpu_bytes={"GPU-0": 79 * GIB})
+    assert never_fits(Wanted("w", frozenset(), False, 3 * GIB), budgets) is None
+    assert "more than the whole budget (--memory-budget 4.00 GiB)" in (
+        never_fits(Wanted("w", frozenset(), False, 5 * GIB), budgets) or "")
+    assert "on GPU GPU-0" in (never_fits(Wanted("w", frozenset(), False, 0, {"GPU-0": 80 * GIB}), budgets) or "")
+
+
+@settings(max_examples=200, deadline=None)
+@given(holders=memory_holders, count=st.integers(min_value=1, max_value=2),
+       per_gpu=st.sampled_from([30 * GIB, 72 * GIB]), budgets=budgets_strategy)  # fmt: skip
+def test_placement_picks_the_gpus_needing_the_fewest_stops(
+    holders: list[Holder], count: int, per_gpu: int, budgets: Budgets
+) -> None:
+    budgets = Budgets(budgets.host_bytes, dict.fromkeys(GPUS, 79 * GIB), budgets.fixed_host, budgets.fixed_gpu)
+    wanted = Wanted("w", frozenset(), False, GIB)
+    found = place(wanted, count, GPUS, dict.fromkeys(GPUS, per_gpu), holders, live=len(holders),
+                  max_instances=0, budgets=budgets)  # fmt: skip
+    plans = {}
+    for gpu_set in itertools.combinations(GPUS, count):
+        trial = Wanted("w", frozenset(gpu_set), False, GIB, dict.fromkeys(gpu_set, per_gpu))
+        plans[gpu_set] = plan_room(trial, holders, live=len(holders), max_instances=0, budgets=budgets)
+    possible = {gpu_set: plan for gpu_set, plan in plans.items() if plan is not None}
+    if found is None:
+        assert not possible
+    else:
+        assert len(found.gpu_uuids) == count and found.victims == plans[found.gpu_uuids]
+        assert len(found.victims) == min(len(plan) for plan in possible.values())

@@ -25,8 +25,10 @@ from launcher.errors import LauncherError, NotFound, ServiceUnavailable
 from launcher.failure_reason import failure_reason
 from launcher.frontdoor import room
 from launcher.frontdoor.compile_ahead import COMPILE_ANNOTATION, CompileAhead, Compiled, needs_compile
+from launcher.frontdoor.footprints import Expected, Footprints
 from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFile, ProfileError, check_name
 from launcher.manager import InstanceManager
+from launcher.memory import option_value, parse_size
 from launcher.metrics import FrontDoorMetrics
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
@@ -55,6 +57,10 @@ class NoRoom(Exception):
     """No room could be made within the queue timeout (or the queue is full)."""
 
 
+class InsufficientMemory(NoRoom):
+    """The model's expected footprint exceeds a memory budget even on an empty node."""
+
+
 @dataclass
 class ModelState:
     """One model profile and what the front door knows about its instance."""
@@ -75,6 +81,8 @@ class ModelState:
     compiled: Compiled = False  # see launcher/compile_ahead.py
     compile_error: str | None = None
     failed_log: str | None = field(default=None, repr=False)  # the end of the last failed start's log
+    placed_gpus: list[str] | None = None  # the GPUs chosen for a profile that names none
+    refusal: NoRoom | None = field(default=None, repr=False)  # why its last start found no room
 
     def to_json(self, default_idle_timeout: float) -> dict[str, Any]:
         """The model's profile and state, as ``/v2/vllm/models`` shows it."""
@@ -139,6 +147,8 @@ class FrontDoor:
         self._states: dict[str, ModelState] = {}
         self._labels: dict[str, str] = {}  # name or alias -> name
         self._making_room = 0  # starts waiting for room: compile-ahead waits for them
+        self._footprints = Footprints(settings.resolved_footprints_file())
+        parse_size(settings.memory_budget), parse_size(settings.gpu_memory_reserve)  # a bad size stops the start
         self._compiler = CompileAhead(
             manager,
             timeout=settings.compile_ahead_timeout,
@@ -486,7 +496,8 @@ class FrontDoor:
             if outcome is Phase.FAILED and state.last_error is not None:
                 raise StartFailed(state.last_error)
             if outcome is Phase.STOPPED and state.last_error is not None:
-                raise NoRoom(state.last_error)
+                refused = state.refusal
+                raise (type(refused) if refused is not None else NoRoom)(state.last_error)
             return  # ready, or cancelled by a replaced profile: look again
         if state.phase in (Phase.STOPPING, Phase.READY):  # stopping, or retiring once idle
             await self._wait_change(REAP_INTERVAL)
@@ -568,6 +579,7 @@ class FrontDoor:
                 )
         except NoRoom as exc:
             state.phase, state.last_error, state.instance_id = Phase.STOPPED, str(exc), None
+            state.refusal, state.placed_gpus = exc, None
             self.metrics.starts.labels(model=state.name, outcome="no_room").inc()
             self._notify()
             raise
@@ -616,26 +628,103 @@ class FrontDoor:
     async def _create(self, state: ModelState, profile: ModelProfile) -> InstanceRecord:
         # From here the manager's own reservation holds the slot (taken before its first await).
         self._claims.discard(id(state))
-        config = profile.instance_config(state.name)
+        config = profile.instance_config(state.name, placed_gpus=state.placed_gpus)
         return await self._manager.create(config, _instance_id_for(state.name), received_at=time.time())
+
+    # ------------------------------------------------------------------ memory and placement
+
+    def _gpu_sizes(self) -> dict[str, int]:
+        return {gpu.uuid: (gpu.memory_mib or 0) * 2**20 for gpu in self._manager.gpus}
+
+    def budgets(self) -> room.Budgets:
+        """The host budget (``--memory-budget``), each GPU's (its size less ``--gpu-memory-reserve``),
+        and what instances the front door does not own hold (they count, and are never stopped)."""
+        reserve = parse_size(self._settings.gpu_memory_reserve)
+        gpu_budgets = {uuid: max(0, size - reserve) for uuid, size in self._gpu_sizes().items() if size}
+        fixed_host, fixed_gpu = 0, dict.fromkeys(gpu_budgets, 0)
+        for record in self._manager.all():
+            if record.live and MODEL_ANNOTATION not in (record.config.annotations or {}) and record.memory is not None:
+                fixed_host += record.memory.host_bytes
+                for uuid, used in record.memory.gpu_bytes.items():
+                    fixed_gpu[uuid] = fixed_gpu.get(uuid, 0) + used
+        return room.Budgets(parse_size(self._settings.memory_budget), gpu_budgets, fixed_host, fixed_gpu)
+
+    def expected(self, state: ModelState, profile: ModelProfile | None = None) -> Expected:
+        """What the model is expected to hold, on the GPUs it names (or was placed on)."""
+        profile = profile or state.profile
+        gpus = profile.gpu_uuids if profile.gpu_uuids is not None else state.placed_gpus or []
+        return self._footprints.expected(state.name, profile, self._gpu_sizes(), gpus)
+
+    def fit_problem(self, state: ModelState) -> str | None:
+        """Why the model can never start under the budgets (None: it can, given room)."""
+        profile = state.profile
+        budgets = self.budgets()
+        if profile.gpu_uuids is None and self._manager.gpus:
+            count = _gpus_wanted(profile)
+            if count > len(self._manager.gpus):
+                return f"model {state.name!r} needs {count} GPUs (--tensor-parallel-size), the node has {len(self._manager.gpus)}"
+            every = [gpu.uuid for gpu in self._manager.gpus]
+            per_gpu = self._footprints.expected(state.name, profile, self._gpu_sizes(), every).footprint.gpu_bytes
+            problems = [room.never_fits(room.Wanted(state.name, frozenset(), False, 0, {uuid: per_gpu[uuid]}), budgets)
+                        for uuid in every]  # fmt: skip
+            if all(problems):
+                return problems[0]
+        footprint = self.expected(state).footprint
+        return room.never_fits(
+            room.Wanted(state.name, frozenset(), False, footprint.host_bytes, footprint.gpu_bytes), budgets
+        )
+
+    def describe(self, state: ModelState) -> dict[str, Any]:
+        """The model as ``/v2/vllm/models`` shows it: profile, state, expected memory and fit."""
+        problem = self.fit_problem(state)
+        return {
+            **state.to_json(self.default_idle_timeout),
+            "memory_estimate": self.expected(state).to_json(),
+            "fits": problem is None,
+            **({"fit_problem": problem} if problem else {}),
+        }
+
+    def _remember_peaks(self) -> None:
+        for state in self._states.values():
+            record = self._live_record(state)
+            profile = state.running_profile
+            if record is not None and profile is not None and record.memory_peak is not None:
+                self._footprints.remember(state.name, profile, record.memory_peak)
 
     async def _make_room(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         """Wait until ``profile`` fits (evicting idle front-door instances), then claim its slot."""
-        wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu)
+        problem = self.fit_problem(state) if profile is state.profile else None
+        if problem is not None:
+            raise InsufficientMemory(problem)  # nothing is started or stopped for it
         self._making_room += 1
         try:
-            await self._make_room_for(state, wanted, deadline)
+            await self._make_room_for(state, profile, deadline)
         finally:
             self._making_room -= 1
 
-    async def _make_room_for(self, state: ModelState, wanted: room.Wanted, deadline: float) -> None:
+    def _plan(self, state: ModelState, profile: ModelProfile) -> list[str] | None:
+        """Who to stop so that ``profile`` can start now (placing it on GPUs if it names none)."""
+        holders = self._holders(exclude=state.name)
+        live = self._manager.live_count() + len(self._claims)
+        budgets = self.budgets()
+        if profile.gpu_uuids is None and self._manager.gpus:
+            every = [gpu.uuid for gpu in self._manager.gpus]
+            expected = self._footprints.expected(state.name, profile, self._gpu_sizes(), every).footprint
+            wanted = room.Wanted(state.name, frozenset(), profile.share_gpu, expected.host_bytes)
+            placement = room.place(wanted, _gpus_wanted(profile), every, expected.gpu_bytes, holders, live=live,
+                                   max_instances=self._settings.max_instances, budgets=budgets)  # fmt: skip
+            if placement is None:
+                return None
+            state.placed_gpus = list(placement.gpu_uuids)
+            return placement.victims
+        footprint = self.expected(state, profile).footprint
+        wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu,
+                             footprint.host_bytes, footprint.gpu_bytes)  # fmt: skip
+        return room.plan_room(wanted, holders, live=live, max_instances=self._settings.max_instances, budgets=budgets)
+
+    async def _make_room_for(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         while True:
-            victims = room.plan_room(
-                wanted,
-                self._holders(exclude=state.name),
-                live=self._manager.live_count() + len(self._claims),
-                max_instances=self._settings.max_instances,
-            )
+            victims = self._plan(state, profile)
             if victims is not None:
                 self._claims.add(id(state))
                 stops = [self._begin_stop(self._states[name], "evicted") for name in victims]
@@ -669,13 +758,23 @@ class FrontDoor:
                 and self._live_record(state) is not None  # a dead one frees no slot: the reaper removes it
             )
             running = state.running_profile or state.profile
+            expected = self.expected(state, running)
+            host, gpu = expected.footprint.host_bytes, dict(expected.footprint.gpu_bytes)
+            record = self._live_record(state)
+            measured = None if record is None else record.memory_peak
+            if measured is not None:  # what it holds, or what it declared if that is more
+                host = max(host, measured.host_bytes) if expected.source == "declared" else measured.host_bytes
+                gpu = {uuid: max(gpu.get(uuid, 0), used) for uuid, used in measured.gpu_bytes.items()} or gpu
+            gpus = running.gpu_uuids if running.gpu_uuids is not None else state.placed_gpus or []
             holders.append(
                 room.Holder(
                     name=state.name,
-                    gpu_uuids=frozenset(running.gpu_uuids or []),
+                    gpu_uuids=frozenset(gpus),
                     share_gpu=running.share_gpu,
                     last_used=state.last_used or 0.0,
                     evictable=evictable,
+                    host_bytes=host,
+                    gpu_bytes=gpu,
                 )
             )
         return holders
@@ -725,6 +824,7 @@ class FrontDoor:
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             self.reap(time.time())
+            self._remember_peaks()
 
     def reap(self, now: float) -> None:
         """Stop idle and retired instances; notice instances that died."""
@@ -753,3 +853,15 @@ class FrontDoor:
         changed = self._changed
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
+
+
+def _gpus_wanted(profile: ModelProfile) -> int:
+    """How many GPUs the profile's instance uses: tensor parallel size times pipeline parallel size."""
+    sizes = []
+    for flags in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+        value = next((found for flag in flags if (found := option_value(profile.options, flag)) is not None), None)
+        try:
+            sizes.append(max(1, int(value)) if value is not None else 1)
+        except ValueError:
+            sizes.append(1)
+    return sizes[0] * sizes[1]

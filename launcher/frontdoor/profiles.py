@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictInt,
     StrictStr,
     ValidationError,
     field_validator,
@@ -26,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from launcher.memory import parse_size
 from launcher.models import VllmConfig
 
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -54,11 +56,24 @@ class ModelProfile(BaseModel):
         description="a stream waiting for this model's start gets its headers at once and SSE comments until its "
         "first chunk (unset: --start-keepalive)",
     )
+    memory: StrictInt | StrictStr | None = Field(
+        default=None, description="host memory it holds, bytes or with a unit ('6GiB'); unset: measured or estimated"
+    )
+    gpu_memory: StrictInt | StrictStr | None = Field(
+        default=None, description="GPU memory it holds on each of its GPUs (unset: its --gpu-memory-utilization share)"
+    )
     aliases: list[StrictStr] = Field(default_factory=list, description="other names clients may use")
     preload: StrictBool = Field(default=False, description="start it when the launcher starts")
     share_gpu: StrictBool = Field(
         default=False, description="may run beside another front-door instance on the same GPU (both must say so)"
     )
+
+    @field_validator("memory", "gpu_memory")
+    @classmethod
+    def _is_a_size(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_size(value)  # the error says what a size looks like
+        return value
 
     @field_validator("aliases")
     @classmethod
@@ -90,8 +105,11 @@ class ModelProfile(BaseModel):
                 return token.split("=", 1)[1]
         return None
 
-    def instance_config(self, name: str) -> VllmConfig:
-        """The instance to create: the options (plus the names clients use), env, GPUs, annotations."""
+    def instance_config(self, name: str, placed_gpus: list[str] | None = None) -> VllmConfig:
+        """The instance to create: the options (plus the names clients use), env, GPUs, annotations.
+
+        ``placed_gpus``: the GPUs the front door chose for a profile that names none.
+        """
         options = self.options
         try:
             tokens = shlex.split(options)
@@ -105,7 +123,7 @@ class ModelProfile(BaseModel):
         return VllmConfig(
             options=options,
             env_vars=self.env_vars,
-            gpu_uuids=self.gpu_uuids,
+            gpu_uuids=self.gpu_uuids if self.gpu_uuids is not None else placed_gpus,
             annotations={**(self.annotations or {}), MODEL_ANNOTATION: name},
         )
 

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from launcher import readiness
 from launcher.errors import NotFound
-from launcher.frontdoor.door import FrontDoor, Lease, ModelState, NoRoom, StartFailed
+from launcher.frontdoor.door import FrontDoor, InsufficientMemory, Lease, ModelState, NoRoom, StartFailed
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
 from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 from launcher.request_body import read_capped
@@ -176,6 +176,8 @@ class OpenAIProxy:
 
 
 def _acquire_error(exc: Exception) -> JSONResponse:
+    if isinstance(exc, InsufficientMemory):  # it will not fit later either: no Retry-After
+        return openai_error(503, str(exc), "ServiceUnavailableError", "insufficient_memory")
     if isinstance(exc, StartFailed):
         return openai_error(502, str(exc), "ServiceUnavailableError", "model_start_failed")
     if isinstance(exc, NoRoom):

@@ -78,13 +78,13 @@ async def get_model(request: Request) -> JSONResponse:
 async def list_profiles(request: Request) -> JSONResponse:
     """``GET /v2/vllm/models``: every profile with its state."""
     door = _door(request)
-    models = [state.to_json(door.default_idle_timeout) for state in door.states()]
+    models = [door.describe(state) for state in door.states()]
     return JSONResponse({"idle_timeout": door.default_idle_timeout, "models": models, "count": len(models)})
 
 
 async def get_profile(request: Request) -> JSONResponse:
     """``GET /v2/vllm/models/{name}``: one profile (by name or alias) with its state."""
-    return JSONResponse(_profile_state(request).to_json(_door(request).default_idle_timeout))
+    return JSONResponse(_door(request).describe(_profile_state(request)))
 
 
 async def put_profile(request: Request) -> JSONResponse:
@@ -109,7 +109,7 @@ async def put_profile(request: Request) -> JSONResponse:
         raise Conflict(str(exc)) from None
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    return JSONResponse(state.to_json(door.default_idle_timeout), status_code=201 if created else 200)
+    return JSONResponse(door.describe(state), status_code=201 if created else 200)
 
 
 def _profile_state(request: Request) -> ModelState:
@@ -140,7 +140,7 @@ async def start_profile(request: Request) -> JSONResponse:
         await door.start_model(state)
     except (StartFailed, NoRoom) as exc:
         raise ServiceUnavailable(str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
-    return JSONResponse(state.to_json(door.default_idle_timeout))
+    return JSONResponse(door.describe(state))
 
 
 async def warm_profile(request: Request) -> JSONResponse:
@@ -148,7 +148,7 @@ async def warm_profile(request: Request) -> JSONResponse:
     door = _door(request)
     state = _profile_state(request)
     door.warm(state)
-    return JSONResponse(state.to_json(door.default_idle_timeout), status_code=202)
+    return JSONResponse(door.describe(state), status_code=202)
 
 
 async def stop_profile(request: Request) -> JSONResponse:
@@ -156,7 +156,7 @@ async def stop_profile(request: Request) -> JSONResponse:
     door = _door(request)
     state = _profile_state(request)
     await door.stop_model(state)
-    return JSONResponse(state.to_json(door.default_idle_timeout))
+    return JSONResponse(door.describe(state))
 
 
 async def delete_profile(request: Request) -> JSONResponse:
