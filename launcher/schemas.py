@@ -214,12 +214,27 @@ class ModelState(_Configured):
     fit_problem: str | SkipJsonSchema[None] = _sometimes("when it does not fit: why")
 
 
+class BudgetUse(_Strict):
+    """One memory budget (0: none) and what the running instances hold against it."""
+
+    budget_bytes: int
+    used_bytes: int
+
+
+class MemoryUse(_Strict):
+    """The host budget (``--memory-budget``) and each GPU's (its size less ``--gpu-memory-reserve``)."""
+
+    host: BudgetUse
+    gpus: dict[str, BudgetUse]
+
+
 class ModelList(_Strict):
     """``GET /v2/vllm/models``."""
 
     idle_timeout: float = Field(description="the default idle timeout (seconds)")
     models: list[ModelState]
     count: int
+    memory: MemoryUse = Field(description="each memory budget and what running instances hold against it")
 
 
 class ModelDeleted(_Strict):

@@ -35,7 +35,7 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LauncherProce
     process = LauncherProcess(
         workload="standin",
         env={"LAUNCHER_MOCK_GPUS": "1", "LAUNCHER_MOCK_GPU_COUNT": "2", "LAUNCHER_STOP_TIMEOUT": "2",
-             "LAUNCHER_MODELS_FILE": str(models)},
+             "LAUNCHER_MODELS_FILE": str(models), "LAUNCHER_MEMORY_BUDGET": "2GiB"},
     )  # fmt: skip
     yield process
     assert not process.stop()
@@ -179,3 +179,20 @@ def test_a_real_vllm_instance_from_the_dashboard(
         finally:
             context.close()
             launcher.client.delete("/v2/vllm/instances")
+
+
+def test_memory_budgets_show_as_bars(launcher: LauncherProcess, page: tuple[Page, ConsoleErrors]) -> None:
+    browser_page, errors = page
+    browser_page.goto(f"{launcher.base_url}/ui")
+    host = browser_page.locator('#budgets [data-budget="host"]')
+    expect(host).to_contain_text("host: ")
+    expect(host).to_contain_text(" of 2.00 GiB")
+    assert host.locator("meter").get_attribute("max") == str(2 * 2**30)
+    expect(browser_page.locator('#budgets [data-budget="GPU-1"]')).to_contain_text("of 79.00 GiB")  # 80 less 1 reserved
+    row = browser_page.locator('#models tbody tr[data-name="echo"]')
+    row.locator("button", has_text="start").click()
+    expect(row).to_contain_text("ready")
+    expect(host).not_to_contain_text("host: 0 MiB")  # the running instance's PSS, once sampled
+    row.locator("button", has_text="stop").click()
+    expect(row).to_contain_text("stopped")
+    assert errors == []

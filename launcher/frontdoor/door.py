@@ -674,6 +674,23 @@ class FrontDoor:
             room.Wanted(state.name, frozenset(), False, footprint.host_bytes, footprint.gpu_bytes), budgets
         )
 
+    def memory_use(self) -> dict[str, Any]:
+        """Each budget and what every running instance holds against it (for the dashboard's bars)."""
+        budgets = self.budgets()
+        host_used, gpu_used = 0, dict.fromkeys(budgets.gpu_bytes, 0)
+        for record in self._manager.all():
+            if record.live and record.memory is not None:
+                host_used += record.memory.host_bytes
+                for uuid, used in record.memory.gpu_bytes.items():
+                    gpu_used[uuid] = gpu_used.get(uuid, 0) + used
+        return {
+            "host": {"budget_bytes": budgets.host_bytes, "used_bytes": host_used},
+            "gpus": {
+                uuid: {"budget_bytes": budgets.gpu_bytes.get(uuid, 0), "used_bytes": used}
+                for uuid, used in sorted(gpu_used.items())
+            },  # fmt: skip
+        }
+
     def describe(self, state: ModelState) -> dict[str, Any]:
         """The model as ``/v2/vllm/models`` shows it: profile, state, expected memory and fit."""
         problem = self.fit_problem(state)

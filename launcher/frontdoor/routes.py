@@ -79,7 +79,8 @@ async def list_profiles(request: Request) -> JSONResponse:
     """``GET /v2/vllm/models``: every profile with its state."""
     door = _door(request)
     models = [door.describe(state) for state in door.states()]
-    return JSONResponse({"idle_timeout": door.default_idle_timeout, "models": models, "count": len(models)})
+    return JSONResponse({"idle_timeout": door.default_idle_timeout, "models": models, "count": len(models),
+                         "memory": door.memory_use()})  # fmt: skip
 
 
 async def get_profile(request: Request) -> JSONResponse:

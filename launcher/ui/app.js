@@ -197,7 +197,8 @@ async function renderGpus() {
 async function renderModels() {
   const response = await api("/v2/vllm/models");
   if (!response.ok) return;
-  const { models } = await response.json();
+  const { models, memory } = await response.json();
+  renderBudgets(memory);
   const body = $("#models tbody");
   body.replaceChildren(...models.map((model) => {
     const row = document.createElement("tr");
@@ -221,6 +222,31 @@ async function renderModels() {
     return row;
   }));
   $("#no-models").hidden = models.length > 0;
+}
+
+function mib(bytes) {
+  return bytes >= 2 ** 30 ? `${(bytes / 2 ** 30).toFixed(2)} GiB` : `${Math.round(bytes / 2 ** 20)} MiB`;
+}
+
+// A bar per memory budget: what the running instances hold against it (none for no budget).
+function renderBudgets(memory) {
+  const rows = [];
+  if (memory.host.budget_bytes) rows.push(["host", memory.host]);
+  for (const [uuid, use] of Object.entries(memory.gpus)) if (use.budget_bytes) rows.push([uuid, use]);
+  $("#budgets").replaceChildren(...rows.map(([name, use]) => {
+    const line = document.createElement("p");
+    line.className = "budget";
+    line.dataset.budget = name;
+    const meter = document.createElement("meter");
+    meter.min = 0;
+    meter.max = use.budget_bytes;
+    meter.value = use.used_bytes;
+    meter.high = use.budget_bytes * 0.9;
+    const label = document.createElement("span");
+    label.textContent = `${name}: ${mib(use.used_bytes)} of ${mib(use.budget_bytes)}`;
+    line.append(meter, label);
+    return line;
+  }));
 }
 
 // ------------------------------------------------------------------ actions
