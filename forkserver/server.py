@@ -70,6 +70,8 @@ class ForkServer:
         self._base_env = dict(base_env)
         self._tmp_root = tmp_root
         self._preload_seconds = preload_seconds
+        # Whether instances may use vLLM's sleep mode here (vLLM on CPU has none): the front door asks.
+        self._sleep_mode = bool(getattr(workload, "sleep_mode_available", lambda: False)())
         self._selector = selectors.DefaultSelector()
         self._clients: dict[int, _Client] = {}
         self._instances = InstanceTable(on_finished=self._report_exit, ledger=ledger)
@@ -274,6 +276,7 @@ class ForkServer:
             "pid": os.getpid(),
             "workload": self._workload.name,
             "preload_seconds": self._preload_seconds,
+            "sleep_mode": self._sleep_mode,
             "threads": osutil.os_thread_count(),
             "instances": page,
         }

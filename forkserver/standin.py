@@ -6,6 +6,14 @@ vLLM tests. It takes ``--model`` and ``--port`` like vLLM, answers ``GET /health
 ``"chunks"`` server-sent events ``"interval"`` seconds apart), and can be told to crash (at start
 or later), ignore SIGTERM, start a helper process (as vLLM starts its EngineCore), flood stdout
 and stderr, or print environment variables.
+
+With ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` it serves vLLM's sleep endpoints as
+vLLM documents them: ``POST /sleep?level=1|2``, ``POST /wake_up``, ``GET /is_sleeping``,
+``POST /collective_rpc`` (``reload_weights``) and ``POST /reset_prefix_cache``. Asleep it
+refuses requests; woken from level 2 without ``reload_weights`` it answers ``"garbage": true``
+(its weights are gone). ``--wake-delay`` and ``--fail-wake`` make waking slow or fail.
+``STANDIN_NO_SLEEP_MODE=1`` in the forkserver's environment makes its platform one without
+sleep mode (as vLLM on CPU).
 """
 
 from __future__ import annotations
@@ -40,8 +48,21 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", nargs="+", default=None, help="names POST requests may use")
     parser.add_argument("--fast", action="store_true", help="an asyncio server answering as fast as it can")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="as vLLM's (the launcher reads it)")
+    parser.add_argument("--enable-sleep-mode", action="store_true", help="as vLLM's: the sleep endpoints")
+    parser.add_argument("--wake-delay", type=float, default=0.0, help="seconds POST /wake_up takes")
+    parser.add_argument("--fail-wake", action="store_true", help="POST /wake_up answers 500")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="as vLLM's (for GPU placement)")
     return parser
+
+
+class _Sleep:
+    """The stand-in's sleep state, as vLLM's sleep mode behaves."""
+
+    enabled = False
+    wake_delay = 0.0
+    fail_wake = False
+    level = 0  # 0: awake
+    weights_lost = False  # woken from level 2, weights not reloaded yet
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -49,7 +70,43 @@ class _Health(BaseHTTPRequestHandler):
     served: list[str] = []
     protocol_version = "HTTP/1.1"
 
+    def _sleep_endpoint(self, method: str) -> bool:
+        """Serve vLLM's sleep endpoints (only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1)."""
+        path, _, query = self.path.partition("?")
+        endpoints = {("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping"), ("POST", "/collective_rpc"),
+                     ("POST", "/reset_prefix_cache")}  # fmt: skip
+        if (method, path) not in endpoints:
+            return False
+        if not (_Sleep.enabled and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"):
+            self._answer(404, b'{"detail": "Not Found"}')
+            return True
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path == "/is_sleeping":
+            self._answer(200, json.dumps({"is_sleeping": _Sleep.level > 0}).encode())
+        elif path == "/sleep":
+            level = dict(part.partition("=")[::2] for part in query.split("&") if part).get("level", "1")
+            _Sleep.level = int(level)
+            print(f"standin asleep at level {level}", flush=True)
+            self._answer(200, b"")
+        elif path == "/wake_up":
+            time.sleep(_Sleep.wake_delay)
+            if _Sleep.fail_wake:
+                self._answer(500, b'{"error": "wake failed (--fail-wake)"}')
+                return True
+            _Sleep.weights_lost, _Sleep.level = _Sleep.level == 2, 0
+            print("standin awake", flush=True)
+            self._answer(200, b"")
+        elif path == "/collective_rpc":
+            if json.loads(body or b"{}").get("method") == "reload_weights":
+                _Sleep.weights_lost = False
+            self._answer(200, b'{"results": [null]}')
+        else:
+            self._answer(200, b"")
+        return True
+
     def do_GET(self) -> None:
+        if self._sleep_endpoint("GET"):
+            return
         if self.path == "/health":
             self._answer(200, b"")
         elif self.path == "/v1/models":
@@ -58,11 +115,18 @@ class _Health(BaseHTTPRequestHandler):
             self._answer(404, b"")
 
     def do_POST(self) -> None:
+        if self._sleep_endpoint("POST"):
+            return
+        if _Sleep.level:
+            self._answer(503, b'{"error": {"message": "the model is asleep"}}')
+            return
         request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         if request.get("model") not in self.served:
             self._answer(404, json.dumps({"error": {"message": f"no model {request.get('model')!r}"}}).encode())
             return
         echo = {"object": "standin", "model": request["model"], "path": self.path, "pid": os.getpid()}
+        if _Sleep.weights_lost:
+            echo["garbage"] = True  # woken from level 2 without reload_weights
         if request.get("echo_headers"):
             echo["headers"] = {name.lower(): value for name, value in self.headers.items()}
         time.sleep(float(request.get("delay", 0.0)))  # thinking before the headers, like a long completion
@@ -131,6 +195,10 @@ class StandinWorkload:
             namespace=namespace,
         )
 
+    def sleep_mode_available(self) -> bool:
+        """Yes, unless ``STANDIN_NO_SLEEP_MODE=1`` (a platform without it, as vLLM on CPU)."""
+        return os.environ.get("STANDIN_NO_SLEEP_MODE") != "1"
+
     def run(self, parsed: ParsedOptions) -> int:
         """Serve ``/health`` until SIGTERM (or misbehave as asked)."""
         args = parsed.namespace
@@ -162,6 +230,7 @@ class StandinWorkload:
             return _serve_fast(args, stop)
         _Health.model = args.model
         _Health.served = args.served_model_name or [args.model]
+        _Sleep.enabled, _Sleep.wake_delay, _Sleep.fail_wake = args.enable_sleep_mode, args.wake_delay, args.fail_wake
         server = ThreadingHTTPServer((args.host or "0.0.0.0", args.port), _Health)
         server.daemon_threads = True
         server.timeout = 0.1

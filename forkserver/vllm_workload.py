@@ -88,6 +88,10 @@ class VllmWorkload:
             namespace=args,
         )
 
+    def sleep_mode_available(self) -> bool:
+        """vLLM's sleep mode exists on CUDA, ROCm and XPU, not on CPU (``Platform.is_sleep_mode_available``)."""
+        return _sleep_mode_available()
+
     def run(self, parsed: ParsedOptions) -> int:
         """Serve until stopped (SIGTERM ends uvicorn, then vLLM shuts its engine down)."""
         import uvloop
@@ -108,6 +112,13 @@ class VllmWorkload:
         vllm_entrypoints.configure_logging_from_args(args)
         uvloop.run(vllm_entrypoints.run_server()(args))
         return 0
+
+
+def _sleep_mode_available() -> bool:
+    from vllm.platforms import current_platform
+
+    check = getattr(current_platform, "is_sleep_mode_available", None)
+    return bool(check()) if check is not None else False
 
 
 def _device_type() -> str:

@@ -56,6 +56,9 @@ class Workload(Protocol):
     def run(self, parsed: ParsedOptions) -> int:
         """Serve in the forked child until stopped; return the exit code."""
 
+    def sleep_mode_available(self) -> bool:
+        """Whether instances here can sleep (``--enable-sleep-mode``, ``POST /sleep``)."""
+
 
 def load_workload(spec: str) -> Workload:
     """Resolve ``module:attribute`` (or the shorthands ``vllm`` and ``standin``)."""

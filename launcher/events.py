@@ -21,6 +21,7 @@ CREATED = "CREATED"
 READY = "READY"
 STOPPED = "STOPPED"
 DELETED = "DELETED"
+MODIFIED = "MODIFIED"  # the front door put it to sleep or woke it (``sleeping`` in the state)
 
 
 class Gone(Exception):

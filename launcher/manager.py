@@ -53,6 +53,7 @@ def _pid_alive(pid: int) -> bool:
 
 PHASE_LOG_BYTES = 4 << 20  # where an instance's start-phase markers are looked for
 MEMORY_SAMPLE_SECONDS = 2.0  # how often each live instance's footprint is read
+MOCK_ASLEEP_GPU_BYTES = 2**30  # what a sleeping instance keeps of a mock GPU (a CUDA context)
 
 
 _FAILURE_REASONS: dict[type[LauncherError], str] = {
@@ -202,11 +203,24 @@ class InstanceManager:
         for record in records:
             if real_gpus:
                 gpu_bytes = by_pid[record.pid]
-            else:  # mock GPUs: what vLLM would take of each device it is given
+            else:  # mock GPUs: what vLLM would take of each device it is given (asleep: its CUDA context)
                 share = memory.gpu_utilization(record.config.options)
                 gpu_bytes = {uuid: int(share * sizes.get(uuid, 0)) for uuid in record.config.gpu_uuids or []}
+                if record.asleep:
+                    gpu_bytes = {uuid: min(MOCK_ASLEEP_GPU_BYTES, used) for uuid, used in gpu_bytes.items()}
             found[record.instance_id] = Footprint(memory.pss_bytes(trees[record.instance_id]), gpu_bytes)
         return found
+
+    @property
+    def sleep_mode_available(self) -> bool:
+        """Whether instances here can use vLLM's sleep mode (the forkserver's workload says; CPU: no)."""
+        return bool(self.forkserver.hello.get("sleep_mode"))
+
+    def mark_asleep(self, record: InstanceRecord, asleep: bool) -> None:
+        """The front door put ``record``'s instance to sleep, or woke it: a MODIFIED event says so."""
+        if record.asleep != asleep and record.live:
+            record.asleep = asleep
+            self._publish(events.MODIFIED, record)
 
     # ------------------------------------------------------------------ queries
 

@@ -126,6 +126,19 @@ class FrontDoorMetrics:
             ["model"],
             registry=registry,
         )
+        self.sleeps = Counter(
+            "launcher_front_door_sleeps", "Instances put to sleep (idle: sleep), by model and reason (idle, room)",
+            ["model", "reason"], registry=registry,
+        )  # fmt: skip
+        self.wakes = Counter(
+            "launcher_front_door_wakes", "Sleeping instances woken, by model and outcome (ok, failed: stopped instead)",
+            ["model", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.wake_seconds = Histogram(
+            "launcher_front_door_wake_seconds", "A wake: the request to the instance awake",
+            ["model"], buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0), registry=registry,
+        )  # fmt: skip
+        self.sleeping = Gauge("launcher_front_door_sleeping", "Models whose instance is asleep", registry=registry)
         depth = Gauge(
             "launcher_front_door_queue_depth", "Requests waiting for a model that is not ready", registry=registry
         )

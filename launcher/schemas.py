@@ -88,6 +88,7 @@ class InstanceState(_Configured):
         "stopped instances only: Unix time no process of the instance was left"
     )
     memory: MemoryState | SkipJsonSchema[None] = _sometimes("running instances, once sampled: what it holds now")
+    sleeping: bool | SkipJsonSchema[None] = _sometimes("true while the front door has it asleep (vLLM's sleep mode)")
     stop_reason: str | SkipJsonSchema[None] = _sometimes(
         "stopped instances only, when known: the last error line of its log (an instance that failed "
         "by itself), or what stopped it (e.g. the forkserver died)"
@@ -170,7 +171,7 @@ class WatchError(_Strict):
 class WatchEvent(_Strict):
     """One line of ``GET /v2/vllm/instances/watch`` (NDJSON)."""
 
-    type: Literal["CREATED", "READY", "STOPPED", "DELETED", "ERROR"]
+    type: Literal["CREATED", "READY", "MODIFIED", "STOPPED", "DELETED", "ERROR"]
     object: InstanceState | WatchError = Field(description="the instance's state after the change; for ERROR, why")
     time: float | SkipJsonSchema[None] = _sometimes("Unix time of the change (replayed events keep theirs)")
 
@@ -195,7 +196,7 @@ class ModelState(_Configured):
     aliases: list[str]
     preload: bool
     share_gpu: bool
-    state: Literal["stopped", "starting", "ready", "failed", "stopping"]
+    state: Literal["stopped", "starting", "ready", "failed", "stopping", "sleeping", "waking"]
     instance_id: str | None = Field(description="its instance, while it has one")
     last_used: float | None = Field(description="Unix time of the last request (null: never used)")
     in_flight: int = Field(description="requests being answered now")
@@ -206,6 +207,8 @@ class ModelState(_Configured):
     )
     compile_error: str | None = Field(description="why the last compile-ahead failed; null otherwise")
     start_timeout: float | SkipJsonSchema[None] = _sometimes("as given, when given")
+    idle: Literal["stop", "sleep"] = Field(description="when idle or evicted: stop it, or put it to sleep")
+    sleep_level: Literal[1, 2] = Field(description="vLLM's sleep level, for idle: sleep")
     start_keepalive: bool | SkipJsonSchema[None] = _sometimes("as given, when given")
     memory: int | str | SkipJsonSchema[None] = _sometimes("as given, when given")
     gpu_memory: int | str | SkipJsonSchema[None] = _sometimes("as given, when given")
@@ -252,7 +255,7 @@ class OpenAIModel(_Strict):
     created: int
     owned_by: str
     root: str = Field(description="the profile's name (differs from id for an alias)")
-    state: Literal["stopped", "starting", "ready", "failed", "stopping"]
+    state: Literal["stopped", "starting", "ready", "failed", "stopping", "sleeping", "waking"]
 
 
 class OpenAIModelList(_Strict):

@@ -41,6 +41,7 @@ class InstanceRecord:
     start_phases: dict[str, float] | None = None  # where start_seconds went (forkserver/phases.py)
     memory: Footprint | None = None  # what it holds now, sampled (launcher/memory.py)
     memory_peak: Footprint | None = None  # the most it held
+    asleep: bool = False  # put to sleep by the front door (vLLM's sleep mode)
 
     @property
     def live(self) -> bool:
@@ -82,6 +83,8 @@ class InstanceRecord:
         }
         if self.memory is not None and self.status is Status.RUNNING:
             state["memory"] = self.memory.to_json()
+        if self.asleep and self.status is Status.RUNNING:
+            state["sleeping"] = True
         if self.status is Status.STOPPED:
             state["exit_code"] = self.exit_code
             state["stopped_at"] = self.stopped_at

@@ -86,7 +86,8 @@ def test_the_launcher_refuses_to_start_with_a_bad_models_file(tmp_path: Path) ->
 
 
 PROFILE_FIELDS = (
-    "options, env_vars, gpu_uuids, annotations, idle_timeout, start_timeout, start_keepalive, memory, gpu_memory, "
+    "options, env_vars, gpu_uuids, annotations, idle_timeout, start_timeout, start_keepalive, idle, sleep_level, "
+    "memory, gpu_memory, "
     "aliases, preload, share_gpu"
 )
 

@@ -12,7 +12,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.frontdoor.room import Budgets, Holder, Wanted, never_fits, place, plan_room
+from launcher.frontdoor.room import Budgets, Holder, Wanted, never_fits, place, plan_actions, plan_room
 
 GPUS = ["GPU-0", "GPU-1", "GPU-2"]
 
@@ -201,3 +201,68 @@ def test_placement_picks_the_gpus_needing_the_fewest_stops(
     else:
         assert len(found.gpu_uuids) == count and found.victims == plans[found.gpu_uuids]
         assert len(found.victims) == min(len(plan) for plan in possible.values())
+
+
+# ---------------------------------------------------------------------- sleeping models (idle: sleep)
+
+sleeping_holders = st.lists(
+    st.builds(
+        Holder,
+        name=st.sampled_from([f"m{i}" for i in range(6)]),
+        gpu_uuids=st.just(frozenset()),
+        share_gpu=st.just(True),
+        last_used=st.floats(min_value=0, max_value=1000, allow_nan=False),
+        evictable=st.booleans(),
+        host_bytes=st.integers(min_value=0, max_value=4).map(lambda n: n * GIB),
+        gpu_bytes=st.fixed_dictionaries({"GPU-0": st.integers(min_value=0, max_value=70).map(lambda n: n * GIB)}),
+        sleepable=st.booleans(),
+        asleep=st.booleans(),
+        asleep_host_bytes=st.integers(min_value=0, max_value=8).map(lambda n: n * GIB),
+        asleep_gpu_bytes=st.just({"GPU-0": GIB}),
+    ).filter(lambda holder: not (holder.sleepable and holder.asleep)),
+    max_size=5,
+    unique_by=lambda holder: holder.name,
+)
+
+
+def _fits_acts(wanted: Wanted, holders: list[Holder], acts: dict[str, str], live: int, max_instances: int,
+               budgets: Budgets) -> bool:  # fmt: skip
+    remaining = []
+    for holder in holders:
+        action = acts.get(holder.name, "keep")
+        if action == "stop":
+            continue
+        if action == "sleep":
+            holder = Holder(holder.name, holder.gpu_uuids, holder.share_gpu, holder.last_used, holder.evictable,
+                            holder.asleep_host_bytes, holder.asleep_gpu_bytes)  # fmt: skip
+        remaining.append(holder)
+    stopped = sum(1 for action in acts.values() if action == "stop")
+    return _fits_all(wanted, remaining, live - stopped, max_instances, budgets)
+
+
+@settings(max_examples=400, deadline=None)
+@given(holders=sleeping_holders, max_instances=st.integers(min_value=0, max_value=6),
+       host=st.sampled_from([0, 6 * GIB, 12 * GIB]), need=st.integers(min_value=1, max_value=70))  # fmt: skip
+def test_sleep_comes_before_stop_and_nothing_is_done_that_is_not_needed(
+    holders: list[Holder], max_instances: int, host: int, need: int
+) -> None:
+    wanted = Wanted("w", frozenset({"GPU-0"}), True, GIB, {"GPU-0": need * GIB})
+    budgets = Budgets(host_bytes=host, gpu_bytes={"GPU-0": 79 * GIB})
+    live = len(holders)
+    actions = plan_actions(wanted, holders, live=live, max_instances=max_instances, budgets=budgets)
+    by_name = {holder.name: holder for holder in holders}
+    choices = {h.name: (["keep", "sleep", "stop"] if h.sleepable else ["keep", "stop"]) for h in holders if h.evictable}
+    if actions is None:  # sufficient: no assignment of actions to idle models makes room
+        for assignment in itertools.product(*choices.values()):
+            acts = {name: action for name, action in zip(choices, assignment, strict=True) if action != "keep"}
+            assert not _fits_acts(wanted, holders, acts, live, max_instances, budgets), f"room by {acts}"
+        return
+    acts = {**dict.fromkeys(actions.sleep, "sleep"), **dict.fromkeys(actions.stop, "stop")}
+    assert all(by_name[name].evictable for name in acts) and all(by_name[name].sleepable for name in actions.sleep)
+    assert _fits_acts(wanted, holders, acts, live, max_instances, budgets)  # safe
+    for name, action in acts.items():  # minimal: every action, made weaker, no longer makes room
+        weaker = ["keep", "sleep"] if action == "stop" and by_name[name].sleepable else ["keep"]
+        for softer in weaker:
+            trial = {**acts, name: softer}
+            trial = {key: value for key, value in trial.items() if value != "keep"}
+            assert not _fits_acts(wanted, holders, trial, live, max_instances, budgets), f"{name}: {softer} would do"

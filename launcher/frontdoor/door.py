@@ -18,17 +18,20 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+
+import httpx
 from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.errors import LauncherError, NotFound, ServiceUnavailable
 from launcher.failure_reason import failure_reason
-from launcher.frontdoor import room
+from launcher import readiness
+from launcher.frontdoor import room, sleep
 from launcher.frontdoor.compile_ahead import COMPILE_ANNOTATION, CompileAhead, Compiled, needs_compile
-from launcher.frontdoor.footprints import Expected, Footprints
+from launcher.frontdoor.footprints import Expected, Footprints, model_path, weight_bytes
 from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFile, ProfileError, check_name
 from launcher.manager import InstanceManager
-from launcher.memory import option_value, parse_size
+from launcher.memory import Footprint, option_value, parse_size
 from launcher.metrics import FrontDoorMetrics
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
@@ -47,6 +50,8 @@ class Phase(str, enum.Enum):
     READY = "ready"
     FAILED = "failed"  # the last start failed; the next request tries again
     STOPPING = "stopping"
+    SLEEPING = "sleeping"  # idle: sleep — its instance lives, asleep (vLLM's sleep mode)
+    WAKING = "waking"  # a request is waking it; others wait for that, as for a start
 
 
 class StartFailed(Exception):
@@ -77,6 +82,7 @@ class ModelState:
     running_profile: ModelProfile | None = None  # the profile its instance was started with
     start_task: asyncio.Task[None] | None = field(default=None, repr=False)
     stop_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    sleep_task: asyncio.Task[None] | None = field(default=None, repr=False)
     cancel_reason: str | None = None  # why its start is being cancelled (stop, delete, replace)
     compiled: Compiled = False  # see launcher/compile_ahead.py
     compile_error: str | None = None
@@ -168,6 +174,9 @@ class FrontDoor:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics = FrontDoorMetrics(manager.metrics.registry, queue_depth=lambda: self._queued)
+        self.metrics.sleeping.set_function(lambda: sum(s.phase is Phase.SLEEPING for s in self._states.values()))
+        self._http: httpx.AsyncClient | None = None  # for the sleep endpoints; made on the event loop
+        self._told_no_sleep: set[str] = set()  # models told once that this platform has no sleep mode
         manager.on_adopted(self._adopt)
 
     # ------------------------------------------------------------------ lifecycle
@@ -179,6 +188,7 @@ class FrontDoor:
         ``on_bad_profiles`` gets one message naming each profile vLLM's parser rejects: the
         launcher stops then, as for any other error in the models file.
         """
+        self._http = httpx.AsyncClient(trust_env=False)
         self._spawn(self._reap_forever(), "front-door-reaper")
         self._spawn(self._compiler.run_forever(), "compile-ahead")
         self._spawn(self._check_then_begin(on_bad_profiles), "check-profiles")
@@ -216,6 +226,8 @@ class FrontDoor:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._http is not None:
+            await self._http.aclose()
 
     def _spawn(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine, name=name)
@@ -325,7 +337,7 @@ class FrontDoor:
         if profile.instance_config(name) != running.instance_config(name):
             if state.phase is Phase.STARTING:
                 self._cancel_start(state, "replaced")  # its waiters start the new profile instead
-            elif state.phase is Phase.READY:
+            elif state.phase in (Phase.READY, Phase.SLEEPING, Phase.WAKING):
                 state.retire = True  # the instance would differ: replace it once idle
         changed = profile.instance_config(name) != state.profile.instance_config(name)
         state.profile = profile
@@ -390,6 +402,12 @@ class FrontDoor:
                     await asyncio.wait({state.start_task})
                 elif state.phase is Phase.STOPPING and state.stop_task is not None:
                     stop = state.stop_task
+                elif state.phase is Phase.WAKING and state.start_task is not None:
+                    await asyncio.wait({state.start_task})
+                elif state.phase is Phase.SLEEPING:
+                    await self._sleep_done(state)
+                    if state.phase is Phase.SLEEPING:
+                        stop = self._begin_stop(state, reason)
                 elif state.phase is Phase.READY and state.in_flight == 0:
                     stop = self._begin_stop(state, reason)
                 elif state.phase is Phase.READY:
@@ -481,7 +499,12 @@ class FrontDoor:
 
     async def _wait_or_start(self, state: ModelState) -> None:
         """One step of a request that cannot be served yet: wait for what is under way, or start."""
-        if state.phase is Phase.STARTING and state.start_task is not None:
+        if state.phase is Phase.SLEEPING:
+            state.phase = Phase.WAKING  # requests arriving meanwhile share this wake, as a start
+            state.last_error, state.refusal = None, None
+            state.start_task = self._spawn(self._wake(state), f"wake-{state.name}")
+            self._notify()
+        if state.phase in (Phase.STARTING, Phase.WAKING) and state.start_task is not None:
             # Counted until this request holds its lease (no await between the two), so a model
             # that has just become ready is never taken for idle before its waiters run: on
             # Python 3.12 they are woken a loop step after another model's room check.
@@ -495,7 +518,7 @@ class FrontDoor:
             outcome = _phase(state)  # what the start left
             if outcome is Phase.FAILED and state.last_error is not None:
                 raise StartFailed(state.last_error)
-            if outcome is Phase.STOPPED and state.last_error is not None:
+            if outcome in (Phase.STOPPED, Phase.SLEEPING) and state.last_error is not None:
                 refused = state.refusal
                 raise (type(refused) if refused is not None else NoRoom)(state.last_error)
             return  # ready, or cancelled by a replaced profile: look again
@@ -628,7 +651,7 @@ class FrontDoor:
     async def _create(self, state: ModelState, profile: ModelProfile) -> InstanceRecord:
         # From here the manager's own reservation holds the slot (taken before its first await).
         self._claims.discard(id(state))
-        config = profile.instance_config(state.name, placed_gpus=state.placed_gpus)
+        config = profile.instance_config(state.name, placed_gpus=state.placed_gpus, sleep=self.sleeps(state, profile))
         return await self._manager.create(config, _instance_id_for(state.name), received_at=time.time())
 
     # ------------------------------------------------------------------ memory and placement
@@ -719,8 +742,9 @@ class FrontDoor:
         finally:
             self._making_room -= 1
 
-    def _plan(self, state: ModelState, profile: ModelProfile) -> list[str] | None:
-        """Who to stop so that ``profile`` can start now (placing it on GPUs if it names none)."""
+    def _plan(self, state: ModelState, profile: ModelProfile) -> room.Actions | None:
+        """What to put to sleep and what to stop so that ``profile`` can start now (placing it on
+        GPUs if it names none)."""
         holders = self._holders(exclude=state.name)
         live = self._manager.live_count() + len(self._claims)
         budgets = self.budgets()
@@ -733,20 +757,23 @@ class FrontDoor:
             if placement is None:
                 return None
             state.placed_gpus = list(placement.gpu_uuids)
-            return placement.victims
+            return placement.actions
         footprint = self.expected(state, profile).footprint
         wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu,
                              footprint.host_bytes, footprint.gpu_bytes)  # fmt: skip
-        return room.plan_room(wanted, holders, live=live, max_instances=self._settings.max_instances, budgets=budgets)
+        return room.plan_actions(
+            wanted, holders, live=live, max_instances=self._settings.max_instances, budgets=budgets
+        )
 
     async def _make_room_for(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         while True:
-            victims = self._plan(state, profile)
-            if victims is not None:
+            actions = self._plan(state, profile)
+            if actions is not None:
                 self._claims.add(id(state))
-                stops = [self._begin_stop(self._states[name], "evicted") for name in victims]
-                if stops:
-                    await asyncio.wait(stops)
+                work = [self._begin_sleep(self._states[name], "room") for name in actions.sleep]
+                work += [self._begin_stop(self._states[name], "evicted") for name in actions.stop]
+                if work:
+                    await asyncio.wait(work)
                 return
             compiling = self._compiler.yield_room()  # serving comes first: look again once it is gone
             if compiling is not None:
@@ -765,23 +792,25 @@ class FrontDoor:
         for state in [*self._states.values(), *self._removed]:
             if state.name == exclude and self._states.get(exclude) is state:
                 continue
-            if state.phase not in (Phase.STARTING, Phase.READY, Phase.STOPPING):
+            if state.phase not in (Phase.STARTING, Phase.READY, Phase.STOPPING, Phase.SLEEPING, Phase.WAKING):
                 continue  # a claim is only ever held while STARTING
-            evictable = (
-                state.phase is Phase.READY
-                and state.in_flight == 0
-                and state.waiting == 0
-                and state not in self._removed
-                and self._live_record(state) is not None  # a dead one frees no slot: the reaper removes it
-            )
+            record = self._live_record(state)  # a dead one frees no slot: the reaper removes it
+            idle = state.in_flight == 0 and state.waiting == 0 and state not in self._removed and record is not None
+            asleep = state.phase is Phase.SLEEPING
+            evictable = idle and (state.phase is Phase.READY or (asleep and _done(state.sleep_task)))
             running = state.running_profile or state.profile
             expected = self.expected(state, running)
             host, gpu = expected.footprint.host_bytes, dict(expected.footprint.gpu_bytes)
-            record = self._live_record(state)
             measured = None if record is None else record.memory_peak
             if measured is not None:  # what it holds, or what it declared if that is more
                 host = max(host, measured.host_bytes) if expected.source == "declared" else measured.host_bytes
                 gpu = {uuid: max(gpu.get(uuid, 0), used) for uuid, used in measured.gpu_bytes.items()} or gpu
+            weights = weight_bytes(model_path(running.options))
+            if asleep:  # what it held awake, less its GPU memory, plus (level 1) its weights on the host
+                held = sleep.asleep(Footprint(host, gpu), weights, running.sleep_level)
+                host, gpu = held.host_bytes, dict(held.gpu_bytes)
+            sleepable = evictable and state.phase is Phase.READY and not state.retire and self.sleeps(state)
+            once_asleep = sleep.asleep(Footprint(host, gpu), weights, running.sleep_level)
             gpus = running.gpu_uuids if running.gpu_uuids is not None else state.placed_gpus or []
             holders.append(
                 room.Holder(
@@ -792,6 +821,10 @@ class FrontDoor:
                     evictable=evictable,
                     host_bytes=host,
                     gpu_bytes=gpu,
+                    sleepable=sleepable,
+                    asleep=asleep,
+                    asleep_host_bytes=once_asleep.host_bytes,
+                    asleep_gpu_bytes=once_asleep.gpu_bytes,
                 )
             )
         return holders
@@ -801,6 +834,116 @@ class FrontDoor:
             await self.start_model(state)
         except (StartFailed, NoRoom, NotFound) as exc:
             log.warning("could not preload model %s: %s", state.name, exc)
+
+    # ------------------------------------------------------------------ sleeping
+
+    def sleeps(self, state: ModelState, profile: ModelProfile | None = None) -> bool:
+        """Whether the model's instance sleeps when idle (``idle: sleep`` on a platform with sleep mode).
+
+        On one without (vLLM on CPU) it is stopped instead, as if it said ``idle: stop``: said once.
+        """
+        profile = profile or state.running_profile or state.profile
+        if profile.idle != "sleep":
+            return False
+        if self._manager.sleep_mode_available:
+            return True
+        if state.name not in self._told_no_sleep:
+            self._told_no_sleep.add(state.name)
+            log.warning("model %s: idle: sleep, but instances here have no sleep mode (vLLM on CPU): "
+                        "it is stopped when idle instead", state.name)  # fmt: skip
+        return False
+
+    def _base_url(self, record: InstanceRecord) -> str:
+        return f"http://{readiness.probe_host(record.host)}:{record.port}"
+
+    def _begin_sleep(self, state: ModelState, reason: str) -> asyncio.Task[None]:
+        """Put the model's instance to sleep (no request may be in flight); the task ends once it is."""
+        assert state.in_flight == 0, "an instance with a request in flight is never put to sleep"
+        state.phase = Phase.SLEEPING
+        task = state.sleep_task = self._spawn(self._sleep(state, reason), f"sleep-{state.name}")
+        self._notify()
+        return task
+
+    async def _sleep(self, state: ModelState, reason: str) -> None:
+        record = self._live_record(state)
+        profile = state.running_profile or state.profile
+        if record is None or self._http is None:
+            return  # the reaper sees it gone
+        try:
+            await sleep.put_to_sleep(self._http, self._base_url(record), profile.sleep_level)
+        except sleep.SleepError as exc:
+            log.warning("model %s: could not put it to sleep (%s): stopping it instead", state.name, exc)
+            await self._stop(state, f"{reason}; sleep failed")
+            return
+        self._manager.mark_asleep(record, True)
+        self.metrics.sleeps.labels(model=state.name, reason=reason).inc()
+        log.info("model %s: instance %s asleep at level %d (%s)", state.name, record.instance_id,
+                 profile.sleep_level, reason)  # fmt: skip
+
+    async def _make_room_to_wake(
+        self, state: ModelState, record: InstanceRecord, profile: ModelProfile, deadline: float
+    ) -> None:
+        """A waking instance takes its GPU memory back: make room for it there first, as for a start."""
+        expected = self.expected(state, profile).footprint
+        peak = record.memory_peak or expected
+        wanted = room.Wanted(state.name, frozenset(record.config.gpu_uuids or []), profile.share_gpu,
+                             max(expected.host_bytes, peak.host_bytes), {**expected.gpu_bytes, **peak.gpu_bytes})  # fmt: skip
+        while True:
+            # It is live already: the instance count does not grow (live less one).
+            actions = room.plan_actions(wanted, self._holders(exclude=state.name), live=self._manager.live_count() - 1
+                                        + len(self._claims), max_instances=self._settings.max_instances,
+                                        budgets=self.budgets())  # fmt: skip
+            if actions is not None:
+                work = [self._begin_sleep(self._states[name], "room") for name in actions.sleep]
+                work += [self._begin_stop(self._states[name], "evicted") for name in actions.stop]
+                if work:
+                    await asyncio.wait(work)
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoRoom(f"no room to wake model {state.name!r} within {self._settings.queue_timeout:g}s: "
+                             "every instance that could make room is busy")  # fmt: skip
+            await self._wait_change(min(remaining, REAP_INTERVAL))
+
+    async def _sleep_done(self, state: ModelState) -> None:
+        if state.sleep_task is not None and not state.sleep_task.done():
+            await asyncio.wait({state.sleep_task})
+
+    async def _wake(self, state: ModelState) -> None:
+        """Wake the sleeping instance for the requests waiting; if it cannot be woken, stop it
+        (the requests then start it afresh: a failed wake is never an error to a client)."""
+        started = time.monotonic()
+        await self._sleep_done(state)
+        if state.phase is not Phase.WAKING:
+            return  # the sleep failed and stopped it: the waiters start it
+        record = self._live_record(state)
+        profile = state.running_profile or state.profile
+        if record is None or self._http is None:
+            self._lost(state)
+            return
+        try:
+            await self._make_room_to_wake(state, record, profile, time.monotonic() + self._settings.queue_timeout)
+        except NoRoom as exc:
+            state.phase, state.refusal = Phase.SLEEPING, exc  # still asleep; its waiters get the 503
+            state.last_error = str(exc)
+            self._notify()
+            raise
+        try:
+            await sleep.wake(self._http, self._base_url(record), profile.sleep_level)
+        except sleep.SleepError as exc:
+            log.warning("model %s: could not wake instance %s (%s): starting it afresh", state.name,
+                        record.instance_id, exc)  # fmt: skip
+            self.metrics.wakes.labels(model=state.name, outcome="failed").inc()
+            await self._stop(state, "wake failed")
+            return
+        self._manager.mark_asleep(record, False)
+        state.phase = Phase.READY
+        state.last_used = time.time()
+        seconds = time.monotonic() - started
+        self.metrics.wakes.labels(model=state.name, outcome="ok").inc()
+        self.metrics.wake_seconds.labels(model=state.name).observe(seconds)
+        log.info("model %s: instance %s awake in %.2fs", state.name, record.instance_id, seconds)
+        self._notify()
 
     # ------------------------------------------------------------------ stopping
 
@@ -846,6 +989,13 @@ class FrontDoor:
     def reap(self, now: float) -> None:
         """Stop idle and retired instances; notice instances that died."""
         for state in self._states.values():
+            if state.phase is Phase.SLEEPING and _done(state.sleep_task):
+                if self._live_record(state) is None:
+                    self._lost(state)
+                    self._notify()
+                elif state.retire and not state.waiting:
+                    self._begin_stop(state, "replaced")
+                continue
             if state.phase is not Phase.READY:
                 continue
             if self._live_record(state) is None:
@@ -858,7 +1008,10 @@ class FrontDoor:
             if state.retire:
                 self._begin_stop(state, "replaced")
             elif idle_timeout > 0 and now - (state.last_used or now) >= idle_timeout:
-                self._begin_stop(state, "idle")
+                if self.sleeps(state):
+                    self._begin_sleep(state, "idle")
+                else:
+                    self._begin_stop(state, "idle")
 
     # ------------------------------------------------------------------ waiting
 
@@ -870,6 +1023,10 @@ class FrontDoor:
         changed = self._changed
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
+
+
+def _done(task: asyncio.Task[None] | None) -> bool:
+    return task is None or task.done()
 
 
 def _gpus_wanted(profile: ModelProfile) -> int:

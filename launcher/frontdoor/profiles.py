@@ -11,7 +11,7 @@ import re
 import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from launcher.frontdoor.sleep import DEV_MODE_ENV, SLEEP_FLAG
 from launcher.memory import parse_size
 from launcher.models import VllmConfig
 
@@ -55,6 +56,13 @@ class ModelProfile(BaseModel):
         default=None,
         description="a stream waiting for this model's start gets its headers at once and SSE comments until its "
         "first chunk (unset: --start-keepalive)",
+    )
+    idle: Literal["stop", "sleep"] = Field(
+        default="stop",
+        description="when idle (or when room is needed): stop its instance, or put it to sleep (GPUs: vLLM's sleep mode)",
+    )
+    sleep_level: Literal[1, 2] = Field(
+        default=1, description="1: weights to host memory, KV cache dropped; 2: both dropped (reloaded on wake)"
     )
     memory: StrictInt | StrictStr | None = Field(
         default=None, description="host memory it holds, bytes or with a unit ('6GiB'); unset: measured or estimated"
@@ -105,10 +113,11 @@ class ModelProfile(BaseModel):
                 return token.split("=", 1)[1]
         return None
 
-    def instance_config(self, name: str, placed_gpus: list[str] | None = None) -> VllmConfig:
+    def instance_config(self, name: str, placed_gpus: list[str] | None = None, *, sleep: bool = False) -> VllmConfig:
         """The instance to create: the options (plus the names clients use), env, GPUs, annotations.
 
-        ``placed_gpus``: the GPUs the front door chose for a profile that names none.
+        ``placed_gpus``: the GPUs the front door chose for a profile that names none. ``sleep``:
+        started so that it can sleep (``--enable-sleep-mode``, vLLM's dev-mode endpoints).
         """
         options = self.options
         try:
@@ -120,9 +129,14 @@ class ModelProfile(BaseModel):
         if self.host(tokens) is None:
             # Reached through the front door only, which checks the token: nothing to open to the network.
             options += " --host 127.0.0.1"
+        env_vars = self.env_vars
+        if sleep:
+            if SLEEP_FLAG not in tokens:
+                options += " " + SLEEP_FLAG
+            env_vars = {**DEV_MODE_ENV, **(env_vars or {})}
         return VllmConfig(
             options=options,
-            env_vars=self.env_vars,
+            env_vars=env_vars,
             gpu_uuids=self.gpu_uuids if self.gpu_uuids is not None else placed_gpus,
             annotations={**(self.annotations or {}), MODEL_ANNOTATION: name},
         )

@@ -5,14 +5,17 @@ front-door instances naming the same GPU never run at once unless both profiles 
 vLLM takes most of a GPU's memory by default); the host memory budget; and each GPU's memory
 budget. Instances created through ``/v2/vllm/instances`` count (``Budgets.fixed_*``) but are
 never stopped; only idle front-door instances are, least recently used first, and no more of
-them than needed. :func:`place` also picks the GPUs of a profile that names none.
+them than needed. A model that may sleep (``idle: sleep``) is put to sleep before anything is
+stopped: in order, idle awake models that may sleep are put to sleep, then sleeping ones are
+stopped, then idle awake ones (least recently used first in each). :func:`place` also picks
+the GPUs of a profile that names none.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from launcher.memory import format_size
 
@@ -30,6 +33,10 @@ class Holder:
     evictable: bool  # ready with no request in flight (not starting, not stopping, not busy)
     host_bytes: int = 0  # what it holds (measured), or is expected to hold (starting)
     gpu_bytes: Mapping[str, int] = field(default_factory=dict)
+    sleepable: bool = False  # awake, idle, and may be put to sleep instead of stopped
+    asleep: bool = False  # sleeping now (host_bytes and gpu_bytes are then what it holds asleep)
+    asleep_host_bytes: int = 0  # what it would hold once asleep (for a sleepable holder)
+    asleep_gpu_bytes: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,20 +67,39 @@ def _conflicts(wanted: Wanted, holder: Holder) -> bool:
     return bool(wanted.gpu_uuids & holder.gpu_uuids) and not (wanted.share_gpu and holder.share_gpu)
 
 
-def _fits(wanted: Wanted, kept: Sequence[Holder], *, live: int, stopped: int, max_instances: int,
+@dataclass(frozen=True)
+class Actions:
+    """What to do to make room: models to put to sleep, and models to stop."""
+
+    sleep: list[str]
+    stop: list[str]
+
+
+def _usage(holder: Holder, action: str) -> tuple[int, Mapping[str, int]]:
+    if action == "sleep":
+        return holder.asleep_host_bytes, holder.asleep_gpu_bytes
+    return holder.host_bytes, holder.gpu_bytes
+
+
+def _fits(wanted: Wanted, acts: Mapping[str, str], holders: Sequence[Holder], *, live: int, max_instances: int,
           budgets: Budgets) -> bool:  # fmt: skip
-    """Whether ``wanted`` can start beside ``kept`` (``stopped`` of the live instances stopped)."""
+    """Whether ``wanted`` can start once ``acts`` (name -> "sleep" or "stop") are done."""
+    stopped = sum(1 for action in acts.values() if action == "stop")
     if max_instances and live - stopped + 1 > max_instances:
         return False
-    if (
-        budgets.host_bytes
-        and budgets.fixed_host + sum(h.host_bytes for h in kept) + wanted.host_bytes > budgets.host_bytes
-    ):
-        return False
+    kept = [(holder, acts.get(holder.name, "keep")) for holder in holders if acts.get(holder.name) != "stop"]
+    if budgets.host_bytes:
+        used = budgets.fixed_host + sum(_usage(holder, action)[0] for holder, action in kept)
+        if used + wanted.host_bytes > budgets.host_bytes:
+            return False
     for uuid, needed in wanted.gpu_bytes.items():
         limit = budgets.gpu_bytes.get(uuid)
-        if limit and budgets.fixed_gpu.get(uuid, 0) + sum(h.gpu_bytes.get(uuid, 0) for h in kept) + needed > limit:
-            return False
+        if limit:
+            used = budgets.fixed_gpu.get(uuid, 0) + sum(
+                _usage(holder, action)[1].get(uuid, 0) for holder, action in kept
+            )
+            if used + needed > limit:
+                return False
     return True
 
 
@@ -90,42 +116,67 @@ def never_fits(wanted: Wanted, budgets: Budgets) -> str | None:
     return None
 
 
-def plan_room(
+def plan_actions(
     wanted: Wanted, holders: Sequence[Holder], *, live: int, max_instances: int, budgets: Budgets = NO_BUDGETS
-) -> list[str] | None:
-    """Names of the models to stop so that ``wanted`` can start now.
+) -> Actions | None:
+    """What to put to sleep and what to stop so that ``wanted`` can start now.
 
-    ``live`` counts every live or reserved instance on the launcher (front-door or not);
-    ``max_instances`` 0 means no limit. Returns ``[]`` when there is room already, and ``None``
-    when no choice of idle front-door instances makes room (the caller waits and asks again).
-    Those stopped are the least recently used that help, and none is stopped that is not needed.
+    ``live`` counts every live or reserved instance on the launcher (front-door or not; a
+    sleeping one too); ``max_instances`` 0 means no limit. ``Actions([], [])`` when there is
+    room already, None when nothing idle can make room (the caller waits and asks again). In
+    each step the least recently used go first, and no action is taken that is not needed.
     """
     others = [holder for holder in holders if holder.name != wanted.name]
-    chosen: list[Holder] = []
+    acts: dict[str, str] = {}
     for holder in others:
         if _conflicts(wanted, holder):
             if not holder.evictable:
                 return None
-            chosen.append(holder)
-    forced = len(chosen)
+            acts[holder.name] = "stop"
+    forced = set(acts)
 
-    def fits(stopping: Sequence[Holder]) -> bool:
-        kept = [holder for holder in others if holder not in stopping]
-        return _fits(wanted, kept, live=live, stopped=len(stopping), max_instances=max_instances, budgets=budgets)
+    def fits(trial: Mapping[str, str]) -> bool:
+        return _fits(wanted, trial, others, live=live, max_instances=max_instances, budgets=budgets)
 
-    spare = sorted((h for h in others if h.evictable and h not in chosen), key=lambda h: (h.last_used, h.name))
-    for holder in spare:
-        if fits(chosen):
+    def lru(chosen: Sequence[Holder]) -> list[Holder]:
+        return sorted(chosen, key=lambda holder: (holder.last_used, holder.name))
+
+    free = [holder for holder in others if holder.evictable and holder.name not in forced]
+    steps: list[tuple[Holder, str]] = [(holder, "sleep") for holder in lru([h for h in free if h.sleepable])]
+    steps += [(holder, "stop") for holder in lru([h for h in free if h.sleepable or h.asleep])]
+    steps += [(holder, "stop") for holder in lru([h for h in free if not h.sleepable and not h.asleep])]
+    taken: list[tuple[Holder, str]] = []
+    for holder, action in steps:
+        if fits(acts):
             break
-        chosen.append(holder)
-    if not fits(chosen):
+        taken.append((holder, acts.get(holder.name, "keep")))  # what to go back to if it is not needed
+        acts[holder.name] = action
+    if not fits(acts):
         return None
-    # Minimal: the most recently used of those picked goes back if the rest make room without it.
-    for holder in reversed(chosen[forced:]):
-        fewer = [other for other in chosen if other is not holder]
-        if fits(fewer):
-            chosen = fewer
-    return [holder.name for holder in chosen]
+    # Minimal: the last steps taken go back, one at a time, if the rest make room without them.
+    for holder, before in reversed(taken):
+        trial = {**acts}
+        if before == "keep":
+            trial.pop(holder.name)
+        else:
+            trial[holder.name] = before
+        if fits(trial):
+            acts = trial
+    return Actions(sleep=[name for name, action in acts.items() if action == "sleep"],
+                   stop=[name for name, action in acts.items() if action == "stop"])  # fmt: skip
+
+
+def plan_room(
+    wanted: Wanted, holders: Sequence[Holder], *, live: int, max_instances: int, budgets: Budgets = NO_BUDGETS
+) -> list[str] | None:
+    """Names of the models to stop so that ``wanted`` can start now (no model may sleep here).
+
+    None when no choice of idle front-door instances makes room. Those stopped are the least
+    recently used that help, and none is stopped that is not needed.
+    """
+    awake = [replace(holder, sleepable=False) for holder in holders]
+    actions = plan_actions(wanted, awake, live=live, max_instances=max_instances, budgets=budgets)
+    return None if actions is None else actions.stop
 
 
 @dataclass(frozen=True)
@@ -133,7 +184,12 @@ class Placement:
     """The GPUs chosen for a profile that names none, and who is stopped to make room there."""
 
     gpu_uuids: tuple[str, ...]
-    victims: list[str]
+    actions: Actions
+
+    @property
+    def victims(self) -> list[str]:
+        """The models stopped for it."""
+        return self.actions.stop
 
 
 def place(
@@ -152,15 +208,16 @@ def place(
     Ties go to the placement whose victims were used least recently, then to the GPUs in order.
     None if no set of ``count`` GPUs can be made room on.
     """
-    best: tuple[tuple[int, float], Placement] | None = None
+    best: tuple[tuple[int, int, float], Placement] | None = None
     last_used = {holder.name: holder.last_used for holder in holders}
     for gpu_set in itertools.islice(itertools.combinations(gpus, count), MAX_PLACEMENTS):
         trial = Wanted(wanted.name, frozenset(gpu_set), wanted.share_gpu, wanted.host_bytes,
                        {uuid: per_gpu_bytes.get(uuid, 0) for uuid in gpu_set})  # fmt: skip
-        victims = plan_room(trial, holders, live=live, max_instances=max_instances, budgets=budgets)
-        if victims is None:
+        actions = plan_actions(trial, holders, live=live, max_instances=max_instances, budgets=budgets)
+        if actions is None:
             continue
-        cost = (len(victims), max((last_used.get(name, 0.0) for name in victims), default=0.0))
+        cost = (len(actions.stop), len(actions.sleep),
+                max((last_used.get(name, 0.0) for name in actions.stop + actions.sleep), default=0.0))  # fmt: skip
         if best is None or cost < best[0]:
-            best = (cost, Placement(gpu_set, victims))
+            best = (cost, Placement(gpu_set, actions))
     return None if best is None else best[1]
