@@ -75,7 +75,10 @@ def run(model: Path, workdir: Path, rounds: int) -> dict[str, Any]:
                 time.sleep(SETTLE)
                 total, running = _running_total(launcher)
                 samples.append({"model": name, "total_bytes": total, "running": running})
-                print(f"  after {name}: {running} running, {total / 2**20:.0f} MiB of {budget / 2**20:.0f} MiB", flush=True)
+                print(
+                    f"  after {name}: {running} running, {total / 2**20:.0f} MiB of {budget / 2**20:.0f} MiB",
+                    flush=True,
+                )
         before = _running_total(launcher)[1]
         refused = httpx.post(f"{launcher.base_url}/v1/completions", timeout=60,
                              json={"model": "oversized", "prompt": "Hello", "max_tokens": 4})  # fmt: skip

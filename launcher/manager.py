@@ -221,6 +221,9 @@ class InstanceManager:
         if record.asleep != asleep and record.live:
             record.asleep = asleep
             self._publish(events.MODIFIED, record)
+            note = asyncio.create_task(self._note(record.instance_id, {"asleep": asleep}))  # for an API restart
+            self._background.add(note)
+            note.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ queries
 
@@ -520,6 +523,7 @@ class InstanceManager:
         )
         if meta.get("ready_at"):
             record.mark_ready(at=float(meta["ready_at"]))
+        record.asleep = bool(meta.get("asleep"))
         if not item.get("running"):
             record.mark_stopped(exit_code=item.get("exit_code"), stopped_at=item.get("stopped_at"))
         return record

@@ -127,3 +127,25 @@ def test_an_api_restart_adopts_front_door_instances_with_the_real_vllm(tiny_mode
     finally:
         node.close()
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_sleeping_model_is_adopted_asleep_and_woken_by_the_next_request(standin_node: _Node) -> None:
+    models = {"models": {"nap": {"options": "--model N --gpu-memory-utilization 0.5", "idle": "sleep",
+                                 "idle_timeout": 1}}}  # fmt: skip
+    first = standin_node.launcher(models)
+    try:
+        assert _ask(first, "nap").status_code == 200
+        [instance] = _front_door_instances(first, "nap")
+        wait_until(lambda: first.state(instance["instance_id"]).get("sleeping"), 20, what="nap asleep")
+    finally:
+        first.stop(signal.SIGKILL)
+    second = standin_node.launcher(models)
+    try:
+        state = second.client.get("/v2/vllm/models/nap").json()
+        assert state["state"] == "sleeping" and state["instance_id"] == instance["instance_id"], state
+        assert _ask(second, "nap").status_code == 200  # woken, not started again
+        assert [item["instance_id"] for item in _front_door_instances(second, "nap")] == [instance["instance_id"]]
+        assert "sleeping" not in second.state(instance["instance_id"])
+    finally:
+        second.client.delete("/v2/vllm/instances")
+        second.stop()

@@ -257,11 +257,15 @@ class FrontDoor:
                 and record.ready
                 and state.phase is Phase.STOPPED
                 and state.instance_id is None
-                and state.profile.instance_config(name) == record.config
+                and self._config_for(state, record) == record.config
             )
             if state is not None and takes_it:
                 state.phase, state.instance_id, state.running_profile = Phase.READY, record.instance_id, state.profile
                 state.last_used, state.compiled = time.time(), True
+                if state.profile.gpu_uuids is None:
+                    state.placed_gpus = record.config.gpu_uuids
+                if record.asleep:
+                    state.phase = Phase.SLEEPING  # the next request wakes it
                 log.info("model %s: adopted its instance %s", name, record.instance_id)
                 continue
             if record.live:
@@ -855,6 +859,11 @@ class FrontDoor:
 
     def _base_url(self, record: InstanceRecord) -> str:
         return f"http://{readiness.probe_host(record.host)}:{record.port}"
+
+    def _config_for(self, state: ModelState, record: InstanceRecord) -> Any:
+        """The instance the model's current profile would start, on the GPUs ``record`` has."""
+        placed = record.config.gpu_uuids if state.profile.gpu_uuids is None else None
+        return state.profile.instance_config(state.name, placed_gpus=placed, sleep=self.sleeps(state, state.profile))
 
     def _begin_sleep(self, state: ModelState, reason: str) -> asyncio.Task[None]:
         """Put the model's instance to sleep (no request may be in flight); the task ends once it is."""
