@@ -114,6 +114,7 @@ function applyEvent(event) {
 
 function phase(state) {
   if (state.status === "stopped") return "stopped";
+  if (state.sleeping) return "sleeping";
   return state.ready ? "ready" : "starting";
 }
 
