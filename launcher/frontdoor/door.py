@@ -493,6 +493,8 @@ class FrontDoor:
 
     def start_progress(self, state: ModelState) -> str:
         """Where the model's start is, in a few words (for the keep-alive comments)."""
+        if state.phase in (Phase.SLEEPING, Phase.WAKING):
+            return "waking from sleep"
         if state.instance_id is None:
             return "waiting for room" if state.phase is Phase.STARTING else "starting"
         try:
