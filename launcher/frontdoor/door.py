@@ -500,7 +500,7 @@ class FrontDoor:
         try:
             record = self._manager.get(state.instance_id)
         except NotFound:
-            return state.phase.value
+            return str(state.phase.value)
         return self._manager.start_progress(record)
 
     async def _wait_or_start(self, state: ModelState) -> None:
