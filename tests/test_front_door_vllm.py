@@ -42,6 +42,7 @@ def door(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator
             "tiny3": {"options": flags},
             "idler": {"options": flags, "idle_timeout": 2},
             "kept": {"options": flags, "start_keepalive": True, "idle_timeout": 1},
+            "napper": {"options": flags, "idle": "sleep", "idle_timeout": 1},
             # Passes vLLM's parser (checked at load), fails in the instance: longer than the model allows.
             "broken": {"options": f"--model {tiny_model} --enforce-eager --max-model-len 100000"},
         },
@@ -79,7 +80,8 @@ def _model_of(instance: dict[str, Any]) -> str | None:
 
 def test_models_are_listed_in_openai_format(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert [model.id for model in models] == ["tiny", "tiny-chat", "tiny2", "tiny3", "idler", "kept", "broken"]
+    names = ["tiny", "tiny-chat", "tiny2", "tiny3", "idler", "kept", "napper", "broken"]
+    assert [model.id for model in models] == names
     assert all(model.object == "model" and (model.model_extra or {})["state"] == "stopped" for model in models)
 
 
@@ -214,3 +216,13 @@ def test_a_kept_alive_stream_hears_from_the_start_then_streams(client: openai.Op
     text = "".join(chunk.choices[0].text for chunk in client.completions.create(
         model="kept", prompt="Hello", max_tokens=4, stream=True))  # fmt: skip
     assert text  # the SDK reads through the comments
+
+
+def test_idle_sleep_on_vllm_cpu_falls_back_to_stop(client: openai.OpenAI, door: LauncherProcess) -> None:
+    # vLLM on CPU has no sleep mode (Platform.is_sleep_mode_available() is false, and
+    # --enable-sleep-mode would fail the start): the profile is stopped when idle, said once.
+    assert client.completions.create(model="napper", prompt="Hello", max_tokens=2).choices
+    [instance] = live_instances_of(door, "napper")
+    assert "--enable-sleep-mode" not in instance["options"]
+    wait_until(lambda: state(door, "napper")["state"] == "stopped", 60, what="napper to stop when idle")
+    assert door.output_text().count("instances here have no sleep mode") == 1
