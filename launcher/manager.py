@@ -194,15 +194,15 @@ class InstanceManager:
         """Each instance's footprint now (run in a worker thread: it reads /proc)."""
         trees = {record.instance_id: memory.process_tree(record.pid) for record in records}
         real_gpus = bool(self.gpus) and not self._settings.mock_gpus
-        by_pid: dict[int, dict[str, int]] = {}
-        if real_gpus:
-            for record in records:
-                by_pid[record.pid] = memory.nvml_gpu_bytes(trees[record.instance_id])
+        by_pid = memory.nvml_gpu_bytes([pid for tree in trees.values() for pid in tree]) if real_gpus else {}
         sizes = {gpu.uuid: (gpu.memory_mib or 0) * 2**20 for gpu in self.gpus}
         found = {}
         for record in records:
-            if real_gpus:
-                gpu_bytes = by_pid[record.pid]
+            if real_gpus:  # the tree's processes, added up per device
+                gpu_bytes: dict[str, int] = {}
+                for pid in trees[record.instance_id]:
+                    for uuid, used in by_pid.get(pid, {}).items():
+                        gpu_bytes[uuid] = gpu_bytes.get(uuid, 0) + used
             else:  # mock GPUs: what vLLM would take of each device it is given (asleep: its CUDA context)
                 share = memory.gpu_utilization(record.config.options)
                 gpu_bytes = {uuid: int(share * sizes.get(uuid, 0)) for uuid in record.config.gpu_uuids or []}

@@ -132,13 +132,15 @@ def option_value(options: str, flag: str) -> str | None:
     return None
 
 
-def nvml_gpu_bytes(pids: Sequence[int]) -> dict[str, int]:
-    """GPU memory NVML reports for ``pids`` on each device, by UUID ({} without NVML)."""
+def nvml_gpu_bytes(pids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """GPU memory NVML reports for each of ``pids``, by device UUID ({} without NVML): one NVML
+    session for all of them (initialising NVML is not free)."""
     try:
         import pynvml
     except ImportError:
         return {}
-    wanted, found = set(pids), {}
+    wanted: set[int] = set(pids)
+    found: dict[int, dict[str, int]] = {}
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
@@ -146,10 +148,11 @@ def nvml_gpu_bytes(pids: Sequence[int]) -> dict[str, int]:
     try:
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            used = sum(int(process.usedGpuMemory or 0) for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                       if process.pid in wanted)  # fmt: skip
-            if used:
-                found[str(pynvml.nvmlDeviceGetUUID(handle))] = used
+            uuid = str(pynvml.nvmlDeviceGetUUID(handle))
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid in wanted and process.usedGpuMemory:
+                    per_pid = found.setdefault(int(process.pid), {})
+                    per_pid[uuid] = per_pid.get(uuid, 0) + int(process.usedGpuMemory)
     except pynvml.NVMLError:
         return found
     finally:
