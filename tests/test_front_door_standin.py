@@ -412,3 +412,11 @@ def test_with_a_token_front_door_instances_listen_on_loopback_only(tmp_path: Pat
             if conn.status == psutil.CONN_LISTEN
         }
         assert listening == {"127.0.0.1"}, listening  # not reachable from the network without the token
+
+
+def test_an_instance_on_ipv6_loopback_is_reached(tmp_path: Path) -> None:
+    models = 'models:\n  v6: {options: "--model V6 --fast --host ::1"}\n'
+    with front_door(tmp_path, models) as launcher:
+        answer = ask(launcher, "v6")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == "v6"

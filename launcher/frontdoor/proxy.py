@@ -204,10 +204,14 @@ async def _open(
 ) -> Connection | JSONResponse:
     """Send the request to the lease's instance; its connection once the answer's head is in."""
     pool: UpstreamPool = scope["app"].state.upstream_pool
-    host = readiness.probe_host(lease.record.host)
+    host = readiness.probe_host(lease.record.host)  # "[::1]" for IPv6: right for Host, not for connect
     try:
         connection = await pool.request(
-            host, lease.record.port, _request_head(scope, lease, host, len(body)), body, on_connection=exchange.attach
+            host.strip("[]"),
+            lease.record.port,
+            _request_head(scope, lease, host, len(body)),
+            body,
+            on_connection=exchange.attach,
         )
     except UpstreamError as exc:
         if exchange.gone:
