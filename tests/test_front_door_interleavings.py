@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from launcher.errors import NotFound, TooManyInstances
-from launcher.frontdoor.door import FrontDoor, NoRoom, StartFailed
+from launcher.frontdoor.door import FrontDoor
+from launcher.frontdoor.model_state import NoRoom, StartFailed
 from launcher.models import VllmConfig
 from launcher.frontdoor.profiles import ModelProfile, ModelsFile
 from launcher.settings import Settings

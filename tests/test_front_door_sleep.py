@@ -127,4 +127,5 @@ models:
             assert [model_state(small, m)["state"] for m in ("s1", "s2", "a")] == ["stopped", "sleeping", "ready"]
         answer = ask(launcher, "s1")  # wakes: a (awake, cannot sleep) is stopped for its GPU memory
         assert answer.status_code == 200
-        assert [model_state(launcher, m)["state"] for m in ("s1", "s2", "a")] == ["ready", "sleeping", "stopped"]
+        states = {m: model_state(launcher, m) for m in ("s1", "s2", "a")}
+        assert [states[m]["state"] for m in ("s1", "s2", "a")] == ["ready", "sleeping", "stopped"], states

@@ -12,116 +12,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import re
 import secrets
 import time
 from collections.abc import Callable
-
-import httpx
-from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
+from launcher import readiness
 from launcher.errors import LauncherError, NotFound, ServiceUnavailable
 from launcher.failure_reason import failure_reason
-from launcher import readiness
 from launcher.frontdoor import room, sleep
 from launcher.frontdoor.compile_ahead import COMPILE_ANNOTATION, CompileAhead, Compiled, needs_compile
-from launcher.frontdoor.footprints import Expected, Footprints, model_path, weight_bytes
+from launcher.frontdoor.fitting import Fitting
+from launcher.frontdoor.footprints import Footprints
+from launcher.frontdoor.model_state import (
+    InsufficientMemory,
+    Lease,
+    ModelState,
+    NoRoom,
+    Phase,
+    StartFailed,
+    effective_idle_timeout,
+    effective_start_timeout,
+)
 from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFile, ProfileError, check_name
 from launcher.manager import InstanceManager
-from launcher.memory import Footprint, option_value, parse_size
+from launcher.memory import parse_size
 from launcher.metrics import FrontDoorMetrics
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
 
-log = logging.getLogger("launcher.frontdoor.door")
+log = logging.getLogger("launcher.front_door")
 
 REAP_INTERVAL = 0.5  # seconds between idle checks; also the longest a waiter sleeps between looks
 FAILED_LOG_LINES = 400  # kept of a failed start's log, once its instance is removed
-
-
-class Phase(str, enum.Enum):
-    """Where a model is."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    FAILED = "failed"  # the last start failed; the next request tries again
-    STOPPING = "stopping"
-    SLEEPING = "sleeping"  # idle: sleep — its instance lives, asleep (vLLM's sleep mode)
-    WAKING = "waking"  # a request is waking it; others wait for that, as for a start
-
-
-class StartFailed(Exception):
-    """The model's instance could not be started; the message says why (and shows its log)."""
-
-
-class NoRoom(Exception):
-    """No room could be made within the queue timeout (or the queue is full)."""
-
-
-class InsufficientMemory(NoRoom):
-    """The model's expected footprint exceeds a memory budget even on an empty node."""
-
-
-@dataclass
-class ModelState:
-    """One model profile and what the front door knows about its instance."""
-
-    name: str
-    profile: ModelProfile
-    phase: Phase = Phase.STOPPED
-    instance_id: str | None = None
-    in_flight: int = 0
-    waiting: int = 0  # requests waiting for its start: it is not idle until they hold their leases
-    last_used: float | None = None  # wall clock of the last request's end (or start)
-    last_error: str | None = None
-    retire: bool = False  # replaced or deleted: stop the instance once no request is in flight
-    running_profile: ModelProfile | None = None  # the profile its instance was started with
-    start_task: asyncio.Task[None] | None = field(default=None, repr=False)
-    stop_task: asyncio.Task[None] | None = field(default=None, repr=False)
-    sleep_task: asyncio.Task[None] | None = field(default=None, repr=False)
-    cancel_reason: str | None = None  # why its start is being cancelled (stop, delete, replace)
-    compiled: Compiled = False  # see launcher/compile_ahead.py
-    compile_error: str | None = None
-    failed_log: str | None = field(default=None, repr=False)  # the end of the last failed start's log
-    placed_gpus: list[str] | None = None  # the GPUs chosen for a profile that names none
-    refusal: NoRoom | None = field(default=None, repr=False)  # why its last start found no room
-
-    def to_json(self, default_idle_timeout: float) -> dict[str, Any]:
-        """The model's profile and state, as ``/v2/vllm/models`` shows it."""
-        return {
-            "name": self.name,
-            **self.profile.model_dump(exclude_none=True),
-            "idle_timeout": effective_idle_timeout(self.profile, default_idle_timeout),
-            "state": self.phase.value,
-            "instance_id": self.instance_id,
-            "last_used": self.last_used,
-            "in_flight": self.in_flight,
-            "last_error": self.last_error,
-            "compiled": self.compiled,
-            "compile_error": self.compile_error,
-        }
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A request's hold on a ready instance; give it back with :meth:`FrontDoor.release`."""
-
-    state: ModelState
-    record: InstanceRecord
-
-
-def effective_idle_timeout(profile: ModelProfile, default: float) -> float:
-    """The profile's idle timeout, or the file's default."""
-    return profile.idle_timeout if profile.idle_timeout is not None else default
-
-
-def effective_start_timeout(profile: ModelProfile, default: float) -> float:
-    """The profile's start deadline, or the launcher's ``--start-timeout``."""
-    return profile.start_timeout if profile.start_timeout is not None else default
 
 
 def _phase(state: ModelState) -> Phase:
@@ -153,7 +80,7 @@ class FrontDoor:
         self._states: dict[str, ModelState] = {}
         self._labels: dict[str, str] = {}  # name or alias -> name
         self._making_room = 0  # starts waiting for room: compile-ahead waits for them
-        self._footprints = Footprints(settings.resolved_footprints_file())
+        self.fitting = Fitting(manager, settings, Footprints(settings.resolved_footprints_file()), self.sleeps)
         parse_size(settings.memory_budget), parse_size(settings.gpu_memory_reserve)  # a bad size stops the start
         self._compiler = CompileAhead(
             manager,
@@ -662,84 +589,28 @@ class FrontDoor:
 
     # ------------------------------------------------------------------ memory and placement
 
-    def _gpu_sizes(self) -> dict[str, int]:
-        return {gpu.uuid: (gpu.memory_mib or 0) * 2**20 for gpu in self._manager.gpus}
-
-    def budgets(self) -> room.Budgets:
-        """The host budget (``--memory-budget``), each GPU's (its size less ``--gpu-memory-reserve``),
-        and what instances the front door does not own hold (they count, and are never stopped)."""
-        reserve = parse_size(self._settings.gpu_memory_reserve)
-        gpu_budgets = {uuid: max(0, size - reserve) for uuid, size in self._gpu_sizes().items() if size}
-        fixed_host, fixed_gpu = 0, dict.fromkeys(gpu_budgets, 0)
-        for record in self._manager.all():
-            if record.live and MODEL_ANNOTATION not in (record.config.annotations or {}) and record.memory is not None:
-                fixed_host += record.memory.host_bytes
-                for uuid, used in record.memory.gpu_bytes.items():
-                    fixed_gpu[uuid] = fixed_gpu.get(uuid, 0) + used
-        return room.Budgets(parse_size(self._settings.memory_budget), gpu_budgets, fixed_host, fixed_gpu)
-
-    def expected(self, state: ModelState, profile: ModelProfile | None = None) -> Expected:
-        """What the model is expected to hold, on the GPUs it names (or was placed on)."""
-        profile = profile or state.profile
-        gpus = profile.gpu_uuids if profile.gpu_uuids is not None else state.placed_gpus or []
-        return self._footprints.expected(state.name, profile, self._gpu_sizes(), gpus)
-
-    def fit_problem(self, state: ModelState) -> str | None:
-        """Why the model can never start under the budgets (None: it can, given room)."""
-        profile = state.profile
-        budgets = self.budgets()
-        if profile.gpu_uuids is None and self._manager.gpus:
-            count = _gpus_wanted(profile)
-            if count > len(self._manager.gpus):
-                return f"model {state.name!r} needs {count} GPUs (--tensor-parallel-size), the node has {len(self._manager.gpus)}"
-            every = [gpu.uuid for gpu in self._manager.gpus]
-            per_gpu = self._footprints.expected(state.name, profile, self._gpu_sizes(), every).footprint.gpu_bytes
-            problems = [room.never_fits(room.Wanted(state.name, frozenset(), False, 0, {uuid: per_gpu[uuid]}), budgets)
-                        for uuid in every]  # fmt: skip
-            if all(problems):
-                return problems[0]
-        footprint = self.expected(state).footprint
-        return room.never_fits(
-            room.Wanted(state.name, frozenset(), False, footprint.host_bytes, footprint.gpu_bytes), budgets
-        )
-
-    def memory_use(self) -> dict[str, Any]:
-        """Each budget and what every running instance holds against it (for the dashboard's bars)."""
-        budgets = self.budgets()
-        host_used, gpu_used = 0, dict.fromkeys(budgets.gpu_bytes, 0)
-        for record in self._manager.all():
-            if record.live and record.memory is not None:
-                host_used += record.memory.host_bytes
-                for uuid, used in record.memory.gpu_bytes.items():
-                    gpu_used[uuid] = gpu_used.get(uuid, 0) + used
-        return {
-            "host": {"budget_bytes": budgets.host_bytes, "used_bytes": host_used},
-            "gpus": {
-                uuid: {"budget_bytes": budgets.gpu_bytes.get(uuid, 0), "used_bytes": used}
-                for uuid, used in sorted(gpu_used.items())
-            },  # fmt: skip
-        }
-
     def describe(self, state: ModelState) -> dict[str, Any]:
         """The model as ``/v2/vllm/models`` shows it: profile, state, expected memory and fit."""
-        problem = self.fit_problem(state)
+        problem = self.fitting.fit_problem(state)
         return {
             **state.to_json(self.default_idle_timeout),
-            "memory_estimate": self.expected(state).to_json(),
+            "memory_estimate": self.fitting.expected(state).to_json(),
             "fits": problem is None,
             **({"fit_problem": problem} if problem else {}),
         }
 
-    def _remember_peaks(self) -> None:
-        for state in self._states.values():
-            record = self._live_record(state)
-            profile = state.running_profile
-            if record is not None and profile is not None and record.memory_peak is not None:
-                self._footprints.remember(state.name, profile, record.memory_peak)
+    def _holders(self, exclude: str) -> list[room.Holder]:
+        """Every model holding room but ``exclude`` (a deleted namesake still stopping counts)."""
+        candidates = [
+            (state, self._live_record(state), state in self._removed)
+            for state in [*self._states.values(), *self._removed]
+            if not (state.name == exclude and self._states.get(exclude) is state)
+        ]
+        return self.fitting.holders(candidates)
 
     async def _make_room(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         """Wait until ``profile`` fits (evicting idle front-door instances), then claim its slot."""
-        problem = self.fit_problem(state) if profile is state.profile else None
+        problem = self.fitting.fit_problem(state) if profile is state.profile else None
         if problem is not None:
             raise InsufficientMemory(problem)  # nothing is started or stopped for it
         self._making_room += 1
@@ -748,32 +619,10 @@ class FrontDoor:
         finally:
             self._making_room -= 1
 
-    def _plan(self, state: ModelState, profile: ModelProfile) -> room.Actions | None:
-        """What to put to sleep and what to stop so that ``profile`` can start now (placing it on
-        GPUs if it names none)."""
-        holders = self._holders(exclude=state.name)
-        live = self._manager.live_count() + len(self._claims)
-        budgets = self.budgets()
-        if profile.gpu_uuids is None and self._manager.gpus:
-            every = [gpu.uuid for gpu in self._manager.gpus]
-            expected = self._footprints.expected(state.name, profile, self._gpu_sizes(), every).footprint
-            wanted = room.Wanted(state.name, frozenset(), profile.share_gpu, expected.host_bytes)
-            placement = room.place(wanted, _gpus_wanted(profile), every, expected.gpu_bytes, holders, live=live,
-                                   max_instances=self._settings.max_instances, budgets=budgets)  # fmt: skip
-            if placement is None:
-                return None
-            state.placed_gpus = list(placement.gpu_uuids)
-            return placement.actions
-        footprint = self.expected(state, profile).footprint
-        wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu,
-                             footprint.host_bytes, footprint.gpu_bytes)  # fmt: skip
-        return room.plan_actions(
-            wanted, holders, live=live, max_instances=self._settings.max_instances, budgets=budgets
-        )
-
     async def _make_room_for(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         while True:
-            actions = self._plan(state, profile)
+            live = self._manager.live_count() + len(self._claims)
+            actions = self.fitting.plan(state, profile, self._holders(exclude=state.name), live)
             if actions is not None:
                 self._claims.add(id(state))
                 work = [self._begin_sleep(self._states[name], "room") for name in actions.sleep]
@@ -792,48 +641,6 @@ class FrontDoor:
                     "every instance that could make room is busy or not evictable"
                 )
             await self._wait_change(min(remaining, REAP_INTERVAL))
-
-    def _holders(self, exclude: str) -> list[room.Holder]:
-        holders = []
-        for state in [*self._states.values(), *self._removed]:
-            if state.name == exclude and self._states.get(exclude) is state:
-                continue
-            if state.phase not in (Phase.STARTING, Phase.READY, Phase.STOPPING, Phase.SLEEPING, Phase.WAKING):
-                continue  # a claim is only ever held while STARTING
-            record = self._live_record(state)  # a dead one frees no slot: the reaper removes it
-            idle = state.in_flight == 0 and state.waiting == 0 and state not in self._removed and record is not None
-            asleep = state.phase is Phase.SLEEPING
-            evictable = idle and (state.phase is Phase.READY or (asleep and _done(state.sleep_task)))
-            running = state.running_profile or state.profile
-            expected = self.expected(state, running)
-            host, gpu = expected.footprint.host_bytes, dict(expected.footprint.gpu_bytes)
-            measured = None if record is None else record.memory_peak
-            if measured is not None:  # what it holds, or what it declared if that is more
-                host = max(host, measured.host_bytes) if expected.source == "declared" else measured.host_bytes
-                gpu = {uuid: max(gpu.get(uuid, 0), used) for uuid, used in measured.gpu_bytes.items()} or gpu
-            weights = weight_bytes(model_path(running.options))
-            if asleep:  # what it held awake, less its GPU memory, plus (level 1) its weights on the host
-                held = sleep.asleep(Footprint(host, gpu), weights, running.sleep_level)
-                host, gpu = held.host_bytes, dict(held.gpu_bytes)
-            sleepable = evictable and state.phase is Phase.READY and not state.retire and self.sleeps(state)
-            once_asleep = sleep.asleep(Footprint(host, gpu), weights, running.sleep_level)
-            gpus = running.gpu_uuids if running.gpu_uuids is not None else state.placed_gpus or []
-            holders.append(
-                room.Holder(
-                    name=state.name,
-                    gpu_uuids=frozenset(gpus),
-                    share_gpu=running.share_gpu,
-                    last_used=state.last_used or 0.0,
-                    evictable=evictable,
-                    host_bytes=host,
-                    gpu_bytes=gpu,
-                    sleepable=sleepable,
-                    asleep=asleep,
-                    asleep_host_bytes=once_asleep.host_bytes,
-                    asleep_gpu_bytes=once_asleep.gpu_bytes,
-                )
-            )
-        return holders
 
     async def _preload(self, state: ModelState) -> None:
         try:
@@ -891,19 +698,11 @@ class FrontDoor:
         log.info("model %s: instance %s asleep at level %d (%s)", state.name, record.instance_id,
                  profile.sleep_level, reason)  # fmt: skip
 
-    async def _make_room_to_wake(
-        self, state: ModelState, record: InstanceRecord, profile: ModelProfile, deadline: float
-    ) -> None:
+    async def _make_room_to_wake(self, state: ModelState, record: InstanceRecord, deadline: float) -> None:
         """A waking instance takes its GPU memory back: make room for it there first, as for a start."""
-        expected = self.expected(state, profile).footprint
-        peak = record.memory_peak or expected
-        wanted = room.Wanted(state.name, frozenset(record.config.gpu_uuids or []), profile.share_gpu,
-                             max(expected.host_bytes, peak.host_bytes), {**expected.gpu_bytes, **peak.gpu_bytes})  # fmt: skip
         while True:
-            # It is live already: the instance count does not grow (live less one).
-            actions = room.plan_actions(wanted, self._holders(exclude=state.name), live=self._manager.live_count() - 1
-                                        + len(self._claims), max_instances=self._settings.max_instances,
-                                        budgets=self.budgets())  # fmt: skip
+            live = self._manager.live_count() + len(self._claims)
+            actions = self.fitting.plan_wake(state, record, self._holders(exclude=state.name), live)
             if actions is not None:
                 work = [self._begin_sleep(self._states[name], "room") for name in actions.sleep]
                 work += [self._begin_stop(self._states[name], "evicted") for name in actions.stop]
@@ -933,7 +732,7 @@ class FrontDoor:
             self._lost(state)
             return
         try:
-            await self._make_room_to_wake(state, record, profile, time.monotonic() + self._settings.queue_timeout)
+            await self._make_room_to_wake(state, record, time.monotonic() + self._settings.queue_timeout)
         except NoRoom as exc:
             state.phase, state.refusal = Phase.SLEEPING, exc  # still asleep; its waiters get the 503
             state.last_error = str(exc)
@@ -995,12 +794,14 @@ class FrontDoor:
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             self.reap(time.time())
-            self._remember_peaks()
+            self.fitting.remember_peaks(
+                (state, record) for state in self._states.values() if (record := self._live_record(state)) is not None
+            )
 
     def reap(self, now: float) -> None:
         """Stop idle and retired instances; notice instances that died."""
         for state in self._states.values():
-            if state.phase is Phase.SLEEPING and _done(state.sleep_task):
+            if state.phase is Phase.SLEEPING and state.sleep_settled():
                 if self._live_record(state) is None:
                     self._lost(state)
                     self._notify()
@@ -1034,19 +835,3 @@ class FrontDoor:
         changed = self._changed
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
-
-
-def _done(task: asyncio.Task[None] | None) -> bool:
-    return task is None or task.done()
-
-
-def _gpus_wanted(profile: ModelProfile) -> int:
-    """How many GPUs the profile's instance uses: tensor parallel size times pipeline parallel size."""
-    sizes = []
-    for flags in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
-        value = next((found for flag in flags if (found := option_value(profile.options, flag)) is not None), None)
-        try:
-            sizes.append(max(1, int(value)) if value is not None else 1)
-        except ValueError:
-            sizes.append(1)
-    return sizes[0] * sizes[1]

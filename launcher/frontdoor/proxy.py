@@ -28,8 +28,9 @@ from starlette.types import Receive, Scope, Send
 
 from launcher import readiness
 from launcher.errors import NotFound
-from launcher.frontdoor.door import FrontDoor, InsufficientMemory, Lease, ModelState, NoRoom, StartFailed
+from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
+from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelState, NoRoom, StartFailed
 from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 from launcher.request_body import read_capped
 

@@ -15,8 +15,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from launcher.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
-from launcher.frontdoor.door import FrontDoor, ModelState, NoRoom, StartFailed
+from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
+from launcher.frontdoor.model_state import ModelState, NoRoom, StartFailed
 from launcher.frontdoor.profiles import ModelProfile, ProfileError, check_name, plain_errors
 from launcher.frontdoor.proxy import RETRY_AFTER_SECONDS, OpenAIProxy
 from launcher.request_body import read_json_body
@@ -80,7 +81,7 @@ async def list_profiles(request: Request) -> JSONResponse:
     door = _door(request)
     models = [door.describe(state) for state in door.states()]
     return JSONResponse({"idle_timeout": door.default_idle_timeout, "models": models, "count": len(models),
-                         "memory": door.memory_use()})  # fmt: skip
+                         "memory": door.fitting.memory_use()})  # fmt: skip
 
 
 async def get_profile(request: Request) -> JSONResponse:
