@@ -101,7 +101,6 @@ def bind_api_socket(host: str, port: int) -> socket.socket:
                 "(LAUNCHER_PORT; `make run PORT=...`)"
             ) from None
         raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    listener.set_inheritable(False)
     return listener
 
 

@@ -33,10 +33,10 @@ from launcher.events import EventLog
 from launcher.failure_reason import TAIL_BYTES, read_failure_reason
 from launcher.forkserver_client import ForkserverError, ForkserverGone
 from launcher.forkserver_process import ForkserverSupervisor
+from launcher.memory import Footprint
 from launcher.metrics import LauncherMetrics, StateSnapshot, count_instances, exit_kind
 from launcher.models import VllmConfig, check_instance_id
 from launcher.settings import Settings
-from launcher.memory import Footprint
 from launcher.state import InstanceRecord
 
 log = logging.getLogger("launcher.manager")
@@ -221,9 +221,7 @@ class InstanceManager:
         if record.asleep != asleep and record.live:
             record.asleep = asleep
             self._publish(events.MODIFIED, record)
-            note = asyncio.create_task(self._note(record.instance_id, {"asleep": asleep}))  # for an API restart
-            self._background.add(note)
-            note.add_done_callback(self._background.discard)
+            self._note_later(record.instance_id, {"asleep": asleep})  # for an API restart
 
     # ------------------------------------------------------------------ queries
 
@@ -453,13 +451,17 @@ class InstanceManager:
                 seconds = (record.ready_at or record.received_at) - record.received_at
                 self.metrics.start_seconds.observe(max(0.0, seconds))
                 log.info("instance %s ready in %.2fs", record.instance_id, seconds)
-                note = asyncio.create_task(self._note(record.instance_id, {"ready_at": record.ready_at}))
-                self._background.add(note)  # keep a reference until it is done
-                note.add_done_callback(self._background.discard)
+                self._note_later(record.instance_id, {"ready_at": record.ready_at})
 
         await readiness.wait_ready(
             self._http, url, still_starting=lambda: record.live and not record.ready, on_ready=became_ready
         )
+
+    def _note_later(self, instance_id: str, meta: dict[str, Any]) -> None:
+        """Have the forkserver keep ``meta`` with the instance (an API attaching later reads it)."""
+        note = asyncio.create_task(self._note(instance_id, meta))
+        self._background.add(note)  # keep a reference until it is done
+        note.add_done_callback(self._background.discard)
 
     async def _note(self, instance_id: str, meta: dict[str, Any]) -> None:
         with contextlib.suppress(ForkserverError, LauncherError):

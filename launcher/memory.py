@@ -100,22 +100,11 @@ def pss_bytes(pids: Iterable[int]) -> int:
 
 def gpu_utilization(options: str) -> float:
     """The ``--gpu-memory-utilization`` that instance options set (vLLM's default if none)."""
+    value = option_value(options, "--gpu-memory-utilization")
     try:
-        tokens = shlex.split(options)
+        return DEFAULT_GPU_UTILIZATION if value is None else min(1.0, max(0.0, float(value)))
     except ValueError:
         return DEFAULT_GPU_UTILIZATION
-    for index, token in enumerate(tokens):
-        value = None
-        if token == "--gpu-memory-utilization" and index + 1 < len(tokens):
-            value = tokens[index + 1]
-        elif token.startswith("--gpu-memory-utilization="):
-            value = token.split("=", 1)[1]
-        if value is not None:
-            try:
-                return min(1.0, max(0.0, float(value)))
-            except ValueError:
-                return DEFAULT_GPU_UTILIZATION
-    return DEFAULT_GPU_UTILIZATION
 
 
 def option_value(options: str, flag: str) -> str | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import shlex
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
@@ -114,3 +116,9 @@ def check_instance_id(instance_id: str) -> str:
             "starting with a letter or digit"
         )
     return instance_id
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` when one of ``valid`` is close to ``name`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import json
 import logging
 import re
@@ -18,7 +17,7 @@ from launcher import __version__, events, log_range
 from launcher.errors import BadRequest, LauncherError, RangeNotSatisfiable
 from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
-from launcher.models import VllmConfig, check_instance_id, parse_config
+from launcher.models import VllmConfig, check_instance_id, did_you_mean, parse_config
 from launcher.request_body import read_api_body
 from launcher.state import Status
 from launcher.ui_routes import wants_html
@@ -100,13 +99,10 @@ async def _create(request: Request, instance_id: str | None) -> JSONResponse:
 
 
 def ignored_fields_sentence(ignored: list[str]) -> str:
-    """``unknown fields ignored: env_var (did you mean env_vars?)``: the fields, with the likely one."""
-    known = list(VllmConfig.model_fields)
-    named = []
-    for name in ignored:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-        named.append(f"{name} (did you mean {close[0]}?)" if close else name)
-    return "unknown fields ignored: " + ", ".join(named)
+    """``unknown fields ignored: env_var (did you mean 'env_vars'?)``: the fields, with the likely one."""
+    return "unknown fields ignored: " + ", ".join(
+        name + did_you_mean(name, VllmConfig.model_fields) for name in ignored
+    )
 
 
 def _ignored_fields_warning(ignored: list[str]) -> str:

@@ -119,7 +119,7 @@ def test_ignored_create_fields_are_named_in_the_body_with_the_likely_field(stand
     assert answer.status_code == 201, answer.text
     body = answer.json()
     assert body["ignored_fields"] == ["env_var"]
-    assert body["warning"] == "unknown fields ignored: env_var (did you mean env_vars?)"
+    assert body["warning"] == "unknown fields ignored: env_var (did you mean 'env_vars'?)"
     assert answer.headers["warning"] == '299 - "unknown fields ignored: env_var"'
     standin_launcher.client.delete("/v2/vllm/instances/typo")
 

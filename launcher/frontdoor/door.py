@@ -42,6 +42,7 @@ from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFi
 from launcher.manager import InstanceManager
 from launcher.memory import parse_size
 from launcher.metrics import FrontDoorMetrics
+from launcher.models import VllmConfig
 from launcher.settings import Settings
 from launcher.state import InstanceRecord
 
@@ -104,6 +105,7 @@ class FrontDoor:
         self.metrics.sleeping.set_function(lambda: sum(s.phase is Phase.SLEEPING for s in self._states.values()))
         self._http: httpx.AsyncClient | None = None  # for the sleep endpoints; made on the event loop
         self._told_no_sleep: set[str] = set()  # models told once that this platform has no sleep mode
+        self._progress: dict[str, tuple[float, str]] = {}  # instance id -> (when, its start phase in words)
         manager.on_adopted(self._adopt)
 
     # ------------------------------------------------------------------ lifecycle
@@ -428,7 +430,13 @@ class FrontDoor:
             record = self._manager.get(state.instance_id)
         except NotFound:
             return str(state.phase.value)
-        return self._manager.start_progress(record)
+        # Every waiting stream asks every few seconds: the log is read once a second per instance at most.
+        now, known = time.monotonic(), self._progress.get(record.instance_id)
+        if known is None or now - known[0] >= 1.0:
+            known = self._progress[record.instance_id] = (now, self._manager.start_progress(record))
+            if len(self._progress) > 1024:
+                self._progress = {record.instance_id: known}
+        return known[1]
 
     async def _wait_or_start(self, state: ModelState) -> None:
         """One step of a request that cannot be served yet: wait for what is under way, or start."""
@@ -625,10 +633,7 @@ class FrontDoor:
             actions = self.fitting.plan(state, profile, self._holders(exclude=state.name), live)
             if actions is not None:
                 self._claims.add(id(state))
-                work = [self._begin_sleep(self._states[name], "room") for name in actions.sleep]
-                work += [self._begin_stop(self._states[name], "evicted") for name in actions.stop]
-                if work:
-                    await asyncio.wait(work)
+                await self._carry_out(actions)
                 return
             compiling = self._compiler.yield_room()  # serving comes first: look again once it is gone
             if compiling is not None:
@@ -641,6 +646,13 @@ class FrontDoor:
                     "every instance that could make room is busy or not evictable"
                 )
             await self._wait_change(min(remaining, REAP_INTERVAL))
+
+    async def _carry_out(self, actions: room.Actions) -> None:
+        """Put to sleep and stop what a room plan says (all at once); return when it is done."""
+        work = [self._begin_sleep(self._states[name], "room") for name in actions.sleep]
+        work += [self._begin_stop(self._states[name], "evicted") for name in actions.stop]
+        if work:
+            await asyncio.wait(work)
 
     async def _preload(self, state: ModelState) -> None:
         try:
@@ -669,7 +681,7 @@ class FrontDoor:
     def _base_url(self, record: InstanceRecord) -> str:
         return f"http://{readiness.probe_host(record.host)}:{record.port}"
 
-    def _config_for(self, state: ModelState, record: InstanceRecord) -> Any:
+    def _config_for(self, state: ModelState, record: InstanceRecord) -> VllmConfig:
         """The instance the model's current profile would start, on the GPUs ``record`` has."""
         placed = record.config.gpu_uuids if state.profile.gpu_uuids is None else None
         return state.profile.instance_config(state.name, placed_gpus=placed, sleep=self.sleeps(state, state.profile))
@@ -704,10 +716,7 @@ class FrontDoor:
             live = self._manager.live_count() + len(self._claims)
             actions = self.fitting.plan_wake(state, record, self._holders(exclude=state.name), live)
             if actions is not None:
-                work = [self._begin_sleep(self._states[name], "room") for name in actions.sleep]
-                work += [self._begin_stop(self._states[name], "evicted") for name in actions.stop]
-                if work:
-                    await asyncio.wait(work)
+                await self._carry_out(actions)
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -716,7 +725,7 @@ class FrontDoor:
             await self._wait_change(min(remaining, REAP_INTERVAL))
 
     async def _sleep_done(self, state: ModelState) -> None:
-        if state.sleep_task is not None and not state.sleep_task.done():
+        if state.sleep_task is not None and not state.sleep_settled():
             await asyncio.wait({state.sleep_task})
 
     async def _wake(self, state: ModelState) -> None:

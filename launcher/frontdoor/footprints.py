@@ -58,16 +58,30 @@ def model_path(options: str) -> Path | None:
     return Path(os.path.expanduser(model))
 
 
+_WEIGHTS: dict[Path, tuple[int, int]] = {}  # path -> (its mtime, the weights' size): one stat, not a listing
+
+
 def weight_bytes(path: Path | None) -> int:
-    """The size of the model's weight files (0 if they are not on this node)."""
+    """The size of the model's weight files (0 if they are not on this node).
+
+    Asked on the event loop for every room plan and models listing: the directory is listed
+    again only when its modification time changes (a model copied in later is seen).
+    """
     if path is None:
         return 0
     try:
+        stat = path.stat()
+        known = _WEIGHTS.get(path)
+        if known is not None and known[0] == stat.st_mtime_ns:
+            return known[1]
         if path.is_file():
-            return path.stat().st_size
-        return sum(entry.stat().st_size for entry in path.iterdir() if entry.name.endswith(WEIGHT_SUFFIXES))
+            size = stat.st_size
+        else:
+            size = sum(entry.stat().st_size for entry in path.iterdir() if entry.name.endswith(WEIGHT_SUFFIXES))
     except OSError:
         return 0
+    _WEIGHTS[path] = (stat.st_mtime_ns, size)
+    return size
 
 
 def kv_cache_bytes(profile: ModelProfile) -> int:

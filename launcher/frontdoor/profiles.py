@@ -6,10 +6,9 @@ Read from a YAML file (``--models-file``) at start and managed at run time throu
 
 from __future__ import annotations
 
-import difflib
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -29,7 +28,7 @@ from pydantic_core import ErrorDetails
 
 from launcher.frontdoor.sleep import DEV_MODE_ENV, SLEEP_FLAG
 from launcher.memory import parse_size
-from launcher.models import VllmConfig
+from launcher.models import VllmConfig, did_you_mean
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 MODEL_ANNOTATION = "launcher.front-door/model"  # on every instance the front door starts
@@ -197,12 +196,6 @@ class _Problem(NamedTuple):
     location: tuple[str | int, ...]  # where in the data, for the line
     at_key: bool  # the line of the key at ``location`` rather than of its value
     message: str
-
-
-def did_you_mean(name: str, valid: Iterable[str]) -> str:
-    """`` (did you mean 'X'?)`` when one of ``valid`` is close to ``name`` (difflib), else ``""``."""
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def unknown_field(

@@ -19,7 +19,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect
@@ -34,7 +35,7 @@ from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelState
 from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 from launcher.request_body import read_capped
 
-log = logging.getLogger("launcher.frontdoor.door")
+log = logging.getLogger("launcher.front_door")
 T = TypeVar("T")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself; everything else passes.
@@ -98,18 +99,17 @@ class _Exchange:
             self.connection.close()  # wakes the reader; the instance sees its request aborted
 
 
-async def _watch_client(receive: Receive, exchange: _Exchange) -> None:
+async def _watch_client(receive: Receive, on_gone: Callable[[], None]) -> None:
     # The body is read already: the next message is http.disconnect (a hang-up, or the answer's end).
     while (await receive())["type"] != "http.disconnect":
         pass
-    exchange.client_left()
+    on_gone()
 
 
 async def _unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T | None:
     """``work``'s result, or None (``work`` cancelled) if the client hangs up first."""
     task = asyncio.ensure_future(work)
-    exchange = _Exchange()
-    gone = asyncio.ensure_future(_watch_client(receive, exchange))
+    gone = asyncio.ensure_future(_watch_client(receive, lambda: None))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -120,6 +120,31 @@ async def _unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T | Non
     with contextlib.suppress(asyncio.CancelledError):
         await task
     return None
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What the front door answers instead of the instance: a JSON error, or, once a stream's
+    headers are out, the same error as an SSE event. Status 499: the client left, nothing to send."""
+
+    status: int
+    message: str = ""
+    type: str = "ServiceUnavailableError"
+    code: str | None = None
+    headers: Mapping[str, str] | None = None
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send, *, headers_sent: bool) -> int:
+        if self.status == 499:
+            pass
+        elif headers_sent:
+            await send({"type": "http.response.body", "body": _error_event(self.message, self.code, self.type),
+                        "more_body": False})  # fmt: skip
+        else:
+            await openai_error(self.status, self.message, self.type, self.code, self.headers)(scope, receive, send)
+        return self.status
+
+
+CLIENT_LEFT = _Failure(499)
 
 
 class OpenAIProxy:
@@ -168,23 +193,20 @@ class OpenAIProxy:
         try:
             lease = await _unless_client_leaves(receive, door.acquire(state))
         except (StartFailed, NoRoom, NotFound) as exc:
-            answer = _acquire_error(exc)
-            await answer(scope, receive, send)
-            return answer.status_code
+            return await _acquire_failure(exc).answer(scope, receive, send, headers_sent=False)
         if lease is None:  # the client left while it waited: it is out of the queue, nothing to send
-            return 499
+            return CLIENT_LEFT.status
         return await _pass(scope, receive, send, door, lease, body)
 
 
-def _acquire_error(exc: Exception) -> JSONResponse:
+def _acquire_failure(exc: Exception) -> _Failure:
     if isinstance(exc, InsufficientMemory):  # it will not fit later either: no Retry-After
-        return openai_error(503, str(exc), "ServiceUnavailableError", "insufficient_memory")
+        return _Failure(503, str(exc), code="insufficient_memory")
     if isinstance(exc, StartFailed):
-        return openai_error(502, str(exc), "ServiceUnavailableError", "model_start_failed")
+        return _Failure(502, str(exc), code="model_start_failed")
     if isinstance(exc, NoRoom):
-        return openai_error(503, str(exc), "ServiceUnavailableError", "no_room",
-                            headers={"Retry-After": RETRY_AFTER_SECONDS})  # fmt: skip
-    return openai_error(404, str(exc), "NotFoundError", "model_not_found")
+        return _Failure(503, str(exc), code="no_room", headers={"Retry-After": RETRY_AFTER_SECONDS})
+    return _Failure(404, str(exc), "NotFoundError", "model_not_found")
 
 
 def _request_head(scope: Scope, lease: Lease, host: str, length: int) -> bytes:
@@ -200,42 +222,49 @@ def _request_head(scope: Scope, lease: Lease, host: str, length: int) -> bytes:
     return b"".join(lines)
 
 
-async def _open(
-    scope: Scope, door: FrontDoor, lease: Lease, body: bytes, exchange: _Exchange
-) -> Connection | JSONResponse:
+async def _open(scope: Scope, lease: Lease, body: bytes, exchange: _Exchange) -> Connection | _Failure:
     """Send the request to the lease's instance; its connection once the answer's head is in."""
     pool: UpstreamPool = scope["app"].state.upstream_pool
     host = readiness.probe_host(lease.record.host)  # "[::1]" for IPv6: right for Host, not for connect
     try:
-        connection = await pool.request(
-            host.strip("[]"),
-            lease.record.port,
-            _request_head(scope, lease, host, len(body)),
-            body,
-            on_connection=exchange.attach,
-        )
+        return await pool.request(host.strip("[]"), lease.record.port, _request_head(scope, lease, host, len(body)),
+                                  body, on_connection=exchange.attach)  # fmt: skip
     except UpstreamError as exc:
         if exchange.gone:
-            return JSONResponse({}, status_code=499)
-        return openai_error(502, f"The model's instance {lease.record.instance_id} did not answer: {exc}",
-                            "ServiceUnavailableError", "upstream_unreachable")  # fmt: skip
-    return connection
+            return CLIENT_LEFT
+        return _Failure(502, f"The model's instance {lease.record.instance_id} did not answer: {exc}",
+                        code="upstream_unreachable")  # fmt: skip
 
 
-async def _pass(scope: Scope, receive: Receive, send: Send, door: FrontDoor, lease: Lease, body: bytes) -> int:
-    """Pass the request to the lease's instance and its answer back; the lease is given back."""
+async def _pass(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    door: FrontDoor,
+    lease: Lease,
+    body: bytes,
+    *,
+    headers_sent: bool = False,
+) -> int:
+    """Pass the request to the lease's instance and its answer back; the lease is given back.
+
+    ``headers_sent``: a kept-alive stream's headers are out already, so the instance's answer
+    goes on as its body, and an error (one the instance answers, too) as an SSE error event.
+    """
     exchange = _Exchange()
-    watcher = asyncio.ensure_future(_watch_client(receive, exchange))
+    watcher = asyncio.ensure_future(_watch_client(receive, exchange.client_left))
     connection: Connection | None = None
     try:
-        opened = await _open(scope, door, lease, body, exchange)
-        if isinstance(opened, JSONResponse):
-            if opened.status_code != 499:
-                await opened(scope, receive, send)
-            return opened.status_code
+        opened = await _open(scope, lease, body, exchange)
+        if isinstance(opened, _Failure):
+            return await opened.answer(scope, receive, send, headers_sent=headers_sent)
         connection = opened
-        await send({"type": "http.response.start", "status": connection.status,
-                    "headers": passed_headers(connection.headers, RESPONSE_HEADERS_DROPPED)})  # fmt: skip
+        if headers_sent and connection.status != 200:  # vLLM refused it (a bad parameter)
+            await send({"type": "http.response.body", "body": await _error_event_from(connection), "more_body": False})
+            return connection.status
+        if not headers_sent:
+            await send({"type": "http.response.start", "status": connection.status,
+                        "headers": passed_headers(connection.headers, RESPONSE_HEADERS_DROPPED)})  # fmt: skip
         await _relay(send, connection, door, lease, exchange)
         return connection.status
     finally:
@@ -273,7 +302,7 @@ def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name.lower() == b"content-type" and value.startswith(b"text/event-stream") for name, value in headers)
 
 
-def _error_event(message: str, code: str, error_type: str = "ServiceUnavailableError") -> bytes:
+def _error_event(message: str, code: str | None, error_type: str = "ServiceUnavailableError") -> bytes:
     error = {"error": {"message": message, "type": error_type, "code": code}}
     return f"data: {json.dumps(error)}\n\n".encode()
 
@@ -290,15 +319,11 @@ class _KeptAlive:
         line = f": starting {self._state.name}, {progress}, {time.monotonic() - started:.0f} s\n\n"
         await self._send({"type": "http.response.body", "body": line.encode(), "more_body": True})
 
-    async def _end(self, last: bytes = b"") -> None:
-        await self._send({"type": "http.response.body", "body": last, "more_body": False})
-
     async def serve(self, body: bytes) -> int:
         started = time.monotonic()
         await self._send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
         await self._comment(started)
-        exchange = _Exchange()
-        watcher = asyncio.ensure_future(_watch_client(self._receive, exchange))
+        watcher = asyncio.ensure_future(_watch_client(self._receive, lambda: None))
         acquiring = asyncio.ensure_future(self._door.acquire(self._state))
         try:
             while True:
@@ -313,38 +338,12 @@ class _KeptAlive:
             acquiring.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await acquiring
-            return 499
+            return CLIENT_LEFT.status
         try:
             lease = acquiring.result()
         except (StartFailed, NoRoom, NotFound) as exc:
-            answer = _acquire_error(exc)
-            error = json.loads(bytes(answer.body))["error"]
-            await self._end(_error_event(error["message"], error["code"], error["type"]))
-            return answer.status_code
-        return await self._stream(lease, body)
-
-    async def _stream(self, lease: Lease, body: bytes) -> int:
-        exchange = _Exchange()
-        watcher = asyncio.ensure_future(_watch_client(self._receive, exchange))
-        connection: Connection | None = None
-        try:
-            opened = await _open(self._scope, self._door, lease, body, exchange)
-            if isinstance(opened, JSONResponse):
-                if opened.status_code != 499:
-                    error = json.loads(bytes(opened.body))["error"]
-                    await self._end(_error_event(error["message"], error["code"]))
-                return opened.status_code
-            connection = opened
-            if connection.status != 200:  # vLLM refused it (a bad parameter): said as an error event
-                await self._end(await _error_event_from(connection))
-                return connection.status
-            await _relay(self._send, connection, self._door, lease, exchange)
-            return 200
-        finally:
-            watcher.cancel()
-            if connection is not None:
-                self._scope["app"].state.upstream_pool.release(connection)
-            self._door.release(lease)
+            return await _acquire_failure(exc).answer(self._scope, self._receive, self._send, headers_sent=True)
+        return await _pass(self._scope, self._receive, self._send, self._door, lease, body, headers_sent=True)
 
 
 async def _error_event_from(connection: Connection) -> bytes:
