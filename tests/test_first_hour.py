@@ -10,6 +10,7 @@ test_front_door_vllm.py.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -107,11 +108,14 @@ def test_a_failed_start_has_a_one_line_stop_reason(standin_launcher: LauncherPro
     assert deleted.status_code == 200
 
 
-def test_a_deleted_instance_has_no_stop_reason(standin_launcher: LauncherProcess) -> None:
-    answer = standin_launcher.create("kept", options=f"--model M --port {free_port()}")
+def test_an_instance_killed_by_a_signal_gets_no_made_up_reason(standin_launcher: LauncherProcess) -> None:
+    answer = standin_launcher.create("killed", options=f"--model M --port {free_port()}")
     assert answer.status_code == 201
-    wait_until(lambda: standin_launcher.state("kept")["ready"], 30, what="ready")
-    assert standin_launcher.client.delete("/v2/vllm/instances/kept").json()["status"] == "terminated"
+    wait_until(lambda: standin_launcher.state("killed")["ready"], 30, what="ready")
+    os.kill(answer.json()["pid"], signal.SIGKILL)  # its log ends with "standin serving ...": not a reason
+    state = wait_until(lambda: (s := standin_launcher.state("killed"))["status"] == "stopped" and s, 30, what="stop")
+    assert state["exit_code"] == -signal.SIGKILL and "stop_reason" not in state, state
+    standin_launcher.client.delete("/v2/vllm/instances/killed")
 
 
 def test_ignored_create_fields_are_named_in_the_body_with_the_likely_field(standin_launcher: LauncherProcess) -> None:
