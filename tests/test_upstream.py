@@ -1,7 +1,7 @@
 """The front door's upstream client against real TCP servers on loopback (no mocks).
 
-Keep-alive reuse, a pooled connection the server closed while idle (retried once on a new
-one), answers framed by length, by chunks and by the connection's end, back-pressure, the
+Keep-alive reuse, a request never sent twice, pooled connections dropped when the server closes
+them or they near its keep-alive timeout, nothing kept for servers that are gone, answers framed by length, by chunks and by the connection's end, back-pressure, the
 read timeout, and servers that do not speak HTTP.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from launcher.frontdoor import upstream
 from launcher.frontdoor.upstream import HIGH_WATER, Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -25,10 +26,12 @@ class Server:
         self.handler = handler
         self.connections = 0
         self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> Server:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
+            self.writers.append(writer)
             try:
                 await self.handler(reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError):
@@ -42,6 +45,11 @@ class Server:
     async def __aexit__(self, *_: object) -> None:
         assert self.server is not None
         self.server.close()
+
+    def close_clients(self) -> None:
+        """Close every connection (as an instance that exits does)."""
+        for writer in self.writers:
+            writer.close()
 
     @property
     def port(self) -> int:
@@ -111,30 +119,98 @@ def test_a_connection_the_server_closes_is_not_reused() -> None:
     run(scenario())
 
 
-def test_a_pooled_connection_closed_while_idle_is_retried_on_a_new_one() -> None:
-    seen = []
+class Counting:
+    """A handler that answers its first request on each connection and counts every request it reads."""
 
-    async def first_closes_at_the_next_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(writer)
-        if len(seen) > 1:
-            await keep_answering(reader, writer)
-            return
+    def __init__(self, then: str) -> None:
+        self.then = then  # what a connection's second request gets: "close" (no answer), or "silence"
+        self.requests = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
+        self.requests += 1
         writer.write(answer(b"first"))
         await writer.drain()
-        # Its keep-alive ends just as the next request comes (vLLM's uvicorn closes idle ones
-        # after 5 s): closed without an answer, so the request is sent again on a new connection.
-        await reader.readuntil(b"\r\n\r\n")
+        await read_request(reader)  # it got the request, and may be generating already
+        self.requests += 1
+        if self.then == "silence":
+            await asyncio.sleep(10)
+
+
+@pytest.mark.parametrize("then", ["close", "silence"])
+def test_a_request_is_never_sent_twice(then: str) -> None:
+    """A POST the instance may have seen is not sent again, on any connection (it is not idempotent)."""
 
     async def scenario() -> None:
-        pool = UpstreamPool(connect_timeout=5, read_timeout=0)
-        async with Server(first_closes_at_the_next_request) as server:
+        pool = UpstreamPool(connect_timeout=5, read_timeout=0.3)
+        handler = Counting(then)
+        async with Server(handler) as server:
             connection, body = await body_of(pool, server.port)
             assert body == b"first"
             pool.release(connection)
+            with pytest.raises(UpstreamError):
+                await body_of(pool, server.port)
+            await asyncio.sleep(0.1)
+            assert handler.requests == 2 and server.connections == 1
+        pool.close()
+
+    run(scenario())
+
+
+def test_a_connection_the_instance_closes_while_idle_is_dropped_at_once() -> None:
+    async def answers_then_closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b"once"))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # its keep-alive ends (vLLM's uvicorn: 5 s)
+
+    async def scenario() -> None:
+        pool = UpstreamPool(connect_timeout=5, read_timeout=0)
+        async with Server(answers_then_closes) as server:
+            connection, body = await body_of(pool, server.port)
+            pool.release(connection)
+            assert pool.idle_connections() == {("127.0.0.1", server.port): 1}
+            await asyncio.sleep(0.2)
+            assert pool.idle_connections() == {}  # seen closing: nothing is kept for it
             second, body = await body_of(pool, server.port)
-            assert body == b"echo hi" and second is not connection
-            assert server.connections == 2
+            assert body == b"once" and second is not connection and server.connections == 2
+        pool.close()
+
+    run(scenario())
+
+
+def test_a_connection_idle_near_the_instances_keepalive_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.2)
+
+    async def scenario() -> None:
+        pool = UpstreamPool(connect_timeout=5, read_timeout=0)
+        async with Server(keep_answering) as server:
+            connection, _ = await body_of(pool, server.port)
+            pool.release(connection)
+            again, _ = await body_of(pool, server.port)
+            assert again is connection and (pool.opened, pool.reused) == (1, 1)
+            pool.release(again)
+            await asyncio.sleep(0.3)
+            assert pool.idle_connections() == {} and connection.closed  # pruned, not left to the instance
+            third, _ = await body_of(pool, server.port)
+            assert third is not connection and server.connections == 2
+        pool.close()
+
+    run(scenario())
+
+
+def test_nothing_is_kept_for_instances_that_are_gone() -> None:
+    async def scenario() -> None:
+        pool = UpstreamPool(connect_timeout=5, read_timeout=0)
+        for _ in range(30):  # an instance lifetime each: a new port every time
+            async with Server(keep_answering) as server:
+                for _ in range(3):
+                    connection, _ = await body_of(pool, server.port)
+                    pool.release(connection)
+                server.close_clients()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert pool.idle_connections() == {}
         pool.close()
 
     run(scenario())
@@ -194,6 +270,31 @@ def test_a_slow_reader_pauses_the_instance_and_loses_nothing() -> None:
                 assert len(data) <= HIGH_WATER + 65536 * 4  # buffered at most about the high-water mark
             assert received == size
             assert paused  # reading paused while the client was behind
+        pool.close()
+
+    run(scenario())
+
+
+def test_time_paused_for_a_slow_reader_is_not_silence() -> None:
+    """Back-pressure pauses reading from the instance; the read timeout counts only real silence."""
+    size = 4 * HIGH_WATER
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: " + str(size).encode() + b"\r\n\r\n")
+        for _ in range(size // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    async def scenario() -> None:
+        pool = UpstreamPool(connect_timeout=5, read_timeout=0.2)
+        async with Server(flood) as server:
+            connection = await pool.request("127.0.0.1", server.port, HEAD, b"hi", on_connection=lambda _: None)
+            received = 0
+            while (data := await connection.read()) is not None:
+                received += len(data)
+                await asyncio.sleep(0.3)  # slower than the read timeout, between reads
+            assert received == size
         pool.close()
 
     run(scenario())

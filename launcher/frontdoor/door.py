@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import httpx
@@ -50,6 +50,7 @@ log = logging.getLogger("launcher.front_door")
 
 REAP_INTERVAL = 0.5  # seconds between idle checks; also the longest a waiter sleeps between looks
 FAILED_LOG_LINES = 400  # kept of a failed start's log, once its instance is removed
+LOST_WAIT_SECONDS = 3.0  # how long a request whose instance broke off waits to learn whether it died
 
 
 def _phase(state: ModelState) -> Phase:
@@ -459,19 +460,39 @@ class FrontDoor:
             outcome = _phase(state)  # what the start left
             if outcome is Phase.FAILED and state.last_error is not None:
                 raise StartFailed(state.last_error)
-            if outcome in (Phase.STOPPED, Phase.SLEEPING) and state.last_error is not None:
-                refused = state.refusal
-                raise (type(refused) if refused is not None else NoRoom)(state.last_error)
-            return  # ready, or cancelled by a replaced profile: look again
+            refused = state.refusal  # only a refusal is the client's answer: an instance found dead is not
+            if outcome in (Phase.STOPPED, Phase.SLEEPING) and refused is not None:
+                raise type(refused)(str(refused))
+            return  # ready, stopped (a lost instance, a replaced profile): look again, start afresh
         if state.phase in (Phase.STOPPING, Phase.READY):  # stopping, or retiring once idle
             await self._wait_change(REAP_INTERVAL)
             return
         state.phase = Phase.STARTING
-        state.last_error = None
+        state.last_error, state.refusal = None, None
         state.retire = False  # whatever was retired is gone: this start uses the current profile
         self._compiler.forget(state.name)  # the real instance compiles (or loads) by itself
         task = state.start_task = self._spawn(self._start(state), f"start-{state.name}")
         task.add_done_callback(lambda _: self._start_never_ran(state, task))
+
+    async def lost_before_answering(self, lease: Lease, within: float = LOST_WAIT_SECONDS) -> bool:
+        """Whether the lease's instance has died (seen within ``within`` seconds), after it failed
+        to answer a request; if so the lease is given back and the model forgets the instance, so
+        that the next :meth:`acquire` starts it afresh. A live instance's lease is kept."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                gone = not self._manager.get(lease.record.instance_id).live
+            except NotFound:
+                gone = True
+            if gone:
+                self.release(lease)
+                if lease.state.instance_id == lease.record.instance_id and lease.state.phase is Phase.READY:
+                    self._lost(lease.state)
+                    self._notify()
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)  # the forkserver reports an exit once its whole group is gone
 
     def release(self, lease: Lease) -> None:
         """The request holding ``lease`` is over (answered, failed or cut off by the client)."""
@@ -494,6 +515,7 @@ class FrontDoor:
         state.instance_id = None
         state.running_profile = None
         state.phase = Phase.STOPPED
+        state.refusal = None  # the next request starts it afresh: a dead instance is never a refusal
         if instance_id is None:
             return
         try:
@@ -607,12 +629,13 @@ class FrontDoor:
             **({"fit_problem": problem} if problem else {}),
         }
 
-    def _holders(self, exclude: str) -> list[room.Holder]:
-        """Every model holding room but ``exclude`` (a deleted namesake still stopping counts)."""
+    def _holders(self, exclude: ModelState) -> list[room.Holder]:
+        """Every model holding room but ``exclude`` (a deleted namesake still stopping counts: it is
+        another model, told apart by its ``uid``)."""
         candidates = [
             (state, self._live_record(state), state in self._removed)
             for state in [*self._states.values(), *self._removed]
-            if not (state.name == exclude and self._states.get(exclude) is state)
+            if state is not exclude
         ]
         return self.fitting.holders(candidates)
 
@@ -630,7 +653,7 @@ class FrontDoor:
     async def _make_room_for(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         while True:
             live = self._manager.live_count() + len(self._claims)
-            actions = self.fitting.plan(state, profile, self._holders(exclude=state.name), live)
+            actions = self.fitting.plan(state, profile, self._holders(exclude=state), live)
             if actions is not None:
                 self._claims.add(id(state))
                 await self._carry_out(actions)
@@ -649,8 +672,9 @@ class FrontDoor:
 
     async def _carry_out(self, actions: room.Actions) -> None:
         """Put to sleep and stop what a room plan says (all at once); return when it is done."""
-        work = [self._begin_sleep(self._states[name], "room") for name in actions.sleep]
-        work += [self._begin_stop(self._states[name], "evicted") for name in actions.stop]
+        by_uid: dict[Hashable, ModelState] = {state.uid: state for state in self._states.values()}  # only live profiles are evictable
+        work = [self._begin_sleep(by_uid[uid], "room") for uid in actions.sleep]
+        work += [self._begin_stop(by_uid[uid], "evicted") for uid in actions.stop]
         if work:
             await asyncio.wait(work)
 
@@ -714,7 +738,7 @@ class FrontDoor:
         """A waking instance takes its GPU memory back: make room for it there first, as for a start."""
         while True:
             live = self._manager.live_count() + len(self._claims)
-            actions = self.fitting.plan_wake(state, record, self._holders(exclude=state.name), live)
+            actions = self.fitting.plan_wake(state, record, self._holders(exclude=state), live)
             if actions is not None:
                 await self._carry_out(actions)
                 return

@@ -135,6 +135,7 @@ class Fitting:
                     asleep=asleep,
                     asleep_host_bytes=once_asleep.host_bytes,
                     asleep_gpu_bytes=once_asleep.gpu_bytes,
+                    key=state.uid,
                 )
             )
         return holders
@@ -148,7 +149,7 @@ class Fitting:
         if profile.gpu_uuids is None and self._manager.gpus:
             every = [gpu.uuid for gpu in self._manager.gpus]
             expected = self._footprints.expected(state.name, profile, self.gpu_sizes(), every).footprint
-            wanted = room.Wanted(state.name, frozenset(), profile.share_gpu, expected.host_bytes)
+            wanted = room.Wanted(state.name, frozenset(), profile.share_gpu, expected.host_bytes, key=state.uid)
             placement = room.place(wanted, gpus_wanted(profile), every, expected.gpu_bytes, holders, live=live,
                                    max_instances=self._settings.max_instances, budgets=budgets)  # fmt: skip
             if placement is None:
@@ -157,7 +158,7 @@ class Fitting:
             return placement.actions
         footprint = self.expected(state, profile).footprint
         wanted = room.Wanted(state.name, frozenset(profile.gpu_uuids or []), profile.share_gpu,
-                             footprint.host_bytes, footprint.gpu_bytes)  # fmt: skip
+                             footprint.host_bytes, footprint.gpu_bytes, key=state.uid)  # fmt: skip
         return room.plan_actions(
             wanted, holders, live=live, max_instances=self._settings.max_instances, budgets=budgets
         )
@@ -171,7 +172,8 @@ class Fitting:
         expected = self.expected(state, profile).footprint
         peak = record.memory_peak or expected
         wanted = room.Wanted(state.name, frozenset(record.config.gpu_uuids or []), profile.share_gpu,
-                             max(expected.host_bytes, peak.host_bytes), {**expected.gpu_bytes, **peak.gpu_bytes})  # fmt: skip
+                             max(expected.host_bytes, peak.host_bytes), {**expected.gpu_bytes, **peak.gpu_bytes},
+                             key=state.uid)  # fmt: skip
         return room.plan_actions(wanted, holders, live=live - 1, max_instances=self._settings.max_instances,
                                  budgets=self.budgets())  # fmt: skip
 

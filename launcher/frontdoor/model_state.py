@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.frontdoor.compile_ahead import Compiled
 from launcher.frontdoor.profiles import ModelProfile
 from launcher.state import InstanceRecord
+
+_UIDS = itertools.count(1)
 
 
 class Phase(str, enum.Enum):
@@ -60,7 +63,10 @@ class ModelState:
     compile_error: str | None = None
     failed_log: str | None = field(default=None, repr=False)  # the end of the last failed start's log
     placed_gpus: list[str] | None = None  # the GPUs chosen for a profile that names none
-    refusal: NoRoom | None = field(default=None, repr=False)  # why its last start found no room
+    refusal: NoRoom | None = field(default=None, repr=False)  # why its last start or wake found no room
+    # Its identity in room plans: a profile deleted and added again under the same name is a new
+    # state, while the old one may still hold its GPUs and memory until its instance is gone.
+    uid: int = field(default_factory=lambda: next(_UIDS))
 
     def sleep_settled(self) -> bool:
         """No sleep of its instance is under way (it is asleep, or awake, not between)."""

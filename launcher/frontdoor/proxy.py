@@ -49,6 +49,7 @@ RESPONSE_HEADERS_DROPPED = frozenset(
 UNKNOWN_MODEL_LABEL = "(unknown)"  # the metrics label for names no profile has
 RETRY_AFTER_SECONDS = "5"
 KEEPALIVE_INTERVAL = 3.0  # seconds between SSE comments while a stream waits for its start
+FRESH_STARTS = 2  # times one request may start its model afresh after instances that died before answering
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]  # fmt: skip
 
@@ -82,11 +83,12 @@ def read_request(body: bytes) -> tuple[str, bool] | JSONResponse:
 class _Exchange:
     """One request's hold on its upstream connection, so that a client's hang-up can close it."""
 
-    __slots__ = ("connection", "gone")
+    __slots__ = ("_gone_waiter", "connection", "gone")
 
     def __init__(self) -> None:
         self.connection: Connection | None = None
         self.gone = False
+        self._gone_waiter: asyncio.Future[None] | None = None  # made only when something waits for it
 
     def attach(self, connection: Connection) -> None:
         self.connection = connection
@@ -97,6 +99,21 @@ class _Exchange:
         self.gone = True
         if self.connection is not None:
             self.connection.close()  # wakes the reader; the instance sees its request aborted
+        if self._gone_waiter is not None and not self._gone_waiter.done():
+            self._gone_waiter.set_result(None)
+
+    async def unless_gone(self, work: Awaitable[T]) -> T | None:
+        """``work``'s result, or None (``work`` cancelled) if the client hangs up first."""
+        task = asyncio.ensure_future(work)
+        if not self.gone:
+            gone = self._gone_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
 
 
 async def _watch_client(receive: Receive, on_gone: Callable[[], None]) -> None:
@@ -222,7 +239,7 @@ def _request_head(scope: Scope, lease: Lease, host: str, length: int) -> bytes:
     return b"".join(lines)
 
 
-async def _open(scope: Scope, lease: Lease, body: bytes, exchange: _Exchange) -> Connection | _Failure:
+async def _open(scope: Scope, lease: Lease, body: bytes, exchange: _Exchange) -> Connection | UpstreamError:
     """Send the request to the lease's instance; its connection once the answer's head is in."""
     pool: UpstreamPool = scope["app"].state.upstream_pool
     host = readiness.probe_host(lease.record.host)  # "[::1]" for IPv6: right for Host, not for connect
@@ -230,10 +247,41 @@ async def _open(scope: Scope, lease: Lease, body: bytes, exchange: _Exchange) ->
         return await pool.request(host.strip("[]"), lease.record.port, _request_head(scope, lease, host, len(body)),
                                   body, on_connection=exchange.attach)  # fmt: skip
     except UpstreamError as exc:
+        return exc
+
+
+async def _open_or_start_afresh(
+    scope: Scope, door: FrontDoor, lease: Lease, body: bytes, exchange: _Exchange
+) -> tuple[Lease | None, Connection | _Failure]:
+    """The request sent, and the answer's head in: ``(the lease it holds, its connection)``.
+
+    An instance that died before answering (crashed, or killed) is never the client's problem:
+    whatever it did with the request died with it, so the model is started afresh and the request
+    sent to the new instance (at most ``FRESH_STARTS`` times). An instance that is alive but did
+    not answer is a 502, and the request is not sent again. The lease is None once given back.
+    """
+    for attempt in range(FRESH_STARTS + 1):
+        opened = await _open(scope, lease, body, exchange)
+        if not isinstance(opened, UpstreamError):
+            return lease, opened
         if exchange.gone:
-            return CLIENT_LEFT
-        return _Failure(502, f"The model's instance {lease.record.instance_id} did not answer: {exc}",
-                        code="upstream_unreachable")  # fmt: skip
+            return lease, CLIENT_LEFT
+        failure = _Failure(502, f"The model's instance {lease.record.instance_id} did not answer: {opened}",
+                           code="upstream_unreachable")  # fmt: skip
+        if isinstance(opened, UpstreamTimeout) or attempt == FRESH_STARTS:
+            return lease, failure
+        if not await door.lost_before_answering(lease):  # it lives: it may have the request; not sent twice
+            return lease, failure
+        log.warning("model %s: its instance %s died before answering a request: starting it afresh",
+                    lease.state.name, lease.record.instance_id)  # fmt: skip
+        try:
+            again = await exchange.unless_gone(door.acquire(lease.state))
+        except (StartFailed, NoRoom, NotFound) as exc:
+            return None, _acquire_failure(exc)
+        if again is None:
+            return None, CLIENT_LEFT
+        lease = again
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _pass(
@@ -254,11 +302,13 @@ async def _pass(
     exchange = _Exchange()
     watcher = asyncio.ensure_future(_watch_client(receive, exchange.client_left))
     connection: Connection | None = None
+    held: Lease | None = lease
     try:
-        opened = await _open(scope, lease, body, exchange)
+        held, opened = await _open_or_start_afresh(scope, door, lease, body, exchange)
         if isinstance(opened, _Failure):
             return await opened.answer(scope, receive, send, headers_sent=headers_sent)
-        connection = opened
+        assert held is not None
+        lease, connection = held, opened
         if headers_sent and connection.status != 200:  # vLLM refused it (a bad parameter)
             await send({"type": "http.response.body", "body": await _error_event_from(connection), "more_body": False})
             return connection.status
@@ -271,7 +321,8 @@ async def _pass(
         watcher.cancel()
         if connection is not None:
             scope["app"].state.upstream_pool.release(connection)
-        door.release(lease)
+        if held is not None:
+            door.release(held)
 
 
 async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lease, exchange: _Exchange) -> None:

@@ -14,7 +14,7 @@ the GPUs of a profile that names none.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from launcher.memory import format_size
@@ -37,6 +37,14 @@ class Holder:
     asleep: bool = False  # sleeping now (host_bytes and gpu_bytes are then what it holds asleep)
     asleep_host_bytes: int = 0  # what it would hold once asleep (for a sleepable holder)
     asleep_gpu_bytes: Mapping[str, int] = field(default_factory=dict)
+    # Who it is (default: its name). The front door gives each model's state its own: a profile
+    # deleted and added again is another model than its namesake still stopping, which holds room.
+    key: Hashable = None
+
+    @property
+    def id(self) -> Hashable:
+        """The holder's identity: its ``key``, or its name."""
+        return self.name if self.key is None else self.key
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,12 @@ class Wanted:
     share_gpu: bool
     host_bytes: int = 0
     gpu_bytes: Mapping[str, int] = field(default_factory=dict)
+    key: Hashable = None  # as Holder.key: a holder with the same identity is the wanted model itself
+
+    @property
+    def id(self) -> Hashable:
+        """The wanted model's identity: its ``key``, or its name."""
+        return self.name if self.key is None else self.key
 
 
 @dataclass(frozen=True)
@@ -69,10 +83,10 @@ def _conflicts(wanted: Wanted, holder: Holder) -> bool:
 
 @dataclass(frozen=True)
 class Actions:
-    """What to do to make room: models to put to sleep, and models to stop."""
+    """What to do to make room: models to put to sleep, and models to stop (by :attr:`Holder.id`)."""
 
-    sleep: list[str]
-    stop: list[str]
+    sleep: list[Hashable]
+    stop: list[Hashable]
 
 
 def _usage(holder: Holder, action: str) -> tuple[int, Mapping[str, int]]:
@@ -81,13 +95,13 @@ def _usage(holder: Holder, action: str) -> tuple[int, Mapping[str, int]]:
     return holder.host_bytes, holder.gpu_bytes
 
 
-def _fits(wanted: Wanted, acts: Mapping[str, str], holders: Sequence[Holder], *, live: int, max_instances: int,
+def _fits(wanted: Wanted, acts: Mapping[Hashable, str], holders: Sequence[Holder], *, live: int, max_instances: int,
           budgets: Budgets) -> bool:  # fmt: skip
-    """Whether ``wanted`` can start once ``acts`` (name -> "sleep" or "stop") are done."""
+    """Whether ``wanted`` can start once ``acts`` (holder id -> "sleep" or "stop") are done."""
     stopped = sum(1 for action in acts.values() if action == "stop")
     if max_instances and live - stopped + 1 > max_instances:
         return False
-    kept = [(holder, acts.get(holder.name, "keep")) for holder in holders if acts.get(holder.name) != "stop"]
+    kept = [(holder, acts.get(holder.id, "keep")) for holder in holders if acts.get(holder.id) != "stop"]
     if budgets.host_bytes:
         used = budgets.fixed_host + sum(_usage(holder, action)[0] for holder, action in kept)
         if used + wanted.host_bytes > budgets.host_bytes:
@@ -126,22 +140,22 @@ def plan_actions(
     room already, None when nothing idle can make room (the caller waits and asks again). In
     each step the least recently used go first, and no action is taken that is not needed.
     """
-    others = [holder for holder in holders if holder.name != wanted.name]
-    acts: dict[str, str] = {}
+    others = [holder for holder in holders if holder.id != wanted.id]
+    acts: dict[Hashable, str] = {}
     for holder in others:
         if _conflicts(wanted, holder):
             if not holder.evictable:
                 return None
-            acts[holder.name] = "stop"
+            acts[holder.id] = "stop"
     forced = set(acts)
 
-    def fits(trial: Mapping[str, str]) -> bool:
+    def fits(trial: Mapping[Hashable, str]) -> bool:
         return _fits(wanted, trial, others, live=live, max_instances=max_instances, budgets=budgets)
 
     def lru(chosen: Sequence[Holder]) -> list[Holder]:
         return sorted(chosen, key=lambda holder: (holder.last_used, holder.name))
 
-    free = [holder for holder in others if holder.evictable and holder.name not in forced]
+    free = [holder for holder in others if holder.evictable and holder.id not in forced]
     steps: list[tuple[Holder, str]] = [(holder, "sleep") for holder in lru([h for h in free if h.sleepable])]
     steps += [(holder, "stop") for holder in lru([h for h in free if h.sleepable or h.asleep])]
     steps += [(holder, "stop") for holder in lru([h for h in free if not h.sleepable and not h.asleep])]
@@ -149,26 +163,26 @@ def plan_actions(
     for holder, action in steps:
         if fits(acts):
             break
-        taken.append((holder, acts.get(holder.name, "keep")))  # what to go back to if it is not needed
-        acts[holder.name] = action
+        taken.append((holder, acts.get(holder.id, "keep")))  # what to go back to if it is not needed
+        acts[holder.id] = action
     if not fits(acts):
         return None
     # Minimal: the last steps taken go back, one at a time, if the rest make room without them.
     for holder, before in reversed(taken):
         trial = {**acts}
         if before == "keep":
-            trial.pop(holder.name)
+            trial.pop(holder.id)
         else:
-            trial[holder.name] = before
+            trial[holder.id] = before
         if fits(trial):
             acts = trial
-    return Actions(sleep=[name for name, action in acts.items() if action == "sleep"],
-                   stop=[name for name, action in acts.items() if action == "stop"])  # fmt: skip
+    return Actions(sleep=[key for key, action in acts.items() if action == "sleep"],
+                   stop=[key for key, action in acts.items() if action == "stop"])  # fmt: skip
 
 
 def plan_room(
     wanted: Wanted, holders: Sequence[Holder], *, live: int, max_instances: int, budgets: Budgets = NO_BUDGETS
-) -> list[str] | None:
+) -> list[Hashable] | None:
     """Names of the models to stop so that ``wanted`` can start now (no model may sleep here).
 
     None when no choice of idle front-door instances makes room. Those stopped are the least
@@ -187,7 +201,7 @@ class Placement:
     actions: Actions
 
     @property
-    def victims(self) -> list[str]:
+    def victims(self) -> list[Hashable]:
         """The models stopped for it."""
         return self.actions.stop
 
@@ -209,10 +223,10 @@ def place(
     None if no set of ``count`` GPUs can be made room on.
     """
     best: tuple[tuple[int, int, float], Placement] | None = None
-    last_used = {holder.name: holder.last_used for holder in holders}
+    last_used = {holder.id: holder.last_used for holder in holders}
     for gpu_set in itertools.islice(itertools.combinations(gpus, count), MAX_PLACEMENTS):
         trial = Wanted(wanted.name, frozenset(gpu_set), wanted.share_gpu, wanted.host_bytes,
-                       {uuid: per_gpu_bytes.get(uuid, 0) for uuid in gpu_set})  # fmt: skip
+                       {uuid: per_gpu_bytes.get(uuid, 0) for uuid in gpu_set}, wanted.key)  # fmt: skip
         actions = plan_actions(trial, holders, live=live, max_instances=max_instances, budgets=budgets)
         if actions is None:
             continue

@@ -5,6 +5,14 @@ by httptools (the C parser uvicorn uses) as it arrives, and its body handed on i
 it came in, joined into one when the reader is behind. Per request there is no client, no
 task and no parser to set up beyond a pooled connection's own state, and per piece of body
 no more than a parser callback and one wake-up.
+
+A request is written once and never again: a POST is not idempotent (RFC 9110 9.2.2), and an
+instance that got it may be generating already. The race a pool of keep-alive connections is
+known for (the instance closing an idle connection just as a request is written on it) is kept
+away instead: a connection is not reused once it has been idle for ``IDLE_SECONDS``, well before
+the instance's own keep-alive timeout (uvicorn's default, which vLLM uses, is 5 s). Idle
+connections are dropped when they close or grow old, so nothing is kept for an instance that is
+gone.
 """
 
 from __future__ import annotations
@@ -18,12 +26,20 @@ from typing import cast
 import httptools
 
 HIGH_WATER = 1 << 20  # bytes read from an instance and not passed on yet: reading pauses above
-IDLE_SECONDS = 3.0  # a pooled connection idle longer is closed (vLLM's uvicorn closes at 5 s)
+IDLE_SECONDS = 3.0  # a pooled connection idle longer is closed, not reused (vLLM's uvicorn closes at 5 s)
 MAX_IDLE_PER_TARGET = 256
 
 
 class UpstreamError(Exception):
-    """The instance could not be reached, or broke off its answer; the message says which."""
+    """The instance could not be reached, or broke off its answer; the message says which.
+
+    ``request_sent``: whether any of the request may have reached the instance (False only when
+    no connection could be made): only then is it certain the instance did not act on it.
+    """
+
+    def __init__(self, message: str, *, request_sent: bool = True) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
 
 
 class UpstreamTimeout(UpstreamError):
@@ -37,8 +53,8 @@ class Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reused = False  # taken from the pool: it may race the instance's idle close
         self.idle_since = 0.0
+        self.on_idle_lost: Callable[[Connection], None] | None = None  # set while it waits in the pool
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
@@ -77,6 +93,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_timer()
+        if self.on_idle_lost is not None:
+            self.on_idle_lost(self)  # the pool lets it go at once
         if self._until_close and not self.complete and self.error is None:
             self.complete = True  # its end is the connection's end
             self._wake()
@@ -140,6 +158,7 @@ class Connection(asyncio.Protocol):
                 self._buffered = 0
                 if self._paused and self.transport is not None:
                     self._paused = False
+                    self._last_read = time.monotonic()  # silence counts from here, not from the pause
                     self.transport.resume_reading()
                 return data
             if self.complete:
@@ -175,6 +194,9 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self.complete or self.closed:
             return
+        if self._paused:  # the client reads slowly: the instance is waiting for us, not silent
+            self._timer = self._loop.call_later(self._read_timeout, self._check_silence)
+            return
         silent = time.monotonic() - self._last_read
         if silent >= self._read_timeout:
             self._fail(UpstreamTimeout(f"the instance sent nothing for {self._read_timeout:g}s"))
@@ -195,63 +217,108 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int], list[Connection]] = {}
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._prune_timer: asyncio.TimerHandle | None = None
+        self.opened = 0  # connections made, and requests sent on a kept-alive one: /metrics shows both
+        self.reused = 0
 
     async def request(
         self, host: str, port: int, head: bytes, body: bytes, *, on_connection: Callable[[Connection], None]
     ) -> Connection:
         """Send a request to ``host:port``; the connection once the answer's head is in.
 
-        A pooled connection the instance closed as it went idle (nothing was read from it) is
-        retried once on a new one: the instance never saw that request. Raises
+        The request is sent once, never again (see the module's docstring). Raises
         :class:`UpstreamError`; the caller gives the connection back with :meth:`release`.
-        ``on_connection`` learns each connection used, before the wait for its answer (so that
-        a client hanging up can close it).
+        ``on_connection`` learns the connection before the wait for its answer (so that a client
+        hanging up can close it).
         """
         key = (host, port)
-        while True:
-            connection = self._take(key) or await self._connect(key)
-            on_connection(connection)
-            if connection.closed:
-                raise UpstreamError("the request was given up")
-            connection.send(head, body, self._read_timeout)
-            try:
-                await connection.read_head()
-            except UpstreamError:
-                connection.close()
-                if connection.reused and not connection.got_bytes:
-                    continue  # a fresh connection next: _take skips closed ones, _connect makes one
-                raise
-            except BaseException:
-                connection.close()  # cancelled: the client left before the answer began
-                raise
-            return connection
+        connection = self._take(key) or await self._connect(key)
+        on_connection(connection)
+        if connection.closed:
+            raise UpstreamError("the request was given up", request_sent=False)
+        connection.send(head, body, self._read_timeout)
+        try:
+            await connection.read_head()
+        except BaseException:
+            connection.close()  # failed, or cancelled: the client left before the answer began
+            raise
+        return connection
 
     def release(self, connection: Connection) -> None:
         """Keep ``connection`` for the next request if its answer was read to the end."""
         idle = self._idle.setdefault(connection.key, [])
         if connection.complete and connection.keep_alive and not connection.closed and len(idle) < MAX_IDLE_PER_TARGET:
-            connection.reused = True
             connection.idle_since = time.monotonic()
+            connection.on_idle_lost = self._drop
             idle.append(connection)
+            if self._prune_timer is None:
+                self._prune_timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._prune)
         else:
+            if not idle:
+                del self._idle[connection.key]
             connection.close()
+
+    def idle_connections(self) -> dict[tuple[str, int], int]:
+        """How many idle connections are kept, per address (every one of them reusable)."""
+        return {key: len(idle) for key, idle in self._idle.items()}
 
     def close(self) -> None:
         """Close every idle connection (at shutdown)."""
-        for idle in self._idle.values():
-            for connection in idle:
+        if self._prune_timer is not None:
+            self._prune_timer.cancel()
+            self._prune_timer = None
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.on_idle_lost = None
                 connection.close()
-        self._idle.clear()
 
     def _take(self, key: tuple[str, int]) -> Connection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
-        while idle:
+        found = None
+        while idle and found is None:
             connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < IDLE_SECONDS:
-                return connection
-            connection.close()
-        return None
+            connection.on_idle_lost = None
+            transport = connection.transport
+            if not connection.closed and transport is not None and not transport.is_closing() \
+                    and now - connection.idle_since < IDLE_SECONDS:  # fmt: skip
+                found = connection
+            else:
+                connection.close()
+        if idle is not None and not idle:
+            del self._idle[key]
+        if found is not None:
+            self.reused += 1
+        return found
+
+    def _drop(self, connection: Connection) -> None:
+        """An idle connection closed (by the instance, or because it is gone): forget it."""
+        connection.on_idle_lost = None
+        idle = self._idle.get(connection.key)
+        if idle is not None and connection in idle:
+            idle.remove(connection)
+            if not idle:
+                del self._idle[connection.key]
+
+    def _prune(self) -> None:
+        """Close the connections idle too long to be reused; look again while any are kept."""
+        self._prune_timer = None
+        deadline = time.monotonic() - IDLE_SECONDS
+        for key, idle in list(self._idle.items()):
+            kept = [connection for connection in idle if connection.idle_since > deadline and not connection.closed]
+            for connection in idle:
+                if connection not in kept:
+                    connection.on_idle_lost = None
+                    connection.close()
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        if self._idle:
+            oldest = min(connection.idle_since for idle in self._idle.values() for connection in idle)
+            delay = max(0.05, oldest + IDLE_SECONDS - time.monotonic())
+            self._prune_timer = asyncio.get_running_loop().call_later(delay, self._prune)
 
     async def _connect(self, key: tuple[str, int]) -> Connection:
         loop = asyncio.get_running_loop()
@@ -260,5 +327,6 @@ class UpstreamPool:
                 loop.create_connection(lambda: Connection(key), key[0], key[1]), self._connect_timeout
             )
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc or 'timed out'}") from None
+            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc or 'timed out'}", request_sent=False) from None
+        self.opened += 1
         return connection
