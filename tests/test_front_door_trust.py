@@ -1,0 +1,102 @@
+"""Defects an outside review reproduced on the front door, each on a real launcher (stand-in workload).
+
+A dead instance, awake or asleep, is never the client's problem: the next request starts the
+model afresh. A profile deleted and added again is another model than its namesake still
+stopping: it never starts beside it on the same GPU.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.launcher_process import LauncherProcess, wait_until
+from tests.test_front_door_standin import ask, front_door, metric, model_state
+
+GPU = {"LAUNCHER_MOCK_GPUS": "1", "LAUNCHER_MOCK_GPU_COUNT": "1"}
+
+
+def _instance(launcher: LauncherProcess, model: str) -> dict[str, object]:
+    return launcher.state(str(model_state(launcher, model)["instance_id"]))
+
+
+def _kill(launcher: LauncherProcess, instance: dict[str, object]) -> None:
+    """SIGKILL the instance's whole process group, then wait until the launcher knows it is gone."""
+    os.killpg(int(str(instance["pid"])), signal.SIGKILL)
+    wait_until(lambda: launcher.state(str(instance["instance_id"]))["status"] == "stopped", 10, 0.01, "stopped")
+
+
+def test_a_crashed_instance_means_a_fresh_start_for_the_next_request(tmp_path: Path) -> None:
+    with front_door(tmp_path, 'models:\n  m: {options: "--model M"}\n') as launcher:
+        assert ask(launcher, "m").status_code == 200
+        first = _instance(launcher, "m")
+        with launcher.client.stream("POST", "/v1/completions", timeout=30,
+                                    json={"model": "m", "stream": True, "chunks": 50, "interval": 0.1}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.killpg(int(str(first["pid"])), signal.SIGKILL)  # mid-stream
+            rest = list(lines)  # the stream ends, cut
+        assert "data: [DONE]" not in rest
+        answer = ask(launcher, "m")  # at once: before the reaper can notice
+        assert answer.status_code == 200, answer.text
+        assert _instance(launcher, "m")["instance_id"] != first["instance_id"]
+        assert metric(launcher, "launcher_front_door_starts_total", model="m", outcome="ready") == 2
+
+
+def test_a_request_between_a_crash_and_its_report_starts_the_model_afresh(tmp_path: Path) -> None:
+    with front_door(tmp_path, 'models:\n  m: {options: "--model M"}\n') as launcher:
+        assert ask(launcher, "m").status_code == 200
+        first = _instance(launcher, "m")
+        os.killpg(int(str(first["pid"])), signal.SIGKILL)
+        answers = [ask(launcher, "m") for _ in range(3)]  # the first one races the forkserver's report
+        assert [answer.status_code for answer in answers] == [200] * 3, [answer.text for answer in answers]
+
+
+def test_a_sleeping_model_whose_instance_died_starts_afresh(tmp_path: Path) -> None:
+    models = 'models:\n  nap: {options: "--model N --gpu-memory-utilization 0.5", idle: sleep, idle_timeout: 1}\n'
+    with front_door(tmp_path, models, **GPU) as launcher:
+        for attempt in range(3):
+            assert ask(launcher, "nap").status_code == 200
+            wait_until(lambda: model_state(launcher, "nap")["state"] == "sleeping", 20, what="asleep")
+            _kill(launcher, _instance(launcher, "nap"))
+            answer = ask(launcher, "nap")  # before the reaper's next look, most times
+            assert answer.status_code == 200, f"try {attempt}: {answer.text}"
+
+
+def test_a_re_added_profile_never_starts_beside_its_namesake_on_one_gpu(tmp_path: Path) -> None:
+    models = 'models:\n  g: {options: "--model G", gpu_uuids: [GPU-0]}\n'
+    with front_door(tmp_path, models, **GPU) as launcher:
+        most, stop = [0], threading.Event()
+
+        def watch_gpu() -> None:
+            with httpx.Client(base_url=launcher.base_url, timeout=10) as client:
+                while not stop.is_set():
+                    gpus = client.get("/v2/vllm/gpus").json()["gpus"]
+                    most[0] = max(most[0], len(gpus[0]["instances"]))
+                    time.sleep(0.02)
+
+        def stream() -> int:
+            body = {"model": "g", "prompt": "hi", "stream": True, "chunks": 20, "interval": 0.1}
+            with httpx.Client(base_url=launcher.base_url, timeout=30) as client:
+                return len(client.post("/v1/completions", json=body).text.splitlines())
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            watcher = pool.submit(watch_gpu)
+            streaming = pool.submit(stream)
+            wait_until(lambda: model_state(launcher, "g")["in_flight"] == 1, 10, what="streaming")
+            deleting = pool.submit(launcher.client.delete, "/v2/vllm/models/g", timeout=30)
+            wait_until(lambda: launcher.client.get("/v2/vllm/models/g").status_code == 404, 10, what="deleted")
+            assert launcher.client.put("/v2/vllm/models/g", json={"options": "--model G", "gpu_uuids": ["GPU-0"]}
+                                       ).status_code == 201  # fmt: skip
+            again = ask(launcher, "g")  # waits for the old instance to leave GPU-0
+            stop.set()
+            watcher.result()
+            assert streaming.result() > 20 and deleting.result().status_code == 200
+        assert again.status_code == 200, again.text
+        assert most[0] == 1, "two instances held GPU-0 at once"
