@@ -13,7 +13,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher.settings import Settings
-from launcher.ui_routes import wants_html
+from launcher.ui_routes import accept_of, wants_html
 
 OPEN_PATHS = frozenset({"/health", "/ui"})  # and the dashboard's files under /ui/: no data in them
 
@@ -36,10 +36,15 @@ def load_token(settings: Settings) -> str | None:
 
 def _is_open(scope: Scope) -> bool:
     path: str = scope["path"]
-    if path in OPEN_PATHS or path.startswith("/ui/"):
-        return True
-    # A browser asking for / is only redirected to the dashboard, which then asks for the token.
-    return path == "/" and wants_html(dict(scope["headers"]).get(b"accept", b"").decode("latin-1"))
+    return path in OPEN_PATHS or path.startswith("/ui/")
+
+
+async def _to_dashboard(send: Send) -> None:
+    """A browser asking for ``/`` is sent to the dashboard (which asks for the token), by this
+    middleware itself: ``/`` is never passed on without the token."""
+    await send({"type": "http.response.start", "status": 303,
+                "headers": [(b"location", b"/ui"), (b"content-length", b"0")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": b""})
 
 
 class BearerTokenMiddleware:
@@ -62,9 +67,12 @@ class BearerTokenMiddleware:
         if expected is None:
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, expected):
+        given = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(given) == 1 and hmac.compare_digest(given[0], expected):  # two are ambiguous: refused
             await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/" and wants_html(accept_of(scope["headers"])):
+            await _to_dashboard(send)
             return
         body = json.dumps({"detail": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"}).encode()
         await send(

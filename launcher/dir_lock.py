@@ -29,23 +29,41 @@ def lock(directory: str) -> None:
     if directory in _held:
         return
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    path = os.path.join(directory, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DirectoryInUse(
+                f"the log directory {directory} is in use by another launcher (pid {owner}); give this one its own "
+                "--log-dir (LAUNCHER_LOG_DIR), or --port if it uses the default"
+            ) from None
+        if _names(path, fd):
+            break
+        # The launcher we waited on released it, and removed the file we had opened: a lock on that
+        # file holds nothing (the next launcher makes a new one). Lock the file the path names now.
         os.close(fd)
-        raise DirectoryInUse(
-            f"the log directory {directory} is in use by another launcher (pid {owner}); give this one its own "
-            "--log-dir (LAUNCHER_LOG_DIR), or --port if it uses the default"
-        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     _held[directory] = fd
 
 
+def _names(path: str, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
 def release(directory: str, *, remove_empty: Sequence[str] = ()) -> None:
-    """Let ``directory`` go (its lock file removed), then remove each of ``remove_empty`` that is empty."""
+    """Let ``directory`` go (its lock file removed, then closed: a launcher that opened it meanwhile
+    sees it gone once it locks, and locks the path anew), then remove each of ``remove_empty`` that is empty."""
     directory = os.path.abspath(directory)
     fd = _held.pop(directory, None)
     if fd is None:

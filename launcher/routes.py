@@ -20,7 +20,7 @@ from launcher.manager import InstanceManager
 from launcher.models import VllmConfig, check_instance_id, did_you_mean, parse_config
 from launcher.request_body import read_api_body
 from launcher.state import Status
-from launcher.ui_routes import wants_html
+from launcher.ui_routes import accept_of, wants_html
 
 log = logging.getLogger("launcher.routes")
 
@@ -54,7 +54,7 @@ def _manager(request: Request) -> InstanceManager:
 
 async def index(request: Request) -> Response:
     """Service name, version and endpoints; a browser is sent to the dashboard instead."""
-    if wants_html(request.headers.get("accept", "")):
+    if wants_html(accept_of(request.scope["headers"])):
         return RedirectResponse("/ui", status_code=303)
     return JSONResponse({"name": "Multi-Instance vLLM Management API", "version": __version__, "endpoints": ENDPOINTS})
 

@@ -6,6 +6,8 @@ and keeps it in the tab's session storage.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pathlib import Path
 
 from starlette.requests import Request
@@ -35,6 +37,15 @@ async def asset(request: Request) -> FileResponse:
 def wants_html(accept: str) -> bool:
     """True for a browser's ``Accept`` (it asks for text/html first); API clients get JSON."""
     return "text/html" in accept.lower()
+
+
+def accept_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """Every ``Accept`` header of raw ASGI headers, as one (RFC 9110 5.3: repeated fields join with commas).
+
+    The one reading of ``Accept`` for the token check and the index alike: a request cannot be
+    a browser to one and an API client to the other.
+    """
+    return ", ".join(value.decode("latin-1") for name, value in headers if name.lower() == b"accept")
 
 
 def ui_routes() -> list[Route]:

@@ -97,6 +97,13 @@ def kv_cache_bytes(profile: ModelProfile) -> int:
     return 0
 
 
+def _usable(entry: object) -> bool:
+    """Whether a footprints-file entry has what is read of it: non-negative whole ``host_bytes`` and ``overhead``."""
+    if not isinstance(entry, dict):
+        return False
+    return all(type(entry.get(field)) is int and entry[field] >= 0 for field in ("host_bytes", "overhead"))
+
+
 class Footprints:
     """Expected footprints of profiles, and the measured peaks that improve them."""
 
@@ -106,15 +113,29 @@ class Footprints:
         self._overheads: list[int] = [int(entry["overhead"]) for entry in self._peaks.values() if "overhead" in entry]
 
     def _load(self) -> dict[str, dict[str, Any]]:
+        """The file's entries that can be used; each one that cannot is skipped and named in a
+        warning (the file is the launcher's own notes: one bad entry must not stop a start)."""
         try:
             data = json.loads(Path(self._path).read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return {}
-        return (
-            {str(key): value for key, value in data.items() if isinstance(value, dict)}
-            if isinstance(data, dict)
-            else {}
-        )
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the measured footprints in %s: %s", self._path, exc)
+            return {}
+        if not isinstance(data, dict):
+            log.warning("ignoring the measured footprints in %s: not a JSON object", self._path)
+            return {}
+        entries, bad = {}, []
+        for key, value in data.items():
+            if _usable(value):
+                entries[str(key)] = value
+            else:
+                bad.append(str(key))
+        if bad:
+            log.warning("skipping %d unusable entr%s of %s: %s (each needs host_bytes and overhead, whole numbers "
+                        "of bytes)", len(bad), "y" if len(bad) == 1 else "ies", self._path,
+                        ", ".join(repr(key[:80]) for key in bad[:5]) + (" ..." if len(bad) > 5 else ""))  # fmt: skip
+        return entries
 
     def expected(self, name: str, profile: ModelProfile, gpu_sizes: dict[str, int], gpu_uuids: list[str]) -> Expected:
         """What ``profile`` should hold, with the GPUs it would get (``gpu_uuids``) and their sizes."""
