@@ -7,6 +7,13 @@ vLLM tests. It takes ``--model`` and ``--port`` like vLLM, answers ``GET /health
 or later), ignore SIGTERM, start a helper process (as vLLM starts its EngineCore), flood stdout
 and stderr, or print environment variables.
 
+With ``--fast`` it is an asyncio server that can also misbehave on purpose, as an HTTP peer of
+the front door's proxy: a request whose body has ``"script"`` is answered with exactly the bytes
+the script says (``{"send": text}``, latin-1, ``{"sleep": seconds}``, ``{"close": true}``), so a
+test can send truncated answers, 1xx, trailers, stalls and odd chunking; ``GET /requests``
+answers how many POSTs it has read (each one whole), and idle connections are closed after
+``--keep-alive-timeout`` seconds as uvicorn does.
+
 With ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` it serves vLLM's sleep endpoints as
 vLLM documents them: ``POST /sleep?level=1|2``, ``POST /wake_up``, ``GET /is_sleeping``,
 ``POST /collective_rpc`` (``reload_weights``) and ``POST /reset_prefix_cache``. Asleep it
@@ -28,6 +35,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
@@ -47,6 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-env", action="append", default=[], help="print VAR=value at start")
     parser.add_argument("--served-model-name", nargs="+", default=None, help="names POST requests may use")
     parser.add_argument("--fast", action="store_true", help="an asyncio server answering as fast as it can")
+    parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                        help="--fast: seconds an idle connection is kept (uvicorn's default, as vLLM's)")  # fmt: skip
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="as vLLM's (the launcher reads it)")
     parser.add_argument("--enable-sleep-mode", action="store_true", help="as vLLM's: the sleep endpoints")
     parser.add_argument("--wake-delay", type=float, default=0.0, help="seconds POST /wake_up takes")
@@ -251,11 +261,16 @@ def _serve_fast(args: argparse.Namespace, stop: threading.Event) -> int:
     import asyncio
 
     served = set(args.served_model_name or [args.model])
+    posts = [0]
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), args.keep_alive_timeout)
+                except TimeoutError:
+                    writer.close()  # idle too long: closed, as uvicorn closes a kept-alive connection
+                    return
                 request_line, _, header_block = head.partition(b"\r\n")
                 method, path = request_line.split(b" ")[:2]
                 length = 0
@@ -264,6 +279,15 @@ def _serve_fast(args: argparse.Namespace, stop: threading.Event) -> int:
                     if name.strip().lower() == b"content-length":
                         length = int(value)
                 request = json.loads(await reader.readexactly(length) or b"{}") if length else {}
+                if method == b"POST":
+                    posts[0] += 1
+                if method == b"GET" and path == b"/requests":
+                    writer.write(_fast_whole("200 OK", json.dumps({"posts": posts[0]}).encode())[0])
+                    continue
+                if isinstance(request.get("script"), list):
+                    if not await _play(request["script"], writer):
+                        return
+                    continue
                 parts = _fast_answer(method, path, request, served, args.model)
                 if request.get("paced"):  # each event its own write, as vLLM sends each token
                     for part in parts:
@@ -288,11 +312,31 @@ def _serve_fast(args: argparse.Namespace, stop: threading.Event) -> int:
     return 0
 
 
-def _fast_answer(method: bytes, path: bytes, request: dict[str, object], served: set[str], model: str) -> list[bytes]:
-    def whole(status: str, body: bytes, content_type: bytes = b"application/json") -> list[bytes]:
-        return [f"HTTP/1.1 {status}\r\ncontent-type: ".encode() + content_type
-                + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body]  # fmt: skip
+async def _play(script: list[object], writer: Any) -> bool:
+    """Send what a request's ``script`` says, byte for byte; False once it closed the connection."""
+    import asyncio
 
+    for step in script:
+        if not isinstance(step, dict):
+            continue
+        if "send" in step:
+            writer.write(str(step["send"]).encode("latin-1"))
+            await writer.drain()
+        elif "sleep" in step:
+            await asyncio.sleep(float(step["sleep"]))
+        elif step.get("close"):
+            writer.close()
+            return False
+    return True
+
+
+def _fast_whole(status: str, body: bytes, content_type: bytes = b"application/json") -> list[bytes]:
+    return [f"HTTP/1.1 {status}\r\ncontent-type: ".encode() + content_type
+            + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body]  # fmt: skip
+
+
+def _fast_answer(method: bytes, path: bytes, request: dict[str, object], served: set[str], model: str) -> list[bytes]:
+    whole = _fast_whole
     if method == b"GET":
         if path == b"/health":
             return whole("200 OK", b"")

@@ -20,8 +20,10 @@ from launcher.errors import LauncherError
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import OPENAI_PREFIX, openai_error
 from launcher.frontdoor.profiles import load_models_file
+from launcher.frontdoor.proxy import QUIET_ANSWER_CUT, AnswerCut
 from launcher.frontdoor.routes import front_door_routes
 from launcher.frontdoor.upstream import UpstreamPool
+from launcher.metrics import UpstreamConnections
 from launcher.manager import InstanceManager
 from launcher.metrics import metrics_endpoint
 from launcher.routes import routes
@@ -51,6 +53,8 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, AnswerCut):  # expected: the proxy said it in one line (the answer is out already)
+        return JSONResponse({"detail": str(exc)}, status_code=502)
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
@@ -84,7 +88,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.front_door = front_door
         # The proxy's pooled keep-alive connections to instances: an instance silent for
         # --proxy-read-timeout in the middle of an answer ends that request (and frees its lease).
-        app.state.upstream_pool = UpstreamPool(connect_timeout=10.0, read_timeout=resolved.proxy_read_timeout)
+        app.state.upstream_pool = pool = UpstreamPool(connect_timeout=10.0, read_timeout=resolved.proxy_read_timeout)
+        manager.metrics.registry.register(UpstreamConnections(pool))
+        # An answer the instance broke off is cut on purpose, said in one line: no server traceback.
+        logging.getLogger("uvicorn.error").addFilter(QUIET_ANSWER_CUT)
         manager.start()
         front_door.start(on_bad_profiles=lambda message: _stop_with_error(app, message))
         try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
@@ -170,3 +171,30 @@ async def metrics_endpoint(request: Request) -> Response:
     """``GET /metrics``: the Prometheus text format."""
     registry: CollectorRegistry = request.app.state.manager.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class ConnectionCounts(Protocol):
+    """What :class:`UpstreamConnections` reads: the front door's pool of connections to instances."""
+
+    opened: int
+    reused: int
+
+    def idle_connections(self) -> dict[tuple[str, int], int]: ...
+
+
+class UpstreamConnections(Collector):
+    """How often the front door's proxy connects to an instance, and how often it reuses a kept one."""
+
+    def __init__(self, pool: ConnectionCounts) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        sent = CounterMetricFamily("launcher_front_door_upstream_connections",
+                                   "Requests sent by the front door on a new connection or a kept-alive one",
+                                   labels=["connection"])  # fmt: skip
+        sent.add_metric(["new"], self._pool.opened)
+        sent.add_metric(["reused"], self._pool.reused)
+        yield sent
+        yield GaugeMetricFamily("launcher_front_door_upstream_idle_connections",
+                                "Kept-alive connections to instances, idle now",
+                                value=sum(self._pool.idle_connections().values()))  # fmt: skip

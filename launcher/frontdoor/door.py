@@ -51,6 +51,7 @@ log = logging.getLogger("launcher.front_door")
 REAP_INTERVAL = 0.5  # seconds between idle checks; also the longest a waiter sleeps between looks
 FAILED_LOG_LINES = 400  # kept of a failed start's log, once its instance is removed
 LOST_WAIT_SECONDS = 3.0  # how long a request whose instance broke off waits to learn whether it died
+RUNNING_CHECK_SECONDS = 0.25  # its process seen running this long: it lives (one dying closes its sockets first)
 
 
 def _phase(state: ModelState) -> Phase:
@@ -65,6 +66,18 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
     # A start's failure reaches its waiters through the model's state; anything else is a bug.
     if error is not None and not isinstance(error, (StartFailed, NoRoom)):
         log.error("front-door task %s failed", task.get_name(), exc_info=error)
+
+
+def _process_running(pid: int | None) -> bool:
+    """Whether ``pid`` is a process that has not exited (not a zombie waiting to be reaped)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 def _instance_id_for(name: str) -> str:
@@ -479,18 +492,25 @@ class FrontDoor:
         to answer a request; if so the lease is given back and the model forgets the instance, so
         that the next :meth:`acquire` starts it afresh. A live instance's lease is kept."""
         deadline = time.monotonic() + within
+        running_since: float | None = None
         while True:
             try:
                 gone = not self._manager.get(lease.record.instance_id).live
             except NotFound:
                 gone = True
-            if gone:
+            now = time.monotonic()
+            if not gone and _process_running(lease.record.pid):
+                running_since = running_since or now
+                if now - running_since >= RUNNING_CHECK_SECONDS:
+                    return False  # alive: it closed a connection without answering, but lives
+            else:
+                running_since = None
                 self.release(lease)
                 if lease.state.instance_id == lease.record.instance_id and lease.state.phase is Phase.READY:
                     self._lost(lease.state)
                     self._notify()
                 return True
-            if time.monotonic() >= deadline:
+            if now >= deadline:
                 return False
             await asyncio.sleep(0.05)  # the forkserver reports an exit once its whole group is gone
 

@@ -195,12 +195,16 @@ class OpenAIProxy:
                                "NotFoundError", "model_not_found")(scope, receive, send)  # fmt: skip
             return
         lease = door.try_acquire(state)  # a ready model: no waiting, no task
-        if lease is None and stream and door.keeps_alive(state):
-            status = await _KeptAlive(scope, receive, send, door, state).serve(body)
-        elif lease is None:
-            status = await self._acquire_then_pass(scope, receive, send, door, state, body)
-        else:
-            status = await _pass(scope, receive, send, door, lease, body)
+        try:
+            if lease is None and stream and door.keeps_alive(state):
+                status = await _KeptAlive(scope, receive, send, door, state).serve(body)
+            elif lease is None:
+                status = await self._acquire_then_pass(scope, receive, send, door, state, body)
+            else:
+                status = await _pass(scope, receive, send, door, lease, body)
+        except AnswerCut as cut:
+            door.metrics.count_request(state.name, cut.status)
+            raise
         door.metrics.count_request(state.name, status)
 
     @staticmethod
@@ -325,8 +329,33 @@ async def _pass(
             door.release(held)
 
 
+class AnswerCut(Exception):
+    """The instance broke off an answer whose head is out: the client's connection is cut (raised
+    to the server, which closes it), so that the client sees an incomplete answer, not a short one.
+    Expected, not a bug: :class:`QuietAnswerCut` keeps the server from logging a traceback for it."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"answer cut off (status {status})")
+        self.status = status
+
+
+class QuietAnswerCut(logging.Filter):
+    """Drops the server's "Exception in ASGI application" record for an :class:`AnswerCut` (the
+    proxy has said what happened, in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], AnswerCut))
+
+
+QUIET_ANSWER_CUT = QuietAnswerCut()
+
+
 async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lease, exchange: _Exchange) -> None:
-    """The answer's body, piece by piece; an instance failing mid-answer ends it, said once."""
+    """The answer's body, piece by piece; an instance failing mid-answer ends it, said once.
+
+    A stream of events gets an error event and a proper end (OpenAI's clients read it); any other
+    answer is cut (:class:`AnswerCut`): its length or its chunks must not look complete.
+    """
     try:
         while True:
             data = await connection.read()
@@ -343,9 +372,10 @@ async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lea
         message = f"The model's instance {lease.record.instance_id} {what} in the middle of its answer."
         log.warning("model %s: %s", lease.state.name, message)
         door.metrics.upstream_errors.labels(model=lease.state.name).inc()
-        if _is_event_stream(connection.headers):
-            await send({"type": "http.response.body", "body": _error_event(message, "upstream_failed"),
-                        "more_body": True})  # fmt: skip
+        if not _is_event_stream(connection.headers):
+            raise AnswerCut(connection.status) from None
+        await send({"type": "http.response.body", "body": _error_event(message, "upstream_failed"),
+                    "more_body": True})  # fmt: skip
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

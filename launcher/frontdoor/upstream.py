@@ -69,6 +69,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = False
         self.got_bytes = False
         self._until_close = False  # an answer with neither length nor chunks ends with the connection
+        self._interim = False  # parsing a 1xx answer, which is dropped
         self.error: UpstreamError | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -107,7 +108,11 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # interim (100 Continue, 103 Early Hints): the answer follows
+            self.headers, self._interim = [], True
+            return
+        self.status = status
         self.head_done = True
         framed = any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.headers)
         self._until_close = not framed and self.status not in (204, 304) and self.status >= 200
@@ -122,6 +127,9 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.complete = True
         self.keep_alive = self._parser.should_keep_alive()
         self._cancel_timer()
