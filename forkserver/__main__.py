@@ -108,10 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     if swept:
         print(f"forkserver: removed {len(swept)} shared-memory segment(s) of a dead forkserver's instances",
               file=sys.stderr, flush=True)  # fmt: skip
-    orphans = leftovers.orphan_segments()  # vLLM's kinds nobody maps (left before ledgers existed)
-    if orphans:
-        print(f"forkserver: removing {len(orphans)} orphaned shared-memory segment(s)", file=sys.stderr, flush=True)
-        leftovers.remove_segments(orphans)
     # Until the loop installs its handlers, SIGTERM simply ends us (nothing forked yet).
     make_private_dir(os.path.dirname(os.path.abspath(args.socket)))
     tmp_root = args.tmp_root or tempfile.mkdtemp(prefix="fs-", dir=os.path.dirname(args.socket))

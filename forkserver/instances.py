@@ -34,24 +34,35 @@ class Instance:
     stop_deadline: float | None = None
     exit_code: int | None = None  # set when the main process is reaped
     stopped_at: float | None = None  # set when no process of the group is left
-    shm_segments: set[str] = field(default_factory=set)  # removed once the group is gone
+    shm_segments: set[leftovers.Segment] = field(default_factory=set)  # its own: removed once the group is gone
     meta: dict[str, Any] = field(default_factory=dict)  # the API's own notes, returned by hello
+    # /dev/shm as it was just before the fork: none of it is ever the instance's.
+    shm_before: frozenset[leftovers.Segment] = field(default_factory=frozenset)
 
     @property
     def finished(self) -> bool:
         """True once no process of the instance is left."""
         return self.stopped_at is not None
 
-    def remember_segments(self, groups: dict[int, list[int]] | None = None) -> bool:
-        """Note the /dev/shm segments the instance's processes map or hold open right now; True if new ones.
+    def remember_segments(
+        self, groups: dict[int, list[int]] | None = None, shm: dict[str, int] | None = None
+    ) -> bool:
+        """Note the /dev/shm segments made since the fork that the instance's processes map or
+        hold open right now; True if new ones.
 
-        ``groups`` (from :func:`leftovers.pids_by_group`) saves a pass over /proc per instance
-        when many are scanned at once.
+        ``groups`` (from :func:`leftovers.pids_by_group`) and ``shm`` (from
+        :func:`leftovers.listing`) save a pass over /proc and /dev/shm per instance when many are
+        scanned at once.
         """
+        shm = leftovers.listing() if shm is None else shm
+        fresh = {(name, inode) for name, inode in shm.items()} - self.shm_before - self.shm_segments
+        if not fresh:
+            return False  # nothing new in /dev/shm: no maps to read
         pids = groups.get(self.pid, []) if groups is not None else leftovers.group_pids(self.pid)
-        before = len(self.shm_segments)
-        self.shm_segments |= leftovers.mapped_segments(pids)
-        return len(self.shm_segments) > before
+        mapped = leftovers.mapped_segments(pids)
+        ours = {segment for segment in fresh if segment[0] in mapped}
+        self.shm_segments |= ours
+        return bool(ours)
 
     def describe(self) -> dict[str, Any]:
         """The instance as the protocol reports it."""
@@ -143,10 +154,22 @@ class InstanceTable:
             self._next_shm_scan = now + SHM_SCAN_INTERVAL
             running = [instance for instance in self.live() if instance.exit_code is None]
             if running:
-                groups = leftovers.pids_by_group()
-                for instance in running:
-                    if instance.remember_segments(groups):
-                        self._write_ledger(instance)
+                self._scan_segments(running)
+
+    def _scan_segments(self, running: list[Instance]) -> None:
+        """Which instance made the segments that appeared in /dev/shm: /proc is read only when
+        one appeared that no instance has claimed (a quiet node costs a scandir a second)."""
+        shm = leftovers.listing()
+        claimed = {segment for instance in self._instances.values() for segment in instance.shm_segments}
+        unclaimed = {(name, inode) for name, inode in shm.items()} - claimed
+        if not unclaimed:
+            return
+        groups: dict[int, list[int]] | None = None
+        for instance in running:
+            if unclaimed - instance.shm_before:
+                groups = groups if groups is not None else leftovers.pids_by_group()
+                if instance.remember_segments(groups, shm):
+                    self._write_ledger(instance)
 
     def _reap(self) -> None:
         while True:

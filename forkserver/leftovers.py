@@ -1,17 +1,23 @@
-"""Finding and removing what an instance's processes leave in /dev/shm.
+"""Finding and removing what an instance's processes leave in /dev/shm, and nothing else.
 
-One rule, whatever the name: a segment that any process of an instance (workers included)
-maps or holds open is the instance's, and it goes once the instance's group is gone, unless a
-live process still uses it. vLLM's message queues (``psm_*``) are unlinked by their creator only
-on a clean shutdown, multiprocessing's semaphores (``sem.mp-*``) by a resource tracker that dies
-with the group, and tensor parallelism on CPU leaves ``vllm_dist_<hex>-tp:0-[0-1]-cpushm_<n>``
-(8 MiB each) even after a clean stop. The forkserver learns the names by reading the memory maps
-and open files of the instance's group while it lives.
+One rule, whatever the name: a segment is the instance's if it appeared after the instance was
+forked and a process of the instance (workers included) maps or holds it open; it goes once the
+instance's group is gone, unless a live process still uses it. A file that was there before the
+fork (another program's, a model copied to RAM) is never the instance's, even if it maps it. A
+segment is known by name *and* inode: a name unlinked and made again by someone else is another
+file. vLLM's message queues (``psm_*``) are unlinked by their creator only on a clean shutdown,
+multiprocessing's semaphores (``sem.mp-*``) by a resource tracker that dies with the group, and
+tensor parallelism on CPU leaves ``vllm_dist_<hex>-tp:0-[0-1]-cpushm_<n>`` (8 MiB each) even after
+a clean stop.
+
+The scan is cheap when nothing changes: /dev/shm is listed once a second (one ``scandir``), and
+the instances' memory maps and fds are read only when a segment none of them has claimed appeared.
 
 A launcher killed outright takes its forkserver and instances with it, and nobody unlinks
-anything: so the forkserver also writes each instance's names to a ledger
+anything: so the forkserver also writes each instance's segments to a ledger
 (``<tmp>/vllm-launcher-<uid>/shm-ledger/<forkserver pid>.<instance>``), and the next forkserver
-removes what the ledgers of dead forkservers list, never a segment a live process uses.
+removes what the ledgers of dead forkservers list (the same name and inode, not in use). Nothing
+that no ledger lists is removed.
 """
 
 from __future__ import annotations
@@ -20,12 +26,22 @@ import contextlib
 import json
 import os
 import tempfile
-import time
 
 SHM_DIR = "/dev/shm"
-# What vLLM and multiprocessing make, for the sweep of orphans no ledger lists (older forkservers').
+# What vLLM and multiprocessing make (the tests look for these kinds).
 SEGMENT_PREFIXES = ("psm_", "sem.mp-", "vllm_dist_")
-ORPHAN_MIN_AGE = 60.0  # seconds: a segment this old and mapped by nobody is an orphan
+
+Segment = tuple[str, int]  # a /dev/shm file: its name and inode
+
+
+def listing() -> dict[str, int]:
+    """Every file in /dev/shm: name -> inode (one scandir)."""
+    found = {}
+    with contextlib.suppress(OSError), os.scandir(SHM_DIR) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                found[entry.name] = entry.inode()
+    return found
 
 
 def pids_by_group() -> dict[int, list[int]]:
@@ -76,16 +92,19 @@ def _all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def remove_unused(names: set[str]) -> set[str]:
-    """Unlink the segments of ``names`` that are this user's and that no live process uses; those removed."""
+def remove_unused(segments: set[Segment]) -> set[Segment]:
+    """Unlink the segments of ``segments`` that are still the same files (name and inode), are this
+    user's, and that no live process uses; those removed."""
     mine = set()
-    for name in names:
+    for name, inode in segments:
         with contextlib.suppress(OSError):
-            if "/" not in name and os.stat(os.path.join(SHM_DIR, name)).st_uid == os.getuid():
-                mine.add(name)
+            info = os.stat(os.path.join(SHM_DIR, name))
+            if "/" not in name and info.st_ino == inode and info.st_uid == os.getuid():
+                mine.add((name, inode))
     if not mine:
         return set()
-    unused = mine - mapped_segments(_all_pids())
+    used = mapped_segments(_all_pids())
+    unused = {segment for segment in mine if segment[0] not in used}
     remove_segments(unused)
     return unused
 
@@ -105,12 +124,12 @@ class Ledger:
     def _path(self, instance_id: str) -> str:
         return os.path.join(self.directory, f"{os.getpid()}.{instance_id}")
 
-    def record(self, instance_id: str, names: set[str]) -> None:
-        """Write (replace) the names known for ``instance_id``."""
+    def record(self, instance_id: str, segments: set[Segment]) -> None:
+        """Write (replace) the segments known for ``instance_id``."""
         path = self._path(instance_id)
         with contextlib.suppress(OSError):
             with open(path + ".tmp", "w") as ledger:
-                json.dump(sorted(names), ledger)
+                json.dump(sorted([name, inode] for name, inode in segments), ledger)
             os.replace(path + ".tmp", path)
 
     def forget(self, instance_id: str) -> None:
@@ -124,9 +143,9 @@ class Ledger:
             with contextlib.suppress(OSError):
                 os.rmdir(path)
 
-    def sweep_dead(self) -> set[str]:
+    def sweep_dead(self) -> set[Segment]:
         """Remove what the ledgers of forkservers no longer running list (unless in use); what went."""
-        removed: set[str] = set()
+        removed: set[Segment] = set()
         for entry in os.listdir(self.directory):
             owner, _, _ = entry.partition(".")
             if not owner.isdigit() or entry.endswith(".tmp") or os.path.exists(f"/proc/{owner}"):
@@ -134,34 +153,22 @@ class Ledger:
             path = os.path.join(self.directory, entry)
             try:
                 with open(path) as ledger:
-                    names = {str(name) for name in json.load(ledger)}
+                    listed = json.load(ledger)
             except (OSError, ValueError):
-                names = set()
-            removed |= remove_unused(names)
+                listed = []
+            # [name, inode] pairs; a bare name (an older ledger) cannot be told from a file made
+            # since by someone else: it is left alone.
+            segments = {(str(item[0]), item[1]) for item in listed if isinstance(item, list) and len(item) == 2
+                        and isinstance(item[1], int)}  # fmt: skip
+            removed |= remove_unused(segments)
             with contextlib.suppress(OSError):
                 os.unlink(path)
         return removed
 
 
-def orphan_segments(min_age: float = ORPHAN_MIN_AGE) -> set[str]:
-    """vLLM-kind segments of this user that no live process maps (a killed launcher's leftovers)."""
-    candidates = set()
-    now = time.time()
-    for name in os.listdir(SHM_DIR):
-        if not name.startswith(SEGMENT_PREFIXES):
-            continue
-        with contextlib.suppress(OSError):
-            info = os.stat(os.path.join(SHM_DIR, name))
-            if info.st_uid == os.getuid() and now - info.st_mtime >= min_age:
-                candidates.add(name)
-    if not candidates:
-        return set()
-    return candidates - mapped_segments(_all_pids())
-
-
-def remove_segments(names: set[str]) -> None:
-    """Unlink the named /dev/shm segments that still exist."""
-    for name in names:
+def remove_segments(segments: set[Segment]) -> None:
+    """Unlink the /dev/shm segments that still exist."""
+    for name, _ in segments:
         if "/" in name:
             continue
         with contextlib.suppress(FileNotFoundError, PermissionError):

@@ -328,6 +328,7 @@ class ForkServer:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise RequestError(protocol.KIND_INTERNAL, f"cannot open log file: {exc}") from None
         child_env = {**self._base_env, **env}
+        shm_before = frozenset(leftovers.listing().items())  # never the instance's: it was there first
         self._report_new_threads()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -363,6 +364,7 @@ class ForkServer:
             tmpdir=tmpdir,
             forked_at=time.time(),
             meta=meta,
+            shm_before=shm_before,
         )
         self._instances.add(instance)
         return instance.describe()

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import io
 import json
+import mmap
 import os
 import signal
 import sys
@@ -53,6 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spawn-helper", action="store_true", help="fork a long-lived helper")
     parser.add_argument("--spam-lines", type=int, default=0, help="lines on stdout and stderr each")
     parser.add_argument("--print-env", action="append", default=[], help="print VAR=value at start")
+    parser.add_argument("--map-file", default=None, help="map this file while it runs (a model copied to RAM)")
+    parser.add_argument("--make-segment", default=None, help="create and map this /dev/shm segment, and leave it")
     parser.add_argument("--served-model-name", nargs="+", default=None, help="names POST requests may use")
     parser.add_argument("--fast", action="store_true", help="an asyncio server answering as fast as it can")
     parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
@@ -219,6 +222,15 @@ class StandinWorkload:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         else:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        kept = []  # open and mapped until the instance ends, as vLLM's processes hold theirs
+        if args.map_file:
+            with open(args.map_file, "rb") as mapped:
+                kept.append(mmap.mmap(mapped.fileno(), 0, prot=mmap.PROT_READ))
+        if args.make_segment:
+            fd = os.open(f"/dev/shm/{args.make_segment}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, 4096)
+            kept.append(mmap.mmap(fd, 4096))
+            os.close(fd)
         if args.spawn_helper and os.fork() == 0:
             # The helper sleeps until killed, like an EngineCore left behind by its server.
             while True:

@@ -55,8 +55,8 @@ def stale_runtime_dirs(parent: str | None = None) -> list[str]:
 def sweep(log_dir: str) -> None:
     """Remove stale runtime dirs and the old log files of this log dir.
 
-    Orphaned shared-memory segments are the forkserver's to remove (forkserver/leftovers.py):
-    it does so when it starts.
+    A dead launcher's shared-memory segments are the forkserver's to remove (forkserver/leftovers.py):
+    it removes what the dead forkservers' ledgers list when it starts, and nothing else.
     """
     for path in stale_runtime_dirs():
         log.info("removing the runtime directory of a dead launcher: %s", path)

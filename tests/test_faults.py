@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import signal
@@ -173,7 +174,7 @@ def test_the_forkserver_survives_clients_that_misbehave(standin: LauncherProcess
     assert standin.client.get("/health").status_code == 200
 
 
-def test_start_up_sweeps_what_a_killed_launcher_left(tmp_path: Path) -> None:
+def test_start_up_sweeps_what_a_killed_launcher_left_and_nothing_else(tmp_path: Path) -> None:
     temp = tmp_path / "tmp"  # the launcher's TMPDIR, where launchers keep their runtime dirs
     temp.mkdir()
     stale = Path(tempfile.mkdtemp(prefix="vllm-launcher-", dir=temp))
@@ -181,21 +182,59 @@ def test_start_up_sweeps_what_a_killed_launcher_left(tmp_path: Path) -> None:
     dead.wait()
     (stale / "api.pid").write_text(str(dead.pid))
     (stale / "forkserver.sock").write_text("")
-    orphan = Path("/dev/shm/psm_launcher_test_orphan")
-    orphan.write_bytes(b"x" * 16)
+    # Another program's file of a vLLM-like name, old and mapped by nobody: no ledger lists it.
+    theirs = Path(f"/dev/shm/psm_launcher_test_theirs_{os.getpid()}")
+    theirs.write_bytes(b"x" * 16)
+    # A segment a dead forkserver's ledger lists, and one it lists that was made again since.
+    listed = Path(f"/dev/shm/psm_launcher_test_listed_{os.getpid()}")
+    listed.write_bytes(b"x" * 16)
+    remade = Path(f"/dev/shm/psm_launcher_test_remade_{os.getpid()}")
+    remade.write_bytes(b"x" * 16)
+    old_inode = remade.stat().st_ino
+    ledger = temp / f"vllm-launcher-{os.getuid()}" / "shm-ledger"
+    ledger.mkdir(parents=True)
+    (ledger / f"{dead.pid}.gone").write_text(json.dumps([[listed.name, listed.stat().st_ino],
+                                                          [remade.name, old_inode]]))  # fmt: skip
+    remade.unlink()
+    remade.write_bytes(b"y" * 16)  # the same name, another file (tmpfs gives it a new inode)
+    assert remade.stat().st_ino != old_inode
     in_use = shared_memory.SharedMemory(create=True, size=16)  # mapped by this process
-    for path in (orphan, Path("/dev/shm") / in_use.name):
+    for path in (theirs, Path("/dev/shm") / in_use.name):
         os.utime(path, (time.time() - 3600, time.time() - 3600))
     launcher = LauncherProcess(workload="standin", tmpdir=temp)
     try:
         assert not stale.exists()
-        assert not orphan.exists()
+        assert not listed.exists()  # the ledger's, the same file
+        assert remade.exists()  # its name is listed, but it is another file now
+        assert theirs.exists()  # no ledger lists it: not the launcher's to remove
         assert (Path("/dev/shm") / in_use.name).exists()
     finally:
         launcher.stop()
         in_use.close()
         in_use.unlink()
-        orphan.unlink(missing_ok=True)
+        for path in (theirs, listed, remade):
+            path.unlink(missing_ok=True)
+
+
+def test_an_instance_removes_the_segments_it_made_and_never_a_file_it_only_mapped() -> None:
+    """A file in /dev/shm before the instance (a model copied to RAM) that the instance maps is
+    not the instance's: DELETE leaves it. The segment the instance made goes."""
+    theirs = Path(f"/dev/shm/launcher_test_model_{os.getpid()}")
+    theirs.write_bytes(b"w" * 8192)
+    made = f"psm_launcher_test_made_{os.getpid()}"
+    launcher = LauncherProcess(workload="standin")
+    try:
+        options = _options(f"--map-file {theirs} --make-segment {made}")
+        assert launcher.create("mapper", options=options).status_code == 201
+        wait_until(lambda: launcher.state("mapper")["ready"], 10, what="ready")
+        time.sleep(1.5)  # a scan of /dev/shm has seen both mapped
+        assert launcher.client.delete("/v2/vllm/instances/mapper").status_code == 200
+        wait_until(lambda: not Path(f"/dev/shm/{made}").exists(), 10, what="its own segment removed")
+        assert theirs.exists() and theirs.read_bytes() == b"w" * 8192
+    finally:
+        launcher.stop()
+        theirs.unlink(missing_ok=True)
+        Path(f"/dev/shm/{made}").unlink(missing_ok=True)
 
 
 def test_reading_a_big_log_does_not_block_other_requests(standin: LauncherProcess) -> None:
