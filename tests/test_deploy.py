@@ -323,7 +323,7 @@ def test_dockerfile_copies_what_exists() -> None:
             assert (REPO / source).exists(), f"line {item.line}: COPY source {source} is not in the repo"
             copied.add(Path(source).as_posix())
     project = _pyproject()
-    packages = project["tool"]["setuptools"]["packages"]  # a subpackage comes with its top-level folder
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]  # a subpackage comes with its folder
     needed = {"pyproject.toml", project["project"]["readme"], *(package.split(".")[0] for package in packages)}
     assert needed <= copied, f"`pip install .` needs {sorted(needed - copied)} in the image"
 
