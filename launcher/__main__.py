@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,  # a line per proxied request costs the API more than the proxy does
         # Streaming responses must not hold up a shutdown for long.
         timeout_graceful_shutdown=5,
     )

@@ -36,6 +36,9 @@ class Settings:
     host: str = _setting("0.0.0.0", "address the API listens on")
     port: int = _setting(8001, "port the API listens on")
     log_level: str = _setting("info", "log level of the API (debug, info, warning, error)")
+    access_log: bool = _setting(
+        False, "a log line per HTTP request (uvicorn's access log); off: the launcher logs what happens to instances"
+    )
     log_dir: str = _setting("", "directory of instance log files (default: <tmp>/vllm-launcher-<uid>/<port>/logs)")
     runtime_dir: str = _setting("", "private directory for the forkserver socket (default: a new one under <tmp>)")
     stop_timeout: float = _setting(10.0, "seconds between SIGTERM and SIGKILL when stopping an instance")

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,12 @@ class LauncherProcess:
         workload: str = "standin",
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 180.0,
-        server: str = "launcher",
+        server: str | Sequence[str] = "launcher",
         tmpdir: Path | None = None,
+        log_level: str = "warning",
     ):
-        """``server``: ``launcher`` (``python -m launcher``) or ``uvicorn`` (``uvicorn launcher.app:app``)."""
+        """``server``: ``launcher`` (``python -m launcher``), ``uvicorn`` (``uvicorn launcher.app:app``), or a
+        command that takes the same flags. ``log_level``: ``info`` is how ``make run`` starts it."""
         self.env = dict(env or {})  # what the test set on top of os.environ
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -109,12 +111,13 @@ class LauncherProcess:
             **(env or {}),
             "TMPDIR": str(self.tmpdir),
         }
-        command = {
+        commands = {
             "launcher": [sys.executable, "-m", "launcher"],
             "uvicorn": [sys.executable, "-m", "uvicorn", "launcher.app:app"],
-        }[server]
+        }
+        command = commands[server] if isinstance(server, str) else list(server)
         self.process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            [*command, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", log_level],
             cwd=REPO,
             env=child_env,
             stdin=subprocess.DEVNULL,
