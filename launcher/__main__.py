@@ -12,19 +12,22 @@ import uvicorn
 
 from launcher import dir_lock, gpus
 from launcher.app import create_app
-from launcher.frontdoor.profiles import ProfileError, load_models_file
+from launcher.frontdoor.models_store import ModelsStore
+from launcher.frontdoor.profiles import ProfileError
 from launcher.memory import parse_size
-from launcher.settings import Settings
+from launcher.settings import Settings, unknown_variables
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags (over ``LAUNCHER_*`` variables) and serve until SIGTERM or Ctrl-C."""
     settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)
+    for warning in unknown_variables():
+        print(f"launcher: warning: {warning}", file=sys.stderr)
     setproctitle.setproctitle(f"vllm-launcher: api :{settings.port}")  # ps tells it from its forkserver
     setproctitle.setthreadtitle("vllm-launcher")  # comm (top, pgrep), 15 bytes at most
     listener: socket.socket | None = None
     try:  # checked before anything starts: one clear line each
-        load_models_file(settings.models_file)
+        ModelsStore(settings.models_file).load()  # a file that cannot be parsed stops the start at once
         check_sizes(settings)
         # Bound now, before the forkserver preloads vLLM: a busy port fails in a moment, not in 15 s
         # (and before the log directory's lock, which a launcher on the same port also holds).
@@ -52,21 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn says where it listens only when it binds the socket itself.
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     logging.getLogger("uvicorn.error").info("Listening on http://%s:%d (Press CTRL+C to quit)", shown, settings.port)
-    fatal: list[str] = []
-
-    def stop_with_error(message: str) -> None:  # a start-up check that failed late (a bad profile)
-        fatal.append(message)
-        server.should_exit = True
-
-    app.state.stop_with_error = stop_with_error
     try:
         with listener:
             server.run(sockets=[listener])
     except KeyboardInterrupt:
         return 130  # uvicorn re-raises Ctrl-C after a clean shutdown: no traceback for that
-    if fatal:
-        print(f"launcher: {fatal[0]}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -19,15 +17,17 @@ from launcher.auth import BearerTokenMiddleware, expected_header
 from launcher.errors import LauncherError
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import OPENAI_PREFIX, openai_error
-from launcher.frontdoor.profiles import load_models_file
+from launcher.frontdoor.live_config import LiveConfig
+from launcher.frontdoor.models_store import ModelsStore
+from launcher.frontdoor.profiles import ProfileError
 from launcher.frontdoor.proxy import QUIET_ANSWER_CUT, AnswerCut
 from launcher.frontdoor.routes import front_door_routes
 from launcher.frontdoor.upstream import UpstreamPool
-from launcher.metrics import UpstreamConnections
+from launcher.hangup import on_hangup
 from launcher.manager import InstanceManager
-from launcher.metrics import metrics_endpoint
+from launcher.metrics import UpstreamConnections, metrics_endpoint
 from launcher.routes import routes
-from launcher.settings import Settings
+from launcher.settings import Settings, unknown_variables
 from launcher.shutdown_signals import on_shutdown_signals
 from launcher.ui_routes import ui_routes
 
@@ -59,18 +59,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
-def _stop_with_error(app: Starlette, message: str) -> None:
-    """A start-up check that can only run once the forkserver is up failed: stop the launcher.
-
-    ``python -m launcher`` sets ``app.state.stop_with_error`` (it exits 2 with the message);
-    under a plain ``uvicorn launcher.app:app`` the message is logged and the server told to stop.
-    """
-    hook = getattr(app.state, "stop_with_error", None)
-    if hook is not None:
-        hook(message)
-        return
-    log.error("%s", message)
-    os.kill(os.getpid(), signal.SIGTERM)
+async def _reload_quietly(live: LiveConfig) -> None:
+    with contextlib.suppress(ProfileError):  # said, and shown in GET /v2/vllm/models
+        await live.reload(why="SIGHUP")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -79,13 +70,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         resolved = settings if settings is not None else Settings.from_sources()
-        models = load_models_file(resolved.models_file)  # a bad file stops the start, naming the line
+        if settings is None:  # uvicorn launcher.app:app: python -m launcher has said these already
+            for warning in unknown_variables():
+                log.warning("%s", warning)
+        store = ModelsStore(resolved.models_file)
+        text = store.read_text() if store.kept else None
+        models = store.load()  # a file that cannot be parsed stops the start, naming the line
+        if store.kept and text is None:
+            log.warning("the models file %s does not exist yet: it is created when a model is added "
+                        "(PUT /v2/vllm/models/NAME)", store.path)  # fmt: skip
         app.state.authorization = expected_header(resolved)
         manager = InstanceManager(resolved)
         front_door = FrontDoor(manager, resolved, models)
+        live = LiveConfig(front_door, store, text)
         app.state.settings = resolved
         app.state.manager = manager
         app.state.front_door = front_door
+        app.state.live_config = live
         # The proxy's pooled keep-alive connections to instances: an instance silent for
         # --proxy-read-timeout in the middle of an answer ends that request (and frees its lease).
         app.state.upstream_pool = pool = UpstreamPool(connect_timeout=10.0, read_timeout=resolved.proxy_read_timeout)
@@ -93,9 +94,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # An answer the instance broke off is cut on purpose, said in one line: no server traceback.
         logging.getLogger("uvicorn.error").addFilter(QUIET_ANSWER_CUT)
         manager.start()
-        front_door.start(on_bad_profiles=lambda message: _stop_with_error(app, message))
+        front_door.start()
+        front_door.spawn(live.watch_forever(), "models-file-watch")
+
+        def reload_now() -> None:
+            front_door.spawn(_reload_quietly(live), "models-file-reload")
+
         try:
-            with on_shutdown_signals(manager.events.close):  # watch streams end as shutdown begins
+            # Watch streams end as shutdown begins; SIGHUP reloads the models file.
+            with on_shutdown_signals(manager.events.close), on_hangup(reload_now):
                 yield
         finally:
             await front_door.shutdown()

@@ -140,6 +140,14 @@ class FrontDoorMetrics:
             ["model"], buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0), registry=registry,
         )  # fmt: skip
         self.sleeping = Gauge("launcher_front_door_sleeping", "Models whose instance is asleep", registry=registry)
+        self.reloads = Counter(
+            "launcher_models_file_reloads", "Reads of a changed models file, by outcome (applied, error)",
+            ["outcome"], registry=registry,
+        )  # fmt: skip
+        self.file_error = Gauge("launcher_models_file_error", "1 while the models file cannot be read (the last "
+                                "good one runs)", registry=registry)  # fmt: skip
+        self.invalid = Gauge("launcher_front_door_invalid_models", "Models whose profile cannot run",
+                             registry=registry)  # fmt: skip
         depth = Gauge(
             "launcher_front_door_queue_depth", "Requests waiting for a model that is not ready", registry=registry
         )

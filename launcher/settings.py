@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 ENV_PREFIX = "LAUNCHER_"
+# LAUNCHER_* variables that are not settings of the API: launcherctl's, and the tests' own.
+OTHER_VARIABLES = frozenset({"LAUNCHER_URL", "LAUNCHER_BASE_URL"})
+OTHER_PREFIXES = ("LAUNCHER_TEST_", "LAUNCHER_FUZZ_")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -75,6 +79,9 @@ class Settings:
     max_body_bytes: int = _setting(65536, "largest accepted request body, in bytes (413 above)")
     strict_fields: bool = _setting(False, "refuse create bodies with unknown fields (422) instead of ignoring them")
     models_file: str = _setting("", "YAML file of model profiles for the OpenAI-compatible front door (/v1)")
+    watch_models_file: bool = _setting(
+        True, "apply changes of the models file as they happen (off: only on SIGHUP or POST /v2/vllm/models/reload)"
+    )
     compile_ahead: bool = _setting(
         True, "compile each front-door model (vLLM's default mode) in a throwaway instance before its first request"
     )
@@ -124,6 +131,36 @@ class Settings:
         return cls(**values)
 
 
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``LAUNCHER_*`` variable that is no setting (a typo is otherwise silent)."""
+    environ = os.environ if environ is None else environ
+    known = [ENV_PREFIX + item.name.upper() for item in dataclasses.fields(Settings)]
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known and name not in OTHER_VARIABLES \
+                and not name.startswith(OTHER_PREFIXES):  # fmt: skip
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{name} is not a setting of the launcher{hint}: it is ignored")
+    return warnings
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers an unknown flag in one line with the nearest real one, not 36 lines of usage."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            flags = [action for item in self._actions for action in item.option_strings]
+            words = message.removeprefix("unrecognized arguments: ").split()
+            unknown = next((word for word in words if word.startswith("-")), words[0] if words else "")
+            name = unknown.split("=", 1)[0]
+            close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            what = f"unknown flag {name}" if name.startswith("-") else f"unexpected argument {name!r}"
+            self.exit(2, f"{self.prog}: {what}{hint} ({self.prog} --help lists the flags)\n")
+        self.exit(2, f"{self.prog}: {message} ({self.prog} --help lists the flags)\n")
+
+
 def _convert(name: str, type_name: Any, raw: str) -> Any:
     kind = str(type_name)
     try:
@@ -144,7 +181,7 @@ def _convert(name: str, type_name: Any, raw: str) -> Any:
 
 
 def _argument_parser(cls: type[Settings]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m launcher",
         description="Multi-instance vLLM launcher: a REST API that forks vLLM servers on demand.",
         epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, "

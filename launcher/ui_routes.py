@@ -7,7 +7,6 @@ and keeps it in the tab's session storage.
 from __future__ import annotations
 
 from collections.abc import Iterable
-
 from pathlib import Path
 
 from starlette.requests import Request

@@ -10,6 +10,7 @@ test_front_door_vllm.py.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,13 +19,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
 from launcher.cli import format_event
-from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
+from tests.launcher_process import REPO, VLLM_ENV, LauncherProcess, free_port, wait_until
 
 
 def run_launcher(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -56,14 +58,23 @@ def run_launcher(*args: str, env: dict[str, str], timeout: float = 120) -> subpr
         ("--max-model-len 5", "the following arguments are required: --model"),
     ],
 )
-def test_options_the_parser_rejects_stop_the_launcher_at_start(tmp_path: Path, options: str, words: str) -> None:
+def test_options_the_parser_rejects_make_that_model_invalid_not_the_launcher(
+    tmp_path: Path, options: str, words: str
+) -> None:
     models = tmp_path / "models.yaml"
     models.write_text(f'models:\n  good: {{options: "--model G"}}\n  tiny: {{options: "{options}"}}\n')
-    done = run_launcher("--port", str(free_port()), env={"LAUNCHER_MODELS_FILE": str(models)})
-    assert done.returncode == 2, done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"launcher: models file {models}: model 'tiny': "), last
-    assert words in last and "'good'" not in last, last
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_MODELS_FILE": str(models)})
+    try:
+        tiny = wait_until(lambda: (s := launcher.client.get("/v2/vllm/models/tiny").json())["state"] == "invalid" and s,
+                          10, what="tiny invalid")  # fmt: skip
+        assert words in tiny["last_error"]
+        answer = launcher.client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_invalid", answer.text
+        assert words in answer.json()["error"]["message"]
+        assert launcher.client.post("/v1/completions", json={"model": "good", "prompt": "x"}).status_code == 200
+        assert f"model tiny cannot be started: standin: error: {words}" in launcher.output_text()
+    finally:
+        assert not launcher.stop()
 
 
 def test_a_profile_put_with_the_same_mistake_is_refused_alike(tmp_path: Path) -> None:
@@ -147,23 +158,41 @@ def test_replayed_watch_events_keep_the_time_they_happened(standin_launcher: Lau
 
 
 @pytest.mark.vllm
-def test_vllms_parser_checks_the_models_file_at_start(tmp_path: Path, tiny_model: Path) -> None:
+def test_vllms_parser_checks_each_profile_and_a_bad_one_is_that_models_problem(tmp_path: Path, tiny_model: Path) -> None:
+    """The real vLLM: a typo in one profile's options and a model folder not there yet make those
+    two invalid (answered at once, with the reason); the launcher serves the good one; the folder
+    made later makes its model servable at the next request."""
     models = tmp_path / "models.yaml"
+    nowhere = tmp_path / "not-synced-yet"
+    flags = "--enforce-eager --max-model-len 256 --kv-cache-memory-bytes 32M"
     models.write_text(
         "models:\n"
-        f'  good: {{options: "--model {tiny_model} --enforce-eager"}}\n'
+        f'  good: {{options: "--model {tiny_model} {flags}"}}\n'
         f'  typo: {{options: "--model {tiny_model} --max-model-lenn 5"}}\n'
-        f'  nowhere: {{options: "--model {tmp_path}/no-such-model"}}\n'
+        f'  nowhere: {{options: "--model {nowhere} {flags}"}}\n'
     )
-    done = run_launcher(
-        "--port", str(free_port()), env={"LAUNCHER_MODELS_FILE": str(models), "LAUNCHER_FORKSERVER_WORKLOAD": "vllm"}
-    )
-    assert done.returncode == 2, done.stderr[-3000:]
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"launcher: models file {models}: model 'typo': vllm serve: error: "), last
-    assert "unrecognized arguments: --max-model-lenn" in last, last
-    assert f"model 'nowhere': --model {tmp_path}/no-such-model: no such file or directory" in last, last
-    assert "'good'" not in last
+    launcher = LauncherProcess(workload="vllm", env={**VLLM_ENV, "LAUNCHER_MODELS_FILE": str(models)},
+                               ready_timeout=300)  # fmt: skip
+    try:
+        def state(name: str) -> dict[str, Any]:
+            return dict(launcher.client.get(f"/v2/vllm/models/{name}").json())
+
+        wait_until(lambda: state("typo")["state"] == state("nowhere")["state"] == "invalid", 60, what="invalid")
+        assert "vllm serve: error: unrecognized arguments: --max-model-lenn" in state("typo")["last_error"]
+        assert f"--model {nowhere}: no such file or directory" in state("nowhere")["last_error"]
+        answer = launcher.client.post("/v1/completions", json={"model": "nowhere", "prompt": "x", "max_tokens": 2})
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_invalid", answer.text
+        good = launcher.client.post("/v1/completions", json={"model": "good", "prompt": "x", "max_tokens": 2},
+                                    timeout=300)  # fmt: skip
+        assert good.status_code == 200, good.text
+        shutil.copytree(tiny_model, nowhere)  # the volume finished syncing
+        time.sleep(1.1)  # an invalid model is checked again at most once a second
+        answer = launcher.client.post("/v1/completions", json={"model": "nowhere", "prompt": "x", "max_tokens": 2},
+                                      timeout=300)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert state("nowhere")["state"] == "ready" and state("typo")["state"] == "invalid"
+    finally:
+        assert not launcher.stop()
 
 
 @pytest.mark.vllm

@@ -6,7 +6,6 @@ socket. After each, the instance still runs and another client is answered at on
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

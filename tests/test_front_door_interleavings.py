@@ -31,8 +31,8 @@ from prometheus_client import CollectorRegistry
 from launcher.errors import NotFound, TooManyInstances
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.model_state import NoRoom, StartFailed
-from launcher.models import VllmConfig
 from launcher.frontdoor.profiles import ModelProfile, ModelsFile
+from launcher.models import VllmConfig
 from launcher.settings import Settings
 from launcher.state import InstanceRecord, Status
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.launcher_process import LauncherProcess, free_port, wait_until
+from tests.launcher_process import free_port, wait_until
 from tests.test_front_door_standin import ask, front_door, metric, model_state
 
 GIB = 2**30

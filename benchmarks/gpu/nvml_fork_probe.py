@@ -67,7 +67,8 @@ def child(cfg, wfd, parent_fds):
             os.environ.update(keep)
         import pynvml
         if cfg.get("fresh_lib"):
-            import shutil, tempfile
+            import shutil
+            import tempfile
             src = ctypes.util.find_library("nvidia-ml") or "libnvidia-ml.so.1"
             # the loaded path from /proc/self/maps
             for line in open("/proc/self/maps"):

@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 import httpx
@@ -31,6 +31,7 @@ from launcher.frontdoor.footprints import Footprints
 from launcher.frontdoor.model_state import (
     InsufficientMemory,
     Lease,
+    ModelInvalid,
     ModelState,
     NoRoom,
     Phase,
@@ -50,6 +51,7 @@ log = logging.getLogger("launcher.front_door")
 
 REAP_INTERVAL = 0.5  # seconds between idle checks; also the longest a waiter sleeps between looks
 FAILED_LOG_LINES = 400  # kept of a failed start's log, once its instance is removed
+RECHECK_SECONDS = 1.0  # an invalid model asked for is checked again at most this often
 LOST_WAIT_SECONDS = 3.0  # how long a request whose instance broke off waits to learn whether it died
 RUNNING_CHECK_SECONDS = 0.25  # its process seen running this long: it lives (one dying closes its sockets first)
 
@@ -64,7 +66,7 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
         return
     error = task.exception()
     # A start's failure reaches its waiters through the model's state; anything else is a bug.
-    if error is not None and not isinstance(error, (StartFailed, NoRoom)):
+    if error is not None and not isinstance(error, (StartFailed, NoRoom, ModelInvalid)):
         log.error("front-door task %s failed", task.get_name(), exc_info=error)
 
 
@@ -90,7 +92,7 @@ class FrontDoor:
 
     def __init__(self, manager: InstanceManager, settings: Settings, models: ModelsFile) -> None:
         self._manager = manager
-        self._settings = settings
+        self._settings = self.settings = settings
         self.default_idle_timeout = models.idle_timeout
         self._states: dict[str, ModelState] = {}
         self._labels: dict[str, str] = {}  # name or alias -> name
@@ -117,6 +119,7 @@ class FrontDoor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics = FrontDoorMetrics(manager.metrics.registry, queue_depth=lambda: self._queued)
         self.metrics.sleeping.set_function(lambda: sum(s.phase is Phase.SLEEPING for s in self._states.values()))
+        self.metrics.invalid.set_function(lambda: sum(s.invalid is not None for s in self._states.values()))
         self._http: httpx.AsyncClient | None = None  # for the sleep endpoints; made on the event loop
         self._told_no_sleep: set[str] = set()  # models told once that this platform has no sleep mode
         self._progress: dict[str, tuple[float, str]] = {}  # instance id -> (when, its start phase in words)
@@ -124,43 +127,52 @@ class FrontDoor:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, on_bad_profiles: Callable[[str], None]) -> None:
-        """Start the idle reaper; once the models file's options pass vLLM's parser, the models
-        marked ``preload`` and compiling the others ahead.
-
-        ``on_bad_profiles`` gets one message naming each profile vLLM's parser rejects: the
-        launcher stops then, as for any other error in the models file.
-        """
+    def start(self) -> None:
+        """Start the idle reaper; once each profile is checked (vLLM's parser, its model folder, its
+        memory), the models marked ``preload`` and compiling the others ahead. A profile that
+        cannot run is marked invalid: the launcher serves the others."""
         self._http = httpx.AsyncClient(trust_env=False)
         self._spawn(self._reap_forever(), "front-door-reaper")
         self._spawn(self._compiler.run_forever(), "compile-ahead")
-        self._spawn(self._check_then_begin(on_bad_profiles), "check-profiles")
+        self._spawn(self._check_then_begin(), "check-profiles")
 
-    async def _check_then_begin(self, on_bad_profiles: Callable[[str], None]) -> None:
-        problems = await self._check_profiles(list(self._states.values()))
-        if problems:
-            on_bad_profiles(f"models file {self._settings.models_file}: " + "; ".join(problems))
-            return
+    async def _check_then_begin(self) -> None:
         for state in list(self._states.values()):
+            await self.check_runnable(state)
+        for state in list(self._states.values()):
+            if state.invalid is not None or self._states.get(state.name) is not state:
+                continue
             if state.profile.preload:
                 self._spawn(self._preload(state), f"preload-{state.name}")
             elif self._auto_compile:
                 self._compile_ahead(state)
 
-    async def _check_profiles(self, states: list[ModelState]) -> list[str]:
-        """Each profile's options through vLLM's parser in the forkserver, as a ``PUT`` checks them."""
-        problems = []
-        for state in states:
-            while True:
-                try:
-                    await self._manager.validate(state.profile.instance_config(state.name))
-                except ServiceUnavailable:  # the forkserver is (re)starting: the check waits for it
-                    await asyncio.sleep(1.0)
-                    continue
-                except LauncherError as exc:
-                    problems.append(f"model {state.name!r}: {exc.detail}")
-                break
-        return problems
+    async def check_runnable(self, state: ModelState) -> bool:
+        """Check the model's profile as a ``PUT`` does (vLLM's parser in the forkserver, the
+        ``--model`` folder) and against the memory budgets; mark it invalid (``state.invalid``,
+        its reason) or valid again. True if it can run."""
+        profile = state.profile
+        problem: str | None = None
+        while True:
+            try:
+                await self._manager.validate(profile.instance_config(state.name))
+            except ServiceUnavailable:  # the forkserver is (re)starting: the check waits for it
+                await asyncio.sleep(1.0)
+                continue
+            except LauncherError as exc:
+                problem = exc.detail
+            break
+        if state.profile is not profile or self._states.get(state.name) is not state:
+            return problem is None  # replaced or removed meanwhile: its successor is checked on its own
+        problem = problem or self.fitting.fit_problem(state)
+        state.checked_at = time.monotonic()
+        if problem is not None and state.invalid != problem:
+            log.warning("model %s cannot be started: %s", state.name, problem)
+        elif problem is None and state.invalid is not None:
+            log.info("model %s can be started again", state.name)
+        state.invalid = problem
+        self._notify()
+        return problem is None
 
     async def shutdown(self) -> None:
         """Stop the background work (the manager stops the instances)."""
@@ -171,6 +183,10 @@ class FrontDoor:
                 await task
         if self._http is not None:
             await self._http.aclose()
+
+    def spawn(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
+        """Run ``coroutine`` as a background task of the front door (cancelled at shutdown; a failure is logged)."""
+        return self._spawn(coroutine, name)
 
     def _spawn(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine, name=name)
@@ -256,7 +272,8 @@ class FrontDoor:
                 host or "(all addresses)",
             )
 
-    def _check_labels(self, name: str, profile: ModelProfile) -> None:
+    def check_labels(self, name: str, profile: ModelProfile) -> None:
+        """:class:`ProfileError` if the name or an alias is another model's (or no name at all)."""
         check_name(name)
         for label in [name, *profile.aliases]:
             owner = self._labels.get(label)
@@ -268,7 +285,7 @@ class FrontDoor:
     def put_profile(self, name: str, profile: ModelProfile) -> tuple[ModelState, bool]:
         """Add or replace a profile; True if it is new. A running instance with another
         configuration is stopped once no request is in flight; the next request starts the new one."""
-        self._check_labels(name, profile)
+        self.check_labels(name, profile)
         self._warn_if_open(name, profile)
         state = self._states.get(name)
         if state is None:
@@ -288,6 +305,8 @@ class FrontDoor:
                 state.retire = True  # the instance would differ: replace it once idle
         changed = profile.instance_config(name) != state.profile.instance_config(name)
         state.profile = profile
+        if state.invalid is not None and changed:
+            state.invalid = None  # the new profile is checked by whoever changed it
         if changed:
             state.compiled, state.compile_error = not needs_compile(profile), None
             if self._auto_compile:
@@ -297,6 +316,10 @@ class FrontDoor:
 
     async def delete_profile(self, name: str) -> None:
         """Remove a profile (new requests get 404 at once), then stop its instance once idle."""
+        await self.stop_removed(self.forget_profile(name))
+
+    def forget_profile(self, name: str) -> ModelState:
+        """Remove a profile now (new requests get 404); its instance stops with :meth:`stop_removed`."""
         state = self._states.pop(name, None)
         if state is None:
             raise NotFound(f"model {name!r} not found")
@@ -304,6 +327,11 @@ class FrontDoor:
             self._labels.pop(label, None)
         self._compiler.forget(name)
         self._removed.append(state)  # its GPUs and slot stay taken until the instance is gone
+        self._notify()
+        return state
+
+    async def stop_removed(self, state: ModelState) -> None:
+        """Stop a removed profile's instance once idle; return when it is gone."""
         try:
             await self.stop_model(state, reason="deleted")
         finally:
@@ -391,6 +419,8 @@ class FrontDoor:
         ``--queue-max`` requests wait at once. Raises :class:`StartFailed` or :class:`NoRoom`;
         :class:`NotFound` if the profile is deleted.
         """
+        if state.invalid is not None:
+            await self._recheck_invalid(state)
         queued = False
         try:
             while True:
@@ -414,6 +444,14 @@ class FrontDoor:
         finally:
             if queued:
                 self._queued -= 1
+
+    async def _recheck_invalid(self, state: ModelState) -> None:
+        """An invalid model asked for: checked again (a folder may have appeared), at most once a
+        second; :class:`ModelInvalid` at once if it still cannot run (no start is tried)."""
+        if time.monotonic() - state.checked_at >= RECHECK_SECONDS:
+            await self.check_runnable(state)
+        if state.invalid is not None:
+            raise ModelInvalid(f"model {state.name!r} cannot be started: {state.invalid}")
 
     def try_acquire(self, state: ModelState) -> Lease | None:
         """Hold the model's instance for one request if it is ready now (no waiting), else None.
@@ -701,7 +739,7 @@ class FrontDoor:
     async def _preload(self, state: ModelState) -> None:
         try:
             await self.start_model(state)
-        except (StartFailed, NoRoom, NotFound) as exc:
+        except (StartFailed, NoRoom, NotFound, ModelInvalid) as exc:
             log.warning("could not preload model %s: %s", state.name, exc)
 
     # ------------------------------------------------------------------ sleeping

@@ -37,6 +37,11 @@ class NoRoom(Exception):
     """No room could be made within the queue timeout (or the queue is full)."""
 
 
+class ModelInvalid(Exception):
+    """The model's profile cannot run (its folder is missing, vLLM rejects its options, it never
+    fits): answered at once, no start is tried."""
+
+
 class InsufficientMemory(NoRoom):
     """The model's expected footprint exceeds a memory budget even on an empty node."""
 
@@ -67,10 +72,18 @@ class ModelState:
     # Its identity in room plans: a profile deleted and added again under the same name is a new
     # state, while the old one may still hold its GPUs and memory until its instance is gone.
     uid: int = field(default_factory=lambda: next(_UIDS))
+    invalid: str | None = None  # why its profile cannot run (state "invalid"); None: it can, as far as known
+    checked_at: float = 0.0  # monotonic time of the last check of its profile
 
     def sleep_settled(self) -> bool:
         """No sleep of its instance is under way (it is asleep, or awake, not between)."""
         return self.sleep_task is None or self.sleep_task.done()
+
+    def shown_state(self) -> str:
+        """Its phase in words; ``invalid`` for a profile that cannot run and has no instance."""
+        if self.invalid is not None and self.phase in (Phase.STOPPED, Phase.FAILED):
+            return "invalid"
+        return self.phase.value
 
     def to_json(self, default_idle_timeout: float) -> dict[str, Any]:
         """The model's profile and state, as ``/v2/vllm/models`` shows it."""
@@ -78,11 +91,11 @@ class ModelState:
             "name": self.name,
             **self.profile.model_dump(exclude_none=True),
             "idle_timeout": effective_idle_timeout(self.profile, default_idle_timeout),
-            "state": self.phase.value,
+            "state": self.shown_state(),
             "instance_id": self.instance_id,
             "last_used": self.last_used,
             "in_flight": self.in_flight,
-            "last_error": self.last_error,
+            "last_error": self.invalid if self.invalid is not None else self.last_error,
             "compiled": self.compiled,
             "compile_error": self.compile_error,
         }

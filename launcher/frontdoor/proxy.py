@@ -31,7 +31,7 @@ from launcher import readiness
 from launcher.errors import NotFound
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
-from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelState, NoRoom, StartFailed
+from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelInvalid, ModelState, NoRoom, StartFailed
 from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 from launcher.request_body import read_capped
 
@@ -213,7 +213,7 @@ class OpenAIProxy:
     ) -> int:
         try:
             lease = await _unless_client_leaves(receive, door.acquire(state))
-        except (StartFailed, NoRoom, NotFound) as exc:
+        except (StartFailed, NoRoom, NotFound, ModelInvalid) as exc:
             return await _acquire_failure(exc).answer(scope, receive, send, headers_sent=False)
         if lease is None:  # the client left while it waited: it is out of the queue, nothing to send
             return CLIENT_LEFT.status
@@ -221,6 +221,8 @@ class OpenAIProxy:
 
 
 def _acquire_failure(exc: Exception) -> _Failure:
+    if isinstance(exc, ModelInvalid):  # the node's configuration, not the client: at once, no Retry-After
+        return _Failure(503, str(exc), code="model_invalid")
     if isinstance(exc, InsufficientMemory):  # it will not fit later either: no Retry-After
         return _Failure(503, str(exc), code="insufficient_memory")
     if isinstance(exc, StartFailed):
@@ -280,7 +282,7 @@ async def _open_or_start_afresh(
                     lease.state.name, lease.record.instance_id)  # fmt: skip
         try:
             again = await exchange.unless_gone(door.acquire(lease.state))
-        except (StartFailed, NoRoom, NotFound) as exc:
+        except (StartFailed, NoRoom, NotFound, ModelInvalid) as exc:
             return None, _acquire_failure(exc)
         if again is None:
             return None, CLIENT_LEFT
@@ -422,7 +424,7 @@ class _KeptAlive:
             return CLIENT_LEFT.status
         try:
             lease = acquiring.result()
-        except (StartFailed, NoRoom, NotFound) as exc:
+        except (StartFailed, NoRoom, NotFound, ModelInvalid) as exc:
             return await _acquire_failure(exc).answer(self._scope, self._receive, self._send, headers_sent=True)
         return await _pass(self._scope, self._receive, self._send, self._door, lease, body, headers_sent=True)
 

@@ -17,7 +17,8 @@ from starlette.routing import Route
 from launcher.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
-from launcher.frontdoor.model_state import ModelState, NoRoom, StartFailed
+from launcher.frontdoor.live_config import LiveConfig
+from launcher.frontdoor.model_state import ModelInvalid, ModelState, NoRoom, StartFailed
 from launcher.frontdoor.profiles import ModelProfile, ProfileError, check_name, plain_errors
 from launcher.frontdoor.proxy import RETRY_AFTER_SECONDS, OpenAIProxy
 from launcher.request_body import read_json_body
@@ -52,7 +53,7 @@ def _model_entry(label: str, door: FrontDoor, created: int) -> dict[str, Any]:
     state = door.resolve(label)
     assert state is not None
     return {"id": label, "object": "model", "created": created, "owned_by": "vllm-launcher", "root": state.name,
-            "state": state.phase.value}  # fmt: skip
+            "state": state.shown_state()}  # fmt: skip
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -81,7 +82,24 @@ async def list_profiles(request: Request) -> JSONResponse:
     door = _door(request)
     models = [door.describe(state) for state in door.states()]
     return JSONResponse({"idle_timeout": door.default_idle_timeout, "models": models, "count": len(models),
-                         "memory": door.fitting.memory_use()})  # fmt: skip
+                         "memory": door.fitting.memory_use(), **_live(request).describe()})  # fmt: skip
+
+
+def _live(request: Request) -> LiveConfig:
+    live: LiveConfig = request.app.state.live_config
+    return live
+
+
+async def reload_profiles(request: Request) -> JSONResponse:
+    """``POST /v2/vllm/models/reload``: read the models file again now; what changed, or 422 with its error."""
+    live = _live(request)
+    if not live.path:
+        raise Conflict("the launcher has no models file to reload (start it with --models-file PATH)")
+    try:
+        changes = await live.reload(why="POST /v2/vllm/models/reload")
+    except ProfileError as exc:
+        raise Unprocessable(f"the models file was not reloaded, the running models stay: {exc}") from None
+    return JSONResponse({"models_file": live.path, **changes.to_json()})
 
 
 async def get_profile(request: Request) -> JSONResponse:
@@ -105,13 +123,17 @@ async def put_profile(request: Request) -> JSONResponse:
         raise BadRequest(str(exc)) from None
     # Options vLLM's parser rejects are the client's mistake, said now rather than at the first request.
     await request.app.state.manager.validate(profile.instance_config(name))
+    live = _live(request)
     try:
-        state, created = door.put_profile(name, profile)
+        state, created = await live.put(name, profile)
     except ProfileError as exc:
         raise Conflict(str(exc)) from None
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    return JSONResponse(door.describe(state), status_code=201 if created else 200)
+    answer = door.describe(state)
+    if "warning" in live.describe():
+        answer["warning"] = live.describe()["warning"]  # changes last until a restart: said with each one
+    return JSONResponse(answer, status_code=201 if created else 200)
 
 
 def _profile_state(request: Request) -> ModelState:
@@ -140,6 +162,8 @@ async def start_profile(request: Request) -> JSONResponse:
     state = _profile_state(request)
     try:
         await door.start_model(state)
+    except ModelInvalid as exc:
+        raise ServiceUnavailable(str(exc)) from None
     except (StartFailed, NoRoom) as exc:
         raise ServiceUnavailable(str(exc), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
     return JSONResponse(door.describe(state))
@@ -164,7 +188,7 @@ async def stop_profile(request: Request) -> JSONResponse:
 async def delete_profile(request: Request) -> JSONResponse:
     """``DELETE /v2/vllm/models/{name}``: remove a profile; answers once its instance is gone."""
     name = request.path_params["name"]
-    await _door(request).delete_profile(name)
+    await _live(request).delete(name)
     return JSONResponse({"status": "deleted", "name": name})
 
 
@@ -175,6 +199,7 @@ def front_door_routes() -> list[Route]:
         Route("/v1/models/{model:anypath}", get_model, methods=["GET"]),
         Route("/v1/{path:anypath}", OpenAIProxy(), methods=["POST"]),  # plain ASGI: the hot path
         Route("/v2/vllm/models", list_profiles, methods=["GET"]),
+        Route("/v2/vllm/models/reload", reload_profiles, methods=["POST"]),
         Route("/v2/vllm/models/{name:anypath}/start", start_profile, methods=["POST"]),
         Route("/v2/vllm/models/{name:anypath}/stop", stop_profile, methods=["POST"]),
         Route("/v2/vllm/models/{name:anypath}/warm", warm_profile, methods=["POST"]),

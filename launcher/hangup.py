@@ -1,0 +1,61 @@
+"""``SIGHUP``: reload the models file, unless it means that the launcher's terminal closed.
+
+A launcher run as a service (Kubernetes, systemd: no terminal) takes ``kill -HUP`` as "read the
+models file again", as daemons do. One started in a terminal (``make run``) gets ``SIGHUP`` when
+that terminal closes: it says so and shuts down cleanly (its instances stopped, its runtime
+directory removed), as Ctrl-C would. ``nohup`` (SIGHUP ignored) is respected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger("launcher")
+
+
+def _on_a_terminal() -> bool:
+    with contextlib.suppress(ValueError, OSError):
+        return sys.stdin is not None and os.isatty(sys.stdin.fileno())
+    return False
+
+
+@contextlib.contextmanager
+def on_hangup(reload: Callable[[], None]) -> Iterator[None]:
+    """While inside, SIGHUP calls ``reload`` on the running loop (or, on a terminal, shuts down)."""
+    loop = asyncio.get_running_loop()
+    previous: Any = signal.getsignal(signal.SIGHUP)
+    if previous == signal.SIG_IGN:  # nohup, or a supervisor that wants it ignored
+        yield
+        return
+    terminal = _on_a_terminal()
+
+    def hang_up() -> None:
+        if terminal:
+            log.warning("the terminal closed (SIGHUP): shutting down (kill -HUP reloads the models file only "
+                        "when the launcher runs without a terminal; POST /v2/vllm/models/reload always does)")
+            os.kill(os.getpid(), signal.SIGTERM)  # the shutdown every stop takes
+        else:
+            log.info("SIGHUP: reading the models file again")
+            reload()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(hang_up)  # never work in a signal handler
+
+    try:
+        signal.signal(signal.SIGHUP, handler)
+    except ValueError:  # not the main thread: the server owns signals there
+        yield
+        return
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGHUP) is handler:
+            signal.signal(signal.SIGHUP, previous)
