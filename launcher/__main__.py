@@ -20,9 +20,9 @@ from launcher.settings import Settings, unknown_variables
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags (over ``LAUNCHER_*`` variables) and serve until SIGTERM or Ctrl-C."""
-    settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)
     for warning in unknown_variables():
         print(f"launcher: warning: {warning}", file=sys.stderr)
+    settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)
     setproctitle.setproctitle(f"vllm-launcher: api :{settings.port}")  # ps tells it from its forkserver
     setproctitle.setthreadtitle("vllm-launcher")  # comm (top, pgrep), 15 bytes at most
     listener: socket.socket | None = None

@@ -139,8 +139,9 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX) and name not in known and name not in OTHER_VARIABLES \
                 and not name.startswith(OTHER_PREFIXES):  # fmt: skip
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            bare = [setting.removeprefix(ENV_PREFIX) for setting in known]  # the shared prefix matches nothing
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), bare, n=1, cutoff=0.6)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
             warnings.append(f"{name} is not a setting of the launcher{hint}: it is ignored")
     return warnings
 

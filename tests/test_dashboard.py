@@ -196,3 +196,32 @@ def test_memory_budgets_show_as_bars(launcher: LauncherProcess, page: tuple[Page
     row.locator("button", has_text="stop").click()
     expect(row).to_contain_text("stopped")
     assert errors == []
+
+
+def test_a_broken_models_file_shows_a_banner_and_an_invalid_model_its_state(
+    chromium: Browser, tmp_path: Path
+) -> None:
+    models = tmp_path / "models.yaml"
+    good = 'models:\n  echo: {options: "--model echo"}\n  typo: {options: "--model t --nope"}\n'
+    models.write_text(good)
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_MODELS_FILE": str(models)})
+    context = chromium.new_context()
+    browser_page = context.new_page()
+    browser_page.set_default_timeout(TIMEOUT_MS)
+    errors = ConsoleErrors().watch(browser_page)
+    try:
+        with screenshot_on_failure(browser_page, tmp_path, "banner"):
+            browser_page.goto(f"{launcher.base_url}/ui")
+            expect(browser_page.locator('#models tbody tr[data-name="typo"]')).to_contain_text("invalid")
+            expect(browser_page.locator("#file-error")).to_be_hidden()
+            models.write_text(good + "  broken: [\n")
+            banner = browser_page.locator("#file-error")
+            expect(banner).to_be_visible()
+            expect(banner).to_contain_text("not reloaded (the running models stay)")
+            expect(banner).to_contain_text("line 5")
+            models.write_text(good)
+            expect(banner).to_be_hidden()
+        assert errors == []
+    finally:
+        context.close()
+        assert not launcher.stop()

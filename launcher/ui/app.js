@@ -198,8 +198,11 @@ async function renderGpus() {
 async function renderModels() {
   const response = await api("/v2/vllm/models");
   if (!response.ok) return;
-  const { models, memory } = await response.json();
+  const { models, memory, file_error: fileError } = await response.json();
   renderBudgets(memory);
+  const banner = $("#file-error");
+  banner.textContent = fileError ? `The models file was not reloaded (the running models stay): ${fileError}` : "";
+  banner.hidden = !fileError;
   const body = $("#models tbody");
   body.replaceChildren(...models.map((model) => {
     const row = document.createElement("tr");
@@ -218,6 +221,7 @@ async function renderModels() {
         .then(renderModels);
       actions.append(button);
     }
+    if (model.state === "invalid") badge.title = model.last_error || "";
     const used = model.last_used ? new Date(model.last_used * 1000).toLocaleTimeString() : null;
     row.append(cell(model.name), state, cell(model.instance_id), cell(model.in_flight), cell(used), actions);
     return row;
