@@ -38,6 +38,7 @@ from launcher.schemas import (
     OpenAIError,
     OpenAIModel,
     OpenAIModelList,
+    ReloadResult,
     WatchEvent,
 )
 
@@ -224,10 +225,16 @@ OPERATIONS: tuple[Operation, ...] = (
                502: _openai_error("the model's instance could not be started (one line: the reason; the end of its "
                                   "log at GET /v2/vllm/models/{name}/log) "
                                   "or did not answer"),
-               503: _openai_error("no room for the model within --queue-timeout", {"Retry-After": "seconds"})},
+               503: _openai_error("no room for the model within --queue-timeout (Retry-After), or its profile "
+                                  "cannot run (model_invalid)", {"Retry-After": "seconds"})},
               parameters=("path",)),
     Operation("GET", "/v2/vllm/models", "list_model_profiles", "Front door: every model profile and its state",
               None, {200: Answer(ModelList, "the profiles")}),
+    Operation("POST", "/v2/vllm/models/reload", "reload_model_profiles",
+              "Front door: read the models file again now (it is also reloaded when it changes)", None,
+              {200: Answer(ReloadResult, "applied: what was added, removed and changed"),
+               409: _error("the launcher has no models file"),
+               422: _error("the models file cannot be read (file, line, what is wrong); the running models stay")}),
     Operation("GET", _MODEL, "get_model_profile", "Front door: one model profile and its state", None,
               {200: Answer(ModelState, "the profile"), 404: _error("no model has this name or alias")},
               parameters=("name",)),
@@ -235,7 +242,8 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: Answer(ModelState, "replaced (a running instance with another configuration stops once idle)"),
                201: Answer(ModelState, "added"),
                400: _error("bad JSON, an invalid name, or options the vLLM parser rejects"),
-               409: _error("a name or alias is used by another model"),
+               409: _error("a name or alias is used by another model, or the models file cannot be written "
+                           "(read-only) or has an error to fix first"),
                413: _error("the body is larger than --max-body-bytes"),
                415: _error("the content type is not application/json"),
                422: _error("the body is JSON of the wrong shape"),
@@ -263,7 +271,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("DELETE", _MODEL, "delete_model_profile",
               "Front door: remove a model profile; answers once its instance is gone", None,
               {200: Answer(ModelDeleted, "the profile and its instance are gone"),
-               404: _error("no model has this name")},
+               404: _error("no model has this name"),
+               409: _error("the models file cannot be written (read-only) or has an error to fix first")},
               parameters=("name",)),
 )  # fmt: skip
 

@@ -43,6 +43,7 @@ ENDPOINTS = {
     "model_profile": "GET|PUT|DELETE /v2/vllm/models/{name}",
     "model_start_stop": "POST /v2/vllm/models/{name}/start, POST /v2/vllm/models/{name}/stop",
     "model_failed_log": "GET /v2/vllm/models/{name}/log (the end of its last failed start's log)",
+    "reload_models_file": "POST /v2/vllm/models/reload (the models file is also reloaded when it changes)",
     "dashboard": "GET /ui (browsers asking for / are sent there)",
 }
 

@@ -196,11 +196,13 @@ class ModelState(_Configured):
     aliases: list[str]
     preload: bool
     share_gpu: bool
-    state: Literal["stopped", "starting", "ready", "failed", "stopping", "sleeping", "waking"]
+    state: Literal["stopped", "starting", "ready", "failed", "stopping", "sleeping", "waking", "invalid"]
     instance_id: str | None = Field(description="its instance, while it has one")
     last_used: float | None = Field(description="Unix time of the last request (null: never used)")
     in_flight: int = Field(description="requests being answered now")
-    last_error: str | None = Field(description="why the last start failed, or what stopped its instance")
+    last_error: str | None = Field(
+        description="why its profile cannot run (state invalid), why the last start failed, or what stopped its instance"
+    )
     compiled: bool | Literal["compiling"] = Field(
         description="vLLM's compiled model for this profile is in the cache (true; also for eager profiles), "
         "being compiled ahead in a throwaway instance ('compiling'), or not known to be (false)"
@@ -238,6 +240,20 @@ class ModelList(_Strict):
     models: list[ModelState]
     count: int
     memory: MemoryUse = Field(description="each memory budget and what running instances hold against it")
+    models_file: str | None = Field(description="the models file (--models-file); null: none")
+    file_error: str | None = Field(
+        description="why the models file could not be read at its last change (the running models stay); null: it was"
+    )
+    warning: str | SkipJsonSchema[None] = _sometimes("with no models file: changes are not kept across restarts")
+
+
+class ReloadResult(_Strict):
+    """``POST /v2/vllm/models/reload``: what the models file changed."""
+
+    models_file: str
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
 
 
 class ModelDeleted(_Strict):
@@ -255,7 +271,7 @@ class OpenAIModel(_Strict):
     created: int
     owned_by: str
     root: str = Field(description="the profile's name (differs from id for an alias)")
-    state: Literal["stopped", "starting", "ready", "failed", "stopping", "sleeping", "waking"]
+    state: Literal["stopped", "starting", "ready", "failed", "stopping", "sleeping", "waking", "invalid"]
 
 
 class OpenAIModelList(_Strict):
@@ -296,6 +312,7 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ModelState,
     ModelList,
     ModelDeleted,
+    ReloadResult,
     OpenAIModel,
     OpenAIModelList,
     OpenAIErrorDetail,
