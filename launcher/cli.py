@@ -244,16 +244,26 @@ def cmd_list(client: LauncherClient, args: argparse.Namespace) -> int:
         [
             state.get("instance_id"),
             _status(state),
-            "yes" if state.get("ready") else "no",
+            ("yes" if state.get("ready") else "no") if state.get("status") == "running" else "-",  # a stopped one is not
             state.get("port"),
             state.get("pid"),
             state.get("model"),
+            format_bytes((state.get("memory") or {}).get("host_bytes")) if state.get("status") == "running" else "-",
             format_age(now - float(state.get("created_at") or now)),
         ]
         for state in instances
     ]
-    print(format_table(["ID", "STATUS", "READY", "PORT", "PID", "MODEL", "AGE"], rows))
+    print(format_table(["ID", "STATUS", "READY", "PORT", "PID", "MODEL", "MEMORY", "AGE"], rows))
     return EXIT_OK
+
+
+def format_bytes(size: object) -> str:
+    """``812 MiB``, ``2.05 GiB``; ``-`` when not known."""
+    if not isinstance(size, int | float) or isinstance(size, bool):
+        return "-"
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    return f"{size / 2**20:.0f} MiB"
 
 
 def cmd_get(client: LauncherClient, args: argparse.Namespace) -> int:
@@ -382,15 +392,23 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
                 model.get("in_flight"),
                 "-" if model.get("last_used") is None else format_age(now - float(model["last_used"])) + " ago",
                 f"{model.get('idle_timeout'):g}s" if model.get("idle_timeout") else "never",
+                format_bytes((model.get("memory_estimate") or {}).get("host_bytes")),
                 ",".join(model.get("aliases") or []) or "-",
             ]
             for model in answer["models"]
         ]
         print(
             format_table(
-                ["NAME", "STATE", "COMPILED", "INSTANCE", "IN-FLIGHT", "LAST USED", "IDLE STOP", "ALIASES"], rows
+                ["NAME", "STATE", "COMPILED", "INSTANCE", "IN-FLIGHT", "LAST USED", "IDLE STOP", "MEMORY", "ALIASES"],
+                rows,
             )
         )
+        host = (answer.get("memory") or {}).get("host") or {}
+        if host.get("budget_bytes"):
+            print(f"host memory: {format_bytes(host.get('used_bytes'))} of {format_bytes(host['budget_bytes'])} "
+                  "(--memory-budget) held by running instances")  # fmt: skip
+        if answer.get("file_error"):
+            print(f"warning: the models file was not reloaded: {answer['file_error']}", file=sys.stderr)
         return EXIT_OK
     if not args.name:
         args.subparser.error(f"models {action} needs a model NAME")
@@ -399,7 +417,7 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
             args.subparser.error("models add needs OPTIONS (vLLM flags)")
         answer = client.put_model(
             args.name,
-            " ".join(args.options),
+            _options_text(args.options),
             aliases=args.alias or (),
             env_vars=dict(args.env) if args.env else None,
             gpu_uuids=args.gpu,
@@ -477,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = command("create", cmd_create, "create an instance")
     create.add_argument(
-        "options", nargs="+", metavar="OPTIONS", help='vLLM options: one quoted string, or words after "--"'
+        "options", nargs="+", metavar="OPTIONS", help="vLLM options, as words (--model M --max-model-len 256) or one "
+        "quoted string"
     )
     create.add_argument("--id", help="instance id (default: a UUID chosen by the launcher)")
     create.add_argument(
@@ -529,10 +548,42 @@ def _run(args: argparse.Namespace) -> int:
         return handler(client, args)
 
 
+def _vllm_words_last(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``create`` and ``models add NAME`` take vLLM's flags as they are (``create --model M
+    --max-model-len 256``): every word after the command that is not one of launcherctl's own
+    options goes, in order, after a ``--``, as if it had been written so."""
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for index, word in enumerate(argv):
+        if word == "create" or (word == "models" and argv[index + 1 : index + 2] == ["add"]):
+            break
+    else:
+        return argv
+    sub = commands.choices[word]
+    kept, positional, vllm = argv[: index + 1], argv[index + 1 : index + 2] if word == "models" else [], []
+    name_pending = word == "models"  # models add's NAME is launcherctl's own
+    words = iter(argv[index + 1 + len(positional) :])
+    for token in words:
+        if token == "--":
+            vllm += list(words)
+            break
+        action = sub._option_string_actions.get(token.split("=", 1)[0])
+        if action is not None:
+            kept.append(token)
+            if action.nargs != 0 and "=" not in token:
+                kept += [next(words, "")]  # its value
+        elif name_pending and not token.startswith("-"):
+            positional.append(token)
+            name_pending = False
+        else:
+            vllm.append(token)
+    # Own options first, then the positionals in one run (argparse matches them together), then vLLM's.
+    return kept + positional + (["--", *vllm] if vllm else [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``launcherctl``; returns the exit code (see the module docstring)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_vllm_words_last(parser, list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -225,8 +226,15 @@ def _content_range_total(header: str | None) -> int | None:
 class LauncherClient:
     """Synchronous client of one launcher. Thread-safe as httpx.Client is; close it when done."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 30.0) -> None:
-        """Talk to the launcher at ``base_url``; ``token`` is sent as ``Authorization: Bearer``."""
+    def __init__(self, base_url: str | None = None, *, token: str | None = None, timeout: float = 30.0) -> None:
+        """Talk to the launcher at ``base_url``; ``token`` is sent as ``Authorization: Bearer``.
+
+        As ``launcherctl``: ``base_url`` defaults to ``$LAUNCHER_URL``, then ``http://localhost:8001``;
+        ``token`` to ``$LAUNCHER_API_TOKEN`` (``token=""`` sends none).
+        """
+        base_url = base_url or os.environ.get("LAUNCHER_URL") or DEFAULT_URL
+        if token is None:
+            token = os.environ.get("LAUNCHER_API_TOKEN") or None
         self.base_url = normalize_url(base_url)
         self.timeout = timeout
         headers = {"User-Agent": f"launcher-client/{__version__}"}

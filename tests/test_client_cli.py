@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ from launcher.client import (
     WaitTimeoutError,
     WatchEvent,
 )
-from tests.launcher_process import REPO, LauncherProcess, free_port
+from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
 
 MODEL = "--model standin-model"
 # The stand-in exits (code 3) before it ever serves, so it can never become ready.
@@ -312,7 +313,7 @@ def test_cli_create_wait_prints_the_url_and_the_rest_works(launcher: LauncherPro
     listed = run_cli(launcher, "list")
     assert listed.returncode == 0
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["ID", "STATUS", "READY", "PORT", "PID", "MODEL", "AGE"]
+    assert header.split() == ["ID", "STATUS", "READY", "PORT", "PID", "MODEL", "MEMORY", "AGE"]
     assert rows[0].split()[:4] == ["cli-a", "running", "yes", str(port)]
 
     got = run_cli(launcher, "get", "cli-a")
@@ -496,3 +497,20 @@ def test_launcherctl_models(launcher: LauncherProcess) -> None:
     assert run_cli(launcher, "models", "remove", "chat").stdout.strip() == "chat: deleted"
     assert run_cli(launcher, "models", "stop", "chat").returncode == 3  # not found
     assert run_cli(launcher, "models", "add", "lonely").returncode == 2  # usage: no options
+
+
+def test_cli_takes_vllm_flags_unquoted_for_create_and_models_add(launcher: LauncherProcess) -> None:
+    created = run_cli(launcher, "create", "--id", "bare", "--model", "m", "--served-model-name", "a", "b", "--wait")
+    assert created.returncode == 0, created.stderr
+    assert launcher.state("bare")["options"] == "--model m --served-model-name a b"
+    added = run_cli(launcher, "models", "add", "bare-model", "--model", "m", "--alias", "bm", "--fast")
+    assert added.returncode == 0, added.stderr
+    profile = launcher.client.get("/v2/vllm/models/bare-model").json()
+    assert profile["options"] == "--model m --fast" and profile["aliases"] == ["bm"]
+    assert run_cli(launcher, "models", "remove", "bare-model").returncode == 0
+    os.killpg(launcher.state("bare")["pid"], signal.SIGKILL)
+    wait_until(lambda: launcher.state("bare")["status"] == "stopped", 10, what="stopped")
+    listed = run_cli(launcher, "list")
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("bare "))
+    assert row.split()[1:5] == ["stopped", "(exit", "-9)", "-"], row  # a stopped instance is not "ready: yes"
+    assert run_cli(launcher, "delete", "bare").returncode == 0
