@@ -289,9 +289,16 @@ def cmd_logs(client: LauncherClient, args: argparse.Namespace) -> int:
     """The instance's log; with -f, follow it until the instance stops."""
     chunks = client.follow_log(args.id) if args.follow else client.iter_log(args.id)
     out = sys.stdout.buffer
-    for chunk in chunks:
-        out.write(chunk)
-        out.flush()
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+            out.flush()
+    except NotFoundError as exc:
+        try:
+            client.model(args.id)
+        except LauncherAPIError:
+            raise exc from None
+        raise NotFoundError(404, f"{exc.detail}; {args.id!r} is a model: launcherctl models logs {args.id}") from None
     return EXIT_OK
 
 
@@ -410,6 +417,14 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
         if answer.get("file_error"):
             print(f"warning: the models file was not reloaded: {answer['file_error']}", file=sys.stderr)
         return EXIT_OK
+    if action == "reload":
+        answer = client.reload_models()
+        if args.json:
+            _print_json(answer)
+        else:
+            changes = [f"{what} {', '.join(answer[what])}" for what in ("added", "removed", "changed") if answer[what]]
+            print(f"{answer['models_file']}: {'; '.join(changes) or 'nothing changed'}")
+        return EXIT_OK
     if not args.name:
         args.subparser.error(f"models {action} needs a model NAME")
     if action == "add":
@@ -429,6 +444,10 @@ def cmd_models(client: LauncherClient, args: argparse.Namespace) -> int:
         answer = client.delete_model(args.name)
     elif action == "start":
         answer = client.start_model(args.name)
+    elif action == "logs":
+        sys.stdout.buffer.write(client.model_log(args.name))
+        sys.stdout.buffer.flush()
+        return EXIT_OK
     elif action == "warm":
         answer = client.warm_model(args.name)
         if not args.json:
@@ -523,9 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("gpus", cmd_gpus, "list the node's GPUs")
 
-    models = command("models", cmd_models, "the front door's models: list, add, remove, start, stop, warm")
+    models = command("models", cmd_models, "the front door's models: list, add, remove, start, stop, warm, logs, reload")
     models.add_argument(
-        "action", nargs="?", choices=["list", "add", "remove", "start", "stop", "warm"], help="default: list"
+        "action", nargs="?", choices=["list", "add", "remove", "start", "stop", "warm", "logs", "reload"],
+        help="default: list; logs: its instance's log, else its last failed start's; reload: read the models file again"
     )
     models.add_argument("name", nargs="?", metavar="NAME", help='the name clients put in "model"')
     models.add_argument("options", nargs="*", metavar="OPTIONS", help="for add: vLLM flags (no --port needed)")

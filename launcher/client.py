@@ -380,6 +380,21 @@ class LauncherClient:
         """Stop a model's instance once no request is in flight; answers once it is gone."""
         return self._json("POST", _model_path(name, "/stop"))
 
+    def reload_models(self) -> JSONDict:
+        """Read the models file again now: ``{"models_file", "added", "removed", "changed"}``."""
+        return self._json("POST", f"{MODELS}/reload")
+
+    def model_log(self, name: str) -> bytes:
+        """A model's log: its running instance's, else the end of its last failed start's;
+        :class:`NotFoundError` if it has neither."""
+        model = self.model(name)
+        if model.get("instance_id"):
+            return b"".join(self.iter_log(str(model["instance_id"])))
+        response = self._send("GET", _model_path(name, "/log"))
+        if not response.is_success:
+            raise error_from_response(response)
+        return response.content
+
     # -------------------------------------------------------------- logs
 
     def _log_piece(self, instance_id: str, start: int | None, end: int | None) -> tuple[bytes, int | None]:

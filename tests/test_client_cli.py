@@ -514,3 +514,18 @@ def test_cli_takes_vllm_flags_unquoted_for_create_and_models_add(launcher: Launc
     row = next(line for line in listed.stdout.splitlines() if line.startswith("bare "))
     assert row.split()[1:5] == ["stopped", "(exit", "-9)", "-"], row  # a stopped instance is not "ready: yes"
     assert run_cli(launcher, "delete", "bare").returncode == 0
+
+
+def test_cli_models_logs_shows_the_running_instances_log_or_the_failed_starts(launcher: LauncherProcess) -> None:
+    assert run_cli(launcher, "models", "add", "logged", "--model", "m").returncode == 0
+    assert run_cli(launcher, "models", "start", "logged").returncode == 0
+    shown = run_cli(launcher, "models", "logs", "logged")
+    assert shown.returncode == 0 and "standin serving m" in shown.stdout
+    hint = run_cli(launcher, "logs", "logged")
+    assert hint.returncode == 3 and "'logged' is a model: launcherctl models logs logged" in hint.stderr
+    assert run_cli(launcher, "models", "add", "failing", "--model", "f", "--fail-at-start").returncode == 0
+    assert run_cli(launcher, "models", "start", "failing").returncode != 0
+    failed = run_cli(launcher, "models", "logs", "failing")
+    assert failed.returncode == 0 and "standin failing at start" in failed.stdout
+    for name in ("logged", "failing"):
+        assert run_cli(launcher, "models", "remove", name).returncode == 0
