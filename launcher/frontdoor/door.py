@@ -164,7 +164,9 @@ class FrontDoor:
             break
         if state.profile is not profile or self._states.get(state.name) is not state:
             return problem is None  # replaced or removed meanwhile: its successor is checked on its own
-        problem = problem or self.fitting.fit_problem(state)
+        fit = None if problem is not None else self.fitting.fit_problem(state)
+        state.invalid_memory = fit is not None  # answered as insufficient_memory, as a start would be
+        problem = problem or fit
         state.checked_at = time.monotonic()
         if problem is not None and state.invalid != problem:
             log.warning("model %s cannot be started: %s", state.name, problem)
@@ -450,6 +452,8 @@ class FrontDoor:
         second; :class:`ModelInvalid` at once if it still cannot run (no start is tried)."""
         if time.monotonic() - state.checked_at >= RECHECK_SECONDS:
             await self.check_runnable(state)
+        if state.invalid is not None and state.invalid_memory:
+            raise InsufficientMemory(state.invalid)
         if state.invalid is not None:
             raise ModelInvalid(f"model {state.name!r} cannot be started: {state.invalid}")
 
