@@ -74,7 +74,12 @@ class BearerTokenMiddleware:
         if scope["path"] == "/" and wants_html(accept_of(scope["headers"])):
             await _to_dashboard(send)
             return
-        body = json.dumps({"detail": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"}).encode()
+        message = "missing or wrong bearer token: send 'Authorization: Bearer <token>'"
+        if scope["path"].startswith("/v1/") or scope["path"] == "/v1":  # OpenAI's SDKs read their own shape
+            body = json.dumps({"error": {"message": message + " (the OpenAI SDKs send their api_key so)",
+                                         "type": "AuthenticationError", "code": "invalid_api_key"}}).encode()  # fmt: skip
+        else:
+            body = json.dumps({"detail": message}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -215,3 +215,27 @@ def test_a_launcher_stopped_while_vllm_preloads_ends_its_forkserver_at_once() ->
         assert not forkserver.is_running()
         assert "did not exit in time" not in output, output  # it is not left to finish its preload first
         assert "Traceback" not in output, output
+
+
+def test_errors_under_v1_are_openai_shaped_and_an_unknown_model_gets_did_you_mean(tmp_path: Path) -> None:
+    import openai
+
+    models = tmp_path / "models.yaml"
+    models.write_text('models:\n  tiny: {options: "--model T", aliases: [tiny-chat]}\n')
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_MODELS_FILE": str(models),
+                                                        "LAUNCHER_API_TOKEN": "s3cret"})  # fmt: skip
+    try:
+        wrong = openai.OpenAI(base_url=f"{launcher.base_url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="missing or wrong bearer token"):
+            wrong.completions.create(model="tiny", prompt="x")
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{launcher.base_url}/v1", api_key="s3cret", max_retries=0)
+        with pytest.raises(openai.NotFoundError, match="did you mean 'tiny-chat'"):
+            right.completions.create(model="tiny-chta", prompt="x")
+        answer = launcher.client.get("/v1/models/tiny-chta", headers={"Authorization": "Bearer s3cret"})
+        assert answer.status_code == 404 and "did you mean 'tiny-chat'" in answer.json()["error"]["message"]
+        assert launcher.client.get("/v2/vllm/instances").json() == {"detail": "missing or wrong bearer token: send "
+                                                                    "'Authorization: Bearer <token>'"}  # fmt: skip
+    finally:
+        assert not launcher.stop()

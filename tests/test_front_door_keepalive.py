@@ -76,7 +76,7 @@ def test_a_failed_start_ends_the_kept_alive_stream_with_an_error_the_sdk_raises(
         lines = [line for line in response.iter_lines() if line]
     assert response.status_code == 200 and lines[0].startswith(": starting broken")
     error = json.loads(lines[-1].removeprefix("data: "))["error"]
-    assert error["code"] == "model_start_failed" and error["type"] == "ServiceUnavailableError"
+    assert error["code"] == "model_start_failed" and error["type"] == "InternalServerError"
 
 
 def test_an_instance_refusing_the_request_is_an_error_event(launcher: LauncherProcess) -> None:

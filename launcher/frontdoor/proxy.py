@@ -33,6 +33,7 @@ from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
 from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelInvalid, ModelState, NoRoom, StartFailed
 from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
+from launcher.models import did_you_mean
 from launcher.request_body import read_capped
 
 log = logging.getLogger("launcher.front_door")
@@ -191,7 +192,8 @@ class OpenAIProxy:
         state = door.resolve(model)
         if state is None:
             door.metrics.count_request(UNKNOWN_MODEL_LABEL, 404)
-            await openai_error(404, f"The model '{model}' does not exist (GET /v1/models lists them).",
+            hint = did_you_mean(model, [label for label, _ in door.labels()])
+            await openai_error(404, f"The model '{model}' does not exist{hint} (GET /v1/models lists them).",
                                "NotFoundError", "model_not_found")(scope, receive, send)  # fmt: skip
             return
         lease = door.try_acquire(state)  # a ready model: no waiting, no task
@@ -226,7 +228,7 @@ def _acquire_failure(exc: Exception) -> _Failure:
     if isinstance(exc, InsufficientMemory):  # it will not fit later either: no Retry-After
         return _Failure(503, str(exc), code="insufficient_memory")
     if isinstance(exc, StartFailed):
-        return _Failure(502, str(exc), code="model_start_failed")
+        return _Failure(502, str(exc), "InternalServerError", code="model_start_failed")
     if isinstance(exc, NoRoom):
         return _Failure(503, str(exc), code="no_room", headers={"Retry-After": RETRY_AFTER_SECONDS})
     return _Failure(404, str(exc), "NotFoundError", "model_not_found")
@@ -273,7 +275,7 @@ async def _open_or_start_afresh(
         if exchange.gone:
             return lease, CLIENT_LEFT
         failure = _Failure(502, f"The model's instance {lease.record.instance_id} did not answer: {opened}",
-                           code="upstream_unreachable")  # fmt: skip
+                           "InternalServerError", code="upstream_unreachable")  # fmt: skip
         if isinstance(opened, UpstreamTimeout) or attempt == FRESH_STARTS:
             return lease, failure
         if not await door.lost_before_answering(lease):  # it lives: it may have the request; not sent twice

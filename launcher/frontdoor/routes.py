@@ -21,6 +21,7 @@ from launcher.frontdoor.live_config import LiveConfig
 from launcher.frontdoor.model_state import ModelInvalid, ModelState, NoRoom, StartFailed
 from launcher.frontdoor.profiles import ModelProfile, ProfileError, check_name, plain_errors
 from launcher.frontdoor.proxy import RETRY_AFTER_SECONDS, OpenAIProxy
+from launcher.models import did_you_mean
 from launcher.request_body import read_json_body
 
 
@@ -70,7 +71,8 @@ async def get_model(request: Request) -> JSONResponse:
     label = request.path_params["model"]
     door = _door(request)
     if door.resolve(label) is None:
-        return openai_error(404, f"The model '{label}' does not exist.", "NotFoundError", "model_not_found")
+        hint = did_you_mean(label, [name for name, _ in door.labels()])
+        return openai_error(404, f"The model '{label}' does not exist{hint}.", "NotFoundError", "model_not_found")
     return JSONResponse(_model_entry(label, door, int(time.time())))
 
 
