@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             listener.close()
         print(f"launcher: {exc}", file=sys.stderr)
         return 2
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_token or settings.api_token_file):
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(f"launcher: WARNING: the API listens on {shown}:{settings.port} with no token: anyone who can reach "
+              "this port can start processes on this machine. Set a token (--api-token-file, LAUNCHER_API_TOKEN) "
+              "or listen on loopback only (--host 127.0.0.1).", file=sys.stderr)  # fmt: skip
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -52,6 +52,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 PHASE_LOG_BYTES = 4 << 20  # where an instance's start-phase markers are looked for
+ALL_ADDRESSES = ("0.0.0.0", "::", "", "[::]")  # a launcher host that means every address
 MEMORY_SAMPLE_SECONDS = 2.0  # how often each live instance's footprint is read
 MOCK_ASLEEP_GPU_BYTES = 2**30  # what a sleeping instance keeps of a mock GPU (a CUDA context)
 
@@ -359,6 +360,11 @@ class InstanceManager:
             else:
                 reservation.port = ports.pick_free_port(self._ports_in_use())
                 argv = [*argv, "--port", str(reservation.port)]
+            if parsed.get("host") is None and self._settings.host not in ALL_ADDRESSES:
+                # No --host in its options: the launcher's own address, not every address (a launcher on
+                # loopback opens nothing). On 0.0.0.0 (FMA's pods) vLLM's default stays: every address.
+                argv = [*argv, "--host", self._settings.host]
+                parsed = {**parsed, "host": self._settings.host}
             reply = await client.request(
                 protocol.OP_SPAWN,
                 instance_id=instance_id,

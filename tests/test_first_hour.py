@@ -239,3 +239,40 @@ def test_errors_under_v1_are_openai_shaped_and_an_unknown_model_gets_did_you_mea
                                                                     "'Authorization: Bearer <token>'"}  # fmt: skip
     finally:
         assert not launcher.stop()
+
+
+def test_an_open_api_is_said_loudly_and_instances_listen_where_the_launcher_does(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "LAUNCHER_FORKSERVER_WORKLOAD": "standin", "LAUNCHER_LOG_DIR": str(tmp_path / "logs"),
+           "TMPDIR": str(tmp_path)}  # fmt: skip
+    opened = subprocess.Popen([sys.executable, "-m", "launcher", "--host", "0.0.0.0", "--port", str(port)], cwd=REPO,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    def up() -> bool:
+        try:
+            return opened.poll() is not None or httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, 60, 0.2, "the launcher")
+    finally:
+        opened.terminate()
+        _, stderr = opened.communicate(timeout=60)
+    assert f"launcher: WARNING: the API listens on 0.0.0.0:{port} with no token" in stderr, stderr
+
+    launcher = LauncherProcess(workload="standin")  # --host 127.0.0.1
+    try:
+        def listening(instance_id: str) -> set[str]:
+            process = psutil.Process(launcher.state(instance_id)["pid"])
+            return {conn.laddr.ip for conn in process.net_connections() if conn.status == psutil.CONN_LISTEN}
+
+        assert launcher.create("local", options="--model m").status_code == 201
+        wait_until(lambda: launcher.state("local")["ready"], 10, what="ready")
+        assert launcher.state("local")["options"] == "--model m"  # echoed as given
+        assert listening("local") == {"127.0.0.1"}
+        assert launcher.create("everywhere", options="--model m --host 0.0.0.0").status_code == 201
+        wait_until(lambda: launcher.state("everywhere")["ready"], 10, what="ready")
+        assert listening("everywhere") == {"0.0.0.0"}
+        assert "WARNING" not in launcher.output_text()  # on loopback: nothing to warn of
+    finally:
+        assert not launcher.stop()
