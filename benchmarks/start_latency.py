@@ -202,7 +202,8 @@ def run_fresh_machine(model: Path, workdir: Path, rounds: int, following: int) -
         raw["cold"]["following"].append(run_cold(model, workdir, {"VLLM_CACHE_ROOT": cache})["health_s"])
         for name, (_, env) in FRESH_VARIANTS.items():
             cache = tempfile.mkdtemp(prefix=f"cache-{name}-", dir=workdir)
-            launcher = LauncherProcess(workload="vllm", env={**VLLM_ENV, **env, "VLLM_CACHE_ROOT": cache})
+            launcher = LauncherProcess(workload="vllm", env={**VLLM_ENV, **env, "VLLM_CACHE_ROOT": cache},
+                                       log_level="info")  # the preload's line
             try:
                 for index in range(1 + following):
                     result = run_preloaded(launcher, model, round_number * 100 + index)
@@ -248,7 +249,7 @@ def _fresh_table(results: dict[str, Any]) -> str:
 
 
 def _preload_seconds(launcher: LauncherProcess) -> float | None:
-    match = re.search(r"preloaded \w+ in ([0-9.]+)s", launcher.output_text())
+    match = re.search(r"preloaded in ([0-9.]+) s", launcher.output_text())
     return float(match.group(1)) if match else None
 
 
@@ -329,7 +330,8 @@ def main() -> int:
         model = build_tiny_model(workdir / "tiny-llama")
         for variant in chosen:
             if variant.launcher_env is not None:
-                launchers[variant.name] = LauncherProcess(workload="vllm", env={**VLLM_ENV, **variant.launcher_env})
+                launchers[variant.name] = LauncherProcess(workload="vllm", env={**VLLM_ENV, **variant.launcher_env},
+                                                          log_level="info")  # the preload's line
         for run in range(args.runs):
             for variant in chosen:
                 if variant.launcher_env is None:

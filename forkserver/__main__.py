@@ -37,6 +37,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="exit (with every instance) when process PID, our parent, dies",
     )
     parser.add_argument("--tmp-root", default=None, help="parent of the per-instance TMPDIRs")
+    parser.add_argument("--verbose", action="store_true", help="say what was preloaded, and where it listens")
     parser.add_argument(
         "--shm-ledger",
         default=None,
@@ -132,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     preload_seconds = time.monotonic() - started
     _prepare_for_fork()
     extra = fork_safety.extra_threads()
-    print(
-        f"forkserver: pid {os.getpid()} preloaded {workload.name} in {preload_seconds:.2f}s, "
-        f"{1 + len(extra)} OS thread(s), listening on {args.socket}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if args.verbose:  # the launcher says it in one line (forkserver_process.py); the details at debug level
+        print(
+            f"forkserver: pid {os.getpid()} preloaded {workload.name} in {preload_seconds:.2f}s, "
+            f"{1 + len(extra)} OS thread(s), listening on {args.socket}",
+            file=sys.stderr,
+            flush=True,
+        )
     if extra:
         print(
             f"forkserver: warning: {len(extra)} extra OS thread(s) at fork time ({', '.join(extra)}); "

@@ -275,6 +275,7 @@ class ForkServer:
             "version": protocol.PROTOCOL_VERSION,
             "pid": os.getpid(),
             "workload": self._workload.name,
+            "workload_version": getattr(sys.modules.get(self._workload.name), "__version__", None),
             "preload_seconds": self._preload_seconds,
             "sleep_mode": self._sleep_mode,
             "threads": osutil.os_thread_count(),

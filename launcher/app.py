@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from launcher import logs
 from launcher.auth import BearerTokenMiddleware, expected_header
 from launcher.errors import LauncherError
 from launcher.frontdoor.door import FrontDoor
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         resolved = settings if settings is not None else Settings.from_sources()
+        logs.configure(resolved.log_level)
         if settings is None:  # uvicorn launcher.app:app: python -m launcher has said these already
             for warning in unknown_variables():
                 log.warning("%s", warning)

@@ -160,6 +160,14 @@ class InstanceManager:
         for runtime in self._runtime.values():
             if runtime.probe is not None:
                 runtime.probe.cancel()
+        live = [record for record in self._records.values() if record.live]
+        starting = [record for record in live if not record.ready]
+        if live and not self.forkserver.external:
+            log.info("shutting down: stopping %d instance(s)%s", len(live),
+                     f"; {len(starting)} still starting, given {self._settings.stop_timeout_starting:g}s"
+                     if starting else "")  # fmt: skip
+            # vLLM can hang on SIGTERM while it starts: those get the short deadline, as a DELETE gives them.
+            await asyncio.gather(*(self._stop_starting(record) for record in starting))
         await self.forkserver.stop(self._settings.stop_timeout)
         if not self.forkserver.external:
             for record in self._records.values():
@@ -170,6 +178,12 @@ class InstanceManager:
         dir_lock.release(self.log_dir, remove_empty=[self.log_dir, os.path.dirname(self.log_dir)] if default else [])
         if self._http is not None:
             await self._http.aclose()
+
+    async def _stop_starting(self, record: InstanceRecord) -> None:
+        with contextlib.suppress(Exception):  # the forkserver may be gone: its instances with it
+            client = await self.forkserver.client()
+            await client.request(protocol.OP_STOP, instance_id=record.instance_id,
+                                 grace_seconds=self._settings.stop_timeout_starting)  # fmt: skip
 
     # ------------------------------------------------------------------ memory
 

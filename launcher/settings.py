@@ -47,7 +47,7 @@ class Settings:
     runtime_dir: str = _setting("", "private directory for the forkserver socket (default: a new one under <tmp>)")
     stop_timeout: float = _setting(10.0, "seconds between SIGTERM and SIGKILL when stopping an instance")
     stop_timeout_starting: float = _setting(
-        3.0, "the same for an instance not yet ready (vLLM 0.32 can hang on SIGTERM while starting)"
+        2.0, "the same for an instance not yet ready (vLLM 0.32 can hang on SIGTERM while starting)"
     )
     max_instances: int = _setting(32, "most live (running or starting) instances at once; 429 beyond (0: no limit)")
     mock_gpus: bool = _setting(False, "pretend this node has GPUs GPU-0 ... GPU-<N-1> (no NVML needed)")

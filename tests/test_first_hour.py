@@ -276,3 +276,18 @@ def test_an_open_api_is_said_loudly_and_instances_listen_where_the_launcher_does
         assert "WARNING" not in launcher.output_text()  # on loopback: nothing to warn of
     finally:
         assert not launcher.stop()
+
+
+def test_ctrl_c_while_an_instance_starts_says_what_it_waits_for_and_does_not_wait_long() -> None:
+    """vLLM can hang on SIGTERM while it starts (the stand-in's --ignore-sigterm): that instance gets
+    --stop-timeout-starting (2 s), not --stop-timeout (30 s here), at shutdown as at DELETE."""
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_STOP_TIMEOUT": "30"}, log_level="info")
+    assert launcher.create("slow", options="--model m --ignore-sigterm --startup-delay 60").status_code == 201
+    started = time.monotonic()
+    launcher.process.send_signal(signal.SIGINT)
+    launcher.process.wait(timeout=60)
+    took = time.monotonic() - started
+    output = launcher.output_text()
+    assert not launcher.stop()
+    assert "shutting down: stopping 1 instance(s); 1 still starting, given 2s" in output, output
+    assert took < 15, f"{took:.1f} s: the starting instance got the long deadline"
