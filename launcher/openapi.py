@@ -150,6 +150,11 @@ def _openai_error(description: str, headers: dict[str, str] | None = None) -> An
     return Answer(OpenAIError, description, JSON, headers)
 
 
+UNAUTHORIZED_OPENAI = _openai_error(
+    "missing or wrong bearer token (only when the launcher runs with a token): OpenAI's shape, so SDKs raise "
+    "AuthenticationError",
+    {"WWW-Authenticate": 'Bearer realm="vllm-launcher"'},
+)
 _INSTANCE = "/v2/vllm/instances/{instance_id}"
 _MODEL = "/v2/vllm/models/{name}"
 _NOT_FOUND = _error("no instance with this id")
@@ -305,7 +310,7 @@ def _response(answer: Answer) -> dict[str, Any]:
 def _operation(op: Operation) -> dict[str, Any]:
     responses = dict(op.responses)
     if op.secured:
-        responses.setdefault(401, UNAUTHORIZED)
+        responses.setdefault(401, UNAUTHORIZED_OPENAI if op.path.startswith("/v1/") else UNAUTHORIZED)
     item: dict[str, Any] = {
         "operationId": op.operation_id,
         "summary": op.summary,

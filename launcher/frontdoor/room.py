@@ -167,7 +167,7 @@ def plan_actions(
         acts[holder.id] = action
     if not fits(acts):
         return None
-    # Minimal: the last steps taken go back, one at a time, if the rest make room without them.
+    # Minimal: the last steps taken go back, one at a time, if the rest make room without them...
     for holder, before in reversed(taken):
         trial = {**acts}
         if before == "keep":
@@ -176,6 +176,23 @@ def plan_actions(
             trial[holder.id] = before
         if fits(trial):
             acts = trial
+    # ...until no action can be made weaker (a stop a sleep, a sleep nothing): one going back can
+    # make another unneeded that was looked at before it.
+    by_id = {holder.id: holder for holder in others}
+    weakened = True
+    while weakened:
+        weakened = False
+        for key in [key for key in acts if key not in forced]:
+            softer = ["keep", "sleep"] if acts[key] == "stop" and by_id[key].sleepable else ["keep"]
+            for action in softer:
+                trial = {**acts, key: action}
+                if action == "keep":
+                    trial.pop(key)
+                if fits(trial):
+                    acts, weakened = trial, True
+                    break
+            if weakened:
+                break
     return Actions(sleep=[key for key, action in acts.items() if action == "sleep"],
                    stop=[key for key, action in acts.items() if action == "stop"])  # fmt: skip
 
