@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.launcher_process import LauncherProcess, wait_until
 from tests.test_front_door_standin import ask, front_door, metric, model_state
@@ -99,4 +100,40 @@ def test_a_re_added_profile_never_starts_beside_its_namesake_on_one_gpu(tmp_path
             watcher.result()
             assert streaming.result() > 20 and deleting.result().status_code == 200
         assert again.status_code == 200, again.text
+        assert most[0] == 1, "two instances held GPU-0 at once"
+
+
+@pytest.mark.parametrize("how", ["stop", "delete", "replace"])
+def test_a_cancelled_start_holds_its_gpu_until_its_instance_is_gone(tmp_path: Path, how: str) -> None:
+    """A start cancelled while its instance hangs on SIGTERM (vLLM does while it starts): the instance
+    holds GPU-0 until it is gone, whatever the model's state says meanwhile."""
+    models = ('models:\n  a: {options: "--model A --startup-delay 30", gpu_uuids: [GPU-0]}\n'
+              '  b: {options: "--model B", gpu_uuids: [GPU-0]}\n')  # fmt: skip
+    with front_door(tmp_path, models, LAUNCHER_STOP_TIMEOUT_STARTING="3", **GPU) as launcher:
+        most, stop = [0], threading.Event()
+
+        def watch_gpu() -> None:
+            with httpx.Client(base_url=launcher.base_url, timeout=10) as client:
+                while not stop.is_set():
+                    most[0] = max(most[0], len(client.get("/v2/vllm/gpus").json()["gpus"][0]["instances"]))
+                    time.sleep(0.02)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            watcher = pool.submit(watch_gpu)
+            starting = pool.submit(launcher.client.post, "/v2/vllm/models/a/start", timeout=60)
+            wait_until(lambda: model_state(launcher, "a")["instance_id"], 20, what="a's instance created")
+            cancel = {
+                "stop": lambda: launcher.client.post("/v2/vllm/models/a/stop", timeout=60),
+                "delete": lambda: launcher.client.delete("/v2/vllm/models/a", timeout=60),
+                "replace": lambda: launcher.client.put("/v2/vllm/models/a", timeout=60,
+                                                       json={"options": "--model A2", "gpu_uuids": ["GPU-0"]}),
+            }[how]  # fmt: skip
+            cancelling = pool.submit(cancel)
+            time.sleep(0.3)
+            answer = ask(launcher, "b")  # waits until a's instance is gone
+            stop.set()
+            watcher.result()
+            starting.result()
+            cancelling.result()
+        assert answer.status_code == 200, answer.text
         assert most[0] == 1, "two instances held GPU-0 at once"

@@ -404,7 +404,7 @@ class FrontDoor:
             state.phase, state.last_error = Phase.STOPPED, None  # its waiters start the new profile
         else:
             state.phase, state.last_error = Phase.FAILED, f"model {state.name!r}: its start was cancelled ({reason})"
-        self._claims.discard(id(state))
+        self._claims.discard(state.uid)
         self._notify()
 
     def _cancel_start(self, state: ModelState, reason: str) -> None:
@@ -523,6 +523,7 @@ class FrontDoor:
             await self._wait_change(REAP_INTERVAL)
             return
         state.phase = Phase.STARTING
+        state.room_held = False
         state.last_error, state.refusal = None, None
         state.retire = False  # whatever was retired is gone: this start uses the current profile
         self._compiler.forget(state.name)  # the real instance compiles (or loads) by itself
@@ -632,7 +633,7 @@ class FrontDoor:
             self._notify()
             raise
         except BaseException as exc:
-            self._claims.discard(id(state))
+            self._claims.discard(state.uid)
             reason, state.cancel_reason = state.cancel_reason, None
             if isinstance(exc, StartFailed):
                 message: str | None = str(exc)
@@ -675,7 +676,7 @@ class FrontDoor:
 
     async def _create(self, state: ModelState, profile: ModelProfile) -> InstanceRecord:
         # From here the manager's own reservation holds the slot (taken before its first await).
-        self._claims.discard(id(state))
+        self._claims.discard(state.uid)
         config = profile.instance_config(state.name, placed_gpus=state.placed_gpus, sleep=self.sleeps(state, profile))
         return await self._manager.create(config, _instance_id_for(state.name), received_at=time.time())
 
@@ -694,12 +695,17 @@ class FrontDoor:
     def _holders(self, exclude: ModelState) -> list[room.Holder]:
         """Every model holding room but ``exclude`` (a deleted namesake still stopping counts: it is
         another model, told apart by its ``uid``)."""
-        candidates = [
-            (state, self._live_record(state), state in self._removed)
-            for state in [*self._states.values(), *self._removed]
-            if state is not exclude
-        ]
-        return self.fitting.holders(candidates)
+        every = [*self._states.values(), *self._removed]
+        candidates = [(state, self._live_record(state), state in self._removed) for state in every
+                      if state is not exclude and not self._waiting_for_room(state)]  # fmt: skip
+        # What the models hold, and the front-door instances none holds any more but that still live.
+        owned = {state.instance_id for state in every if state.instance_id is not None}
+        return self.fitting.holders(candidates) + self.fitting.unowned_holders(owned)
+
+    def _waiting_for_room(self, state: ModelState) -> bool:
+        """A start that has neither claimed room nor an instance holds nothing yet: two such starts
+        for one GPU must not each wait for the other."""
+        return state.phase is Phase.STARTING and not state.room_held
 
     async def _make_room(self, state: ModelState, profile: ModelProfile, deadline: float) -> None:
         """Wait until ``profile`` fits (evicting idle front-door instances), then claim its slot."""
@@ -717,7 +723,8 @@ class FrontDoor:
             live = self._manager.live_count() + len(self._claims)
             actions = self.fitting.plan(state, profile, self._holders(exclude=state), live)
             if actions is not None:
-                self._claims.add(id(state))
+                self._claims.add(state.uid)
+                state.room_held = True  # from here it holds its GPUs and memory: its instance is on its way
                 await self._carry_out(actions)
                 return
             compiling = self._compiler.yield_room()  # serving comes first: look again once it is gone

@@ -140,6 +140,29 @@ class Fitting:
             )
         return holders
 
+    def unowned_holders(self, owned: set[str]) -> list[room.Holder]:
+        """The live front-door instances no model holds (``owned``: the instance ids models hold): a
+        start cancelled while its instance is still stopping, a lost instance being removed, a
+        compile-ahead throwaway. Each holds its GPUs (exclusively) and memory until it is gone;
+        none may be stopped to make room (they are going, or give way by themselves)."""
+        holders = []
+        for record in self._manager.all():
+            annotations = record.config.annotations or {}
+            if not record.live or MODEL_ANNOTATION not in annotations or record.instance_id in owned:
+                continue
+            held = record.memory_peak or record.memory
+            holders.append(room.Holder(
+                name=f"{annotations[MODEL_ANNOTATION]} (instance {record.instance_id}, going)",
+                gpu_uuids=frozenset(record.config.gpu_uuids or []),
+                share_gpu=False,
+                last_used=0.0,
+                evictable=False,
+                host_bytes=held.host_bytes if held is not None else 0,
+                gpu_bytes=dict(held.gpu_bytes) if held is not None else {},
+                key=("instance", record.instance_id),
+            ))  # fmt: skip
+        return holders
+
     def plan(
         self, state: ModelState, profile: ModelProfile, holders: list[room.Holder], live: int
     ) -> room.Actions | None:

@@ -75,6 +75,7 @@ class ModelState:
     invalid: str | None = None  # why its profile cannot run (state "invalid"); None: it can, as far as known
     checked_at: float = 0.0  # monotonic time of the last check of its profile
     invalid_memory: bool = False  # invalid because it can never fit the memory budgets
+    room_held: bool = False  # starting: past its room check (until then it holds nothing)
 
     def sleep_settled(self) -> bool:
         """No sleep of its instance is under way (it is asleep, or awake, not between)."""
