@@ -58,8 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--make-segment", default=None, help="create and map this /dev/shm segment, and leave it")
     parser.add_argument("--served-model-name", nargs="+", default=None, help="names POST requests may use")
     parser.add_argument("--fast", action="store_true", help="an asyncio server answering as fast as it can")
-    parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
-                        help="--fast: seconds an idle connection is kept (uvicorn's default, as vLLM's)")  # fmt: skip
+    parser.add_argument("--keep-alive-timeout", type=float, default=None,
+                        help="--fast: seconds an idle connection is kept (default: $VLLM_HTTP_TIMEOUT_KEEP_ALIVE "
+                        "or 5, as vLLM's)")  # fmt: skip
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="as vLLM's (the launcher reads it)")
     parser.add_argument("--enable-sleep-mode", action="store_true", help="as vLLM's: the sleep endpoints")
     parser.add_argument("--wake-delay", type=float, default=0.0, help="seconds POST /wake_up takes")
@@ -274,12 +275,13 @@ def _serve_fast(args: argparse.Namespace, stop: threading.Event) -> int:
 
     served = set(args.served_model_name or [args.model])
     posts = [0]
+    keep_alive = args.keep_alive_timeout or float(os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE") or 5.0)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), args.keep_alive_timeout)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), keep_alive)
                 except TimeoutError:
                     writer.close()  # idle too long: closed, as uvicorn closes a kept-alive connection
                     return

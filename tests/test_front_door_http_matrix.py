@@ -74,7 +74,7 @@ def script(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LauncherProcess]:
-    models = 'models:\n  peer: {options: "--model P --fast --keep-alive-timeout 0.5"}\n'
+    models = 'models:\n  peer: {options: "--model P --fast", env_vars: {VLLM_HTTP_TIMEOUT_KEEP_ALIVE: "0.5"}}\n'
     with front_door(tmp_path_factory.mktemp("matrix"), models, LAUNCHER_PROXY_READ_TIMEOUT=str(READ_TIMEOUT)) as launcher:
         assert launcher.client.post("/v2/vllm/models/peer/start", timeout=30).status_code == 200
         yield launcher
@@ -170,7 +170,7 @@ def test_an_instance_that_takes_the_request_and_never_answers_gets_it_once(peer:
 
 
 def test_the_instances_idle_close_never_reaches_a_client(peer: LauncherProcess) -> None:
-    """The stand-in closes idle connections after 0.5 s here (vLLM's uvicorn: 5 s)."""
+    """The stand-in closes idle connections after 0.5 s here (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, as vLLM's uvicorn: 5 s)."""
     before = posts_seen(peer)
     for pause in (0.0, 0.6, 0.0, 1.0, 0.45, 0.55):
         time.sleep(pause)
@@ -205,3 +205,26 @@ def test_the_openai_sdk_reads_a_cut_stream_as_an_error(peer: LauncherProcess) ->
         for chunk in stream:
             texts.append(chunk.choices[0].text)
     assert texts == ["a"]
+
+
+def test_a_connection_is_never_reused_near_the_instances_keepalive(tmp_path: Path) -> None:
+    """An instance whose keep-alive is 2.2 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): the proxy reuses a
+    connection only while idle for less than 0.2 s (2 s of margin), so pauses around 2.2 s, where the
+    instance closes its side, never reach a client; pauses under 0.2 s still reuse."""
+    models = 'models:\n  ka: {options: "--model K --fast", env_vars: {VLLM_HTTP_TIMEOUT_KEEP_ALIVE: "2.2"}}\n'
+    with front_door(tmp_path, models) as launcher:
+        assert launcher.client.post("/v2/vllm/models/ka/start", timeout=30).status_code == 200
+        instance = launcher.state(str(model_state(launcher, "ka")["instance_id"]))
+
+        def posts() -> int:
+            return int(httpx.get(f"http://127.0.0.1:{instance['port']}/requests", timeout=5).json()["posts"])
+
+        before, reused = posts(), metric(launcher, "launcher_front_door_upstream_connections_total", connection="reused")
+        pauses = [2.15, 0.05, 2.2, 2.25, 0.1, 2.18]
+        for pause in pauses:
+            time.sleep(pause)
+            answer = launcher.client.post("/v1/completions", json={"model": "ka", "prompt": "x"})
+            assert answer.status_code == 200, (pause, answer.text)
+        assert posts() - before == len(pauses)
+        now_reused = metric(launcher, "launcher_front_door_upstream_connections_total", connection="reused")
+        assert now_reused - reused == 2  # after the two short pauses

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from launcher.errors import NotFound
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
 from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelInvalid, ModelState, NoRoom, StartFailed
+from launcher.frontdoor import upstream
 from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
 from launcher.models import did_you_mean
 from launcher.request_body import read_capped
@@ -247,13 +249,29 @@ def _request_head(scope: Scope, lease: Lease, host: str, length: int) -> bytes:
     return b"".join(lines)
 
 
+KEEPALIVE_ENV = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"  # vLLM's own setting (its uvicorn's keep-alive; 5 s by default)
+KEEPALIVE_MARGIN = 2.0  # seconds under the instance's keep-alive that a connection stops being reused
+
+
+def reuse_limit(env_vars: Mapping[str, str] | None, launcher_env: Mapping[str, str] = os.environ) -> float:
+    """How long a connection to an instance with this environment may idle and still be reused:
+    its keep-alive less a margin, at most :data:`upstream.IDLE_SECONDS` (0: not reused)."""
+    raw = (env_vars or {}).get(KEEPALIVE_ENV) or launcher_env.get(KEEPALIVE_ENV)
+    try:
+        keepalive = float(raw) if raw else 5.0
+    except ValueError:
+        keepalive = 5.0
+    return max(0.0, min(upstream.IDLE_SECONDS, keepalive - KEEPALIVE_MARGIN))
+
+
 async def _open(scope: Scope, lease: Lease, body: bytes, exchange: _Exchange) -> Connection | UpstreamError:
     """Send the request to the lease's instance; its connection once the answer's head is in."""
     pool: UpstreamPool = scope["app"].state.upstream_pool
     host = readiness.probe_host(lease.record.host)  # "[::1]" for IPv6: right for Host, not for connect
     try:
         return await pool.request(host.strip("[]"), lease.record.port, _request_head(scope, lease, host, len(body)),
-                                  body, on_connection=exchange.attach)  # fmt: skip
+                                  body, on_connection=exchange.attach,
+                                  max_idle=reuse_limit(lease.record.config.env_vars))  # fmt: skip
     except UpstreamError as exc:
         return exc
 

@@ -53,7 +53,8 @@ class Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.idle_since = 0.0
+        self.idle_since = 0.0  # when its last answer ended (the instance's keep-alive timer starts then)
+        self.max_idle = IDLE_SECONDS  # reused only while idle less than this (see UpstreamPool.request)
         self.on_idle_lost: Callable[[Connection], None] | None = None  # set while it waits in the pool
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
@@ -131,6 +132,7 @@ class Connection(asyncio.Protocol):
             self._interim = False
             return
         self.complete = True
+        self.idle_since = time.monotonic()
         self.keep_alive = self._parser.should_keep_alive()
         self._cancel_timer()
         self._wake()
@@ -230,17 +232,26 @@ class UpstreamPool:
         self.reused = 0
 
     async def request(
-        self, host: str, port: int, head: bytes, body: bytes, *, on_connection: Callable[[Connection], None]
+        self,
+        host: str,
+        port: int,
+        head: bytes,
+        body: bytes,
+        *,
+        on_connection: Callable[[Connection], None],
+        max_idle: float = IDLE_SECONDS,
     ) -> Connection:
         """Send a request to ``host:port``; the connection once the answer's head is in.
 
         The request is sent once, never again (see the module's docstring). Raises
         :class:`UpstreamError`; the caller gives the connection back with :meth:`release`.
         ``on_connection`` learns the connection before the wait for its answer (so that a client
-        hanging up can close it).
+        hanging up can close it). ``max_idle``: how long a connection to this instance may have
+        been idle and still be reused (well under the instance's keep-alive; 0: never reused).
         """
         key = (host, port)
-        connection = self._take(key) or await self._connect(key)
+        connection = self._take(key, max_idle) or await self._connect(key)
+        connection.max_idle = max_idle
         on_connection(connection)
         if connection.closed:
             raise UpstreamError("the request was given up", request_sent=False)
@@ -255,8 +266,8 @@ class UpstreamPool:
     def release(self, connection: Connection) -> None:
         """Keep ``connection`` for the next request if its answer was read to the end."""
         idle = self._idle.setdefault(connection.key, [])
-        if connection.complete and connection.keep_alive and not connection.closed and len(idle) < MAX_IDLE_PER_TARGET:
-            connection.idle_since = time.monotonic()
+        if (connection.complete and connection.keep_alive and not connection.closed and connection.max_idle > 0
+                and len(idle) < MAX_IDLE_PER_TARGET):  # fmt: skip
             connection.on_idle_lost = self._drop
             idle.append(connection)
             if self._prune_timer is None:
@@ -281,7 +292,7 @@ class UpstreamPool:
                 connection.on_idle_lost = None
                 connection.close()
 
-    def _take(self, key: tuple[str, int]) -> Connection | None:
+    def _take(self, key: tuple[str, int], max_idle: float) -> Connection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         found = None
@@ -290,7 +301,7 @@ class UpstreamPool:
             connection.on_idle_lost = None
             transport = connection.transport
             if not connection.closed and transport is not None and not transport.is_closing() \
-                    and now - connection.idle_since < IDLE_SECONDS:  # fmt: skip
+                    and now - connection.idle_since < min(max_idle, IDLE_SECONDS):  # fmt: skip
                 found = connection
             else:
                 connection.close()
