@@ -228,3 +228,32 @@ def test_a_connection_is_never_reused_near_the_instances_keepalive(tmp_path: Pat
         assert posts() - before == len(pauses)
         now_reused = metric(launcher, "launcher_front_door_upstream_connections_total", connection="reused")
         assert now_reused - reused == 2  # after the two short pauses
+
+
+def test_a_stray_answer_while_idle_never_reaches_the_next_client(peer: LauncherProcess) -> None:
+    """An instance that answers, then sends a second answer nobody asked for: the connection is
+    dropped, and the next client gets its own answer, not the stray one."""
+    first = raw_request(peer, script({"send": OK_HEAD + "content-length: 2\r\n\r\nok"}, {"sleep": 0.15},
+                                     {"send": OK_HEAD + "content-length: 4\r\n\r\nEVIL"}))  # fmt: skip
+    assert (first.status, first.body) == (200, b"ok")
+    time.sleep(0.3)  # the stray arrives while the connection waits in the pool
+    second = raw_request(peer, {"model": "peer", "prompt": "hi"})
+    assert second.status == 200 and json.loads(second.body)["object"] == "standin", second.body
+
+
+def test_switching_protocols_is_a_502_said_once(peer: LauncherProcess) -> None:
+    before = posts_seen(peer)
+    answer = raw_request(peer, script({"send": "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n"
+                                               "connection: upgrade\r\n\r\nraw bytes"}, {"sleep": 0.2}))  # fmt: skip
+    assert answer.status == 502 and "switched protocols" in json.loads(answer.body)["error"]["message"]
+    assert posts_seen(peer) - before == 1
+    assert "Traceback" not in peer.output_text() and "Fatal error" not in peer.output_text()
+
+
+def test_a_stray_answer_right_behind_the_real_one_is_dropped_with_its_connection(peer: LauncherProcess) -> None:
+    first = raw_request(peer, script({"send": OK_HEAD + "content-length: 2\r\n\r\nok"
+                                      + OK_HEAD + "content-length: 4\r\n\r\nEVIL"}))  # one write: one packet
+    assert (first.status, first.body, first.complete) == (200, b"ok", True)
+    second = raw_request(peer, {"model": "peer", "prompt": "hi"})
+    assert second.status == 200 and json.loads(second.body)["object"] == "standin", second.body
+    assert "Traceback" not in peer.output_text()

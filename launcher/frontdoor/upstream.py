@@ -56,6 +56,8 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0  # when its last answer ended (the instance's keep-alive timer starts then)
         self.max_idle = IDLE_SECONDS  # reused only while idle less than this (see UpstreamPool.request)
         self.on_idle_lost: Callable[[Connection], None] | None = None  # set while it waits in the pool
+        self._outstanding = False  # a request is written and its answer not whole yet
+        self._stray = False  # the instance sent more than the answer asked for
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
@@ -86,10 +88,18 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         self._last_read = time.monotonic()
+        if not self._outstanding:  # bytes nobody asked for (while idle in the pool): never someone's answer
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("the instance switched protocols, which the front door never asks for"))
+            self.close()
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"the instance's answer is not valid HTTP: {exc}"))
+            self.close()
+        if self._stray:  # a second answer after the one asked for: the connection is out of step
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -105,13 +115,23 @@ class Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self._stray = True  # the answer to this request is whole: what begins now answers nothing
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self._stray:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._stray:
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:  # interim (100 Continue, 103 Early Hints): the answer follows
             self.headers, self._interim = [], True
+            return
+        if status == 101:  # the proxy drops Upgrade: a switch is nothing a client of it could use
+            self._fail(UpstreamError("the instance switched protocols (101), which the front door never asks for"))
             return
         self.status = status
         self.head_done = True
@@ -120,6 +140,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._stray:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
@@ -131,7 +153,10 @@ class Connection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
+        if self._stray:
+            return
         self.complete = True
+        self._outstanding = False
         self.idle_since = time.monotonic()
         self.keep_alive = self._parser.should_keep_alive()
         self._cancel_timer()
@@ -143,6 +168,7 @@ class Connection(asyncio.Protocol):
         """Write one request; the answer is read with :meth:`read_head` and :meth:`read`."""
         assert self.transport is not None
         self._reset()
+        self._outstanding = True
         self.transport.write(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
             self.transport.write(body)  # not copied into one buffer with the head
