@@ -137,3 +137,28 @@ def test_a_cancelled_start_holds_its_gpu_until_its_instance_is_gone(tmp_path: Pa
             cancelling.result()
         assert answer.status_code == 200, answer.text
         assert most[0] == 1, "two instances held GPU-0 at once"
+
+
+def test_a_kept_alive_stream_hears_from_a_fresh_start_after_a_crash(tmp_path: Path) -> None:
+    models = 'models:\n  m: {options: "--model M --startup-delay 4", start_keepalive: true}\n'
+    with front_door(tmp_path, models) as launcher:
+        lines: list[tuple[float, str]] = []
+        started = time.monotonic()
+
+        def read() -> None:
+            body = {"model": "m", "prompt": "hi", "stream": True, "delay": 3}  # 3 s before the instance answers
+            with httpx.Client(timeout=httpx.Timeout(60, read=None)) as client, client.stream(
+                "POST", f"{launcher.base_url}/v1/completions", json=body
+            ) as stream:
+                lines.extend((time.monotonic() - started, line) for line in stream.iter_lines() if line)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_until(lambda: model_state(launcher, "m")["state"] == "ready", 30, what="ready")
+        time.sleep(1.0)  # the request is in the instance, which has not answered yet
+        killed = time.monotonic() - started
+        os.killpg(int(str(_instance(launcher, "m")["pid"])), signal.SIGKILL)
+        reader.join(60)
+        during = [line for at, line in lines if line.startswith(":") and at > killed + 1]
+        assert during, lines  # the fresh start (4 s) was not silent
+        assert any(line.startswith("data: ") and "chunk" in line for _, line in lines), lines

@@ -531,9 +531,10 @@ class FrontDoor:
         task.add_done_callback(lambda _: self._start_never_ran(state, task))
 
     async def lost_before_answering(self, lease: Lease, within: float = LOST_WAIT_SECONDS) -> bool:
-        """Whether the lease's instance has died (seen within ``within`` seconds), after it failed
-        to answer a request; if so the lease is given back and the model forgets the instance, so
-        that the next :meth:`acquire` starts it afresh. A live instance's lease is kept."""
+        """Whether the lease's instance has died, after it failed to answer a request: True once the
+        forkserver reports it gone (within ``within`` seconds), and the model forgets the instance, so
+        that the next :meth:`acquire` starts it afresh; the caller still holds (and releases) the
+        lease. False if its process is seen running, not exiting, for a while: it lives."""
         deadline = time.monotonic() + within
         running_since: float | None = None
         while True:
@@ -541,18 +542,18 @@ class FrontDoor:
                 gone = not self._manager.get(lease.record.instance_id).live
             except NotFound:
                 gone = True
-            now = time.monotonic()
-            if not gone and _process_running(lease.record.pid):
-                running_since = running_since or now
-                if now - running_since >= RUNNING_CHECK_SECONDS:
-                    return False  # alive: it closed a connection without answering, but lives
-            else:
-                running_since = None
-                self.release(lease)
+            if gone:  # only the forkserver's report says so: a pid of another namespace is never taken for dead
                 if lease.state.instance_id == lease.record.instance_id and lease.state.phase is Phase.READY:
                     self._lost(lease.state)
                     self._notify()
                 return True
+            now = time.monotonic()
+            if _process_running(lease.record.pid):
+                running_since = running_since or now
+                if now - running_since >= RUNNING_CHECK_SECONDS:
+                    return False  # alive: it closed a connection without answering, but lives
+            else:
+                running_since = None  # exiting (a zombie), or not to be seen from here: wait for the report
             if now >= deadline:
                 return False
             await asyncio.sleep(0.05)  # the forkserver reports an exit once its whole group is gone

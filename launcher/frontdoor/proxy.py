@@ -84,11 +84,13 @@ def read_request(body: bytes) -> tuple[str, bool] | JSONResponse:
 
 
 class _Exchange:
-    """One request's hold on its upstream connection, so that a client's hang-up can close it."""
+    """One request's hold on its model (``lease``: released once, by whoever ends the request) and
+    on its upstream connection, so that a client's hang-up can close it."""
 
-    __slots__ = ("_gone_waiter", "connection", "gone")
+    __slots__ = ("_gone_waiter", "connection", "gone", "lease")
 
-    def __init__(self) -> None:
+    def __init__(self, lease: Lease) -> None:
+        self.lease: Lease | None = lease
         self.connection: Connection | None = None
         self.gone = False
         self._gone_waiter: asyncio.Future[None] | None = None  # made only when something waits for it
@@ -105,12 +107,18 @@ class _Exchange:
         if self._gone_waiter is not None and not self._gone_waiter.done():
             self._gone_waiter.set_result(None)
 
-    async def unless_gone(self, work: Awaitable[T]) -> T | None:
-        """``work``'s result, or None (``work`` cancelled) if the client hangs up first."""
+    async def unless_gone(self, work: Awaitable[T], tick: Callable[[], Awaitable[None]] | None = None) -> T | None:
+        """``work``'s result, or None (``work`` cancelled) if the client hangs up first; ``tick``
+        is awaited every ``KEEPALIVE_INTERVAL`` seconds meanwhile (a kept-alive stream's comment)."""
         task = asyncio.ensure_future(work)
         if not self.gone:
             gone = self._gone_waiter = asyncio.get_running_loop().create_future()
-            await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait([task, gone], timeout=KEEPALIVE_INTERVAL if tick else None,
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if done or tick is None:
+                    break
+                await tick()
         if task.done():
             return task.result()
         task.cancel()
@@ -277,36 +285,40 @@ async def _open(scope: Scope, lease: Lease, body: bytes, exchange: _Exchange) ->
 
 
 async def _open_or_start_afresh(
-    scope: Scope, door: FrontDoor, lease: Lease, body: bytes, exchange: _Exchange
-) -> tuple[Lease | None, Connection | _Failure]:
-    """The request sent, and the answer's head in: ``(the lease it holds, its connection)``.
+    scope: Scope, door: FrontDoor, body: bytes, exchange: _Exchange, tick: Callable[[], Awaitable[None]] | None
+) -> Connection | _Failure:
+    """The request sent to the instance of ``exchange.lease``, and the answer's head in.
 
     An instance that died before answering (crashed, or killed) is never the client's problem:
     whatever it did with the request died with it, so the model is started afresh and the request
-    sent to the new instance (at most ``FRESH_STARTS`` times). An instance that is alive but did
-    not answer is a 502, and the request is not sent again. The lease is None once given back.
+    sent to the new instance (at most ``FRESH_STARTS`` times; ``tick`` keeps a kept-alive stream
+    hearing from it meanwhile). An instance that is alive but did not answer is a 502, and the
+    request is not sent again. ``exchange.lease`` is the lease held at the end (None: none).
     """
     for attempt in range(FRESH_STARTS + 1):
+        lease = exchange.lease
+        assert lease is not None
         opened = await _open(scope, lease, body, exchange)
         if not isinstance(opened, UpstreamError):
-            return lease, opened
+            return opened
         if exchange.gone:
-            return lease, CLIENT_LEFT
+            return CLIENT_LEFT
         failure = _Failure(502, f"The model's instance {lease.record.instance_id} did not answer: {opened}",
                            "InternalServerError", code="upstream_unreachable")  # fmt: skip
         if isinstance(opened, UpstreamTimeout) or attempt == FRESH_STARTS:
-            return lease, failure
+            return failure
         if not await door.lost_before_answering(lease):  # it lives: it may have the request; not sent twice
-            return lease, failure
+            return failure
+        exchange.lease = None
+        door.release(lease)
         log.warning("model %s: its instance %s died before answering a request: starting it afresh",
                     lease.state.name, lease.record.instance_id)  # fmt: skip
         try:
-            again = await exchange.unless_gone(door.acquire(lease.state))
+            exchange.lease = await exchange.unless_gone(door.acquire(lease.state), tick)
         except (StartFailed, NoRoom, NotFound, ModelInvalid) as exc:
-            return None, _acquire_failure(exc)
-        if again is None:
-            return None, CLIENT_LEFT
-        lease = again
+            return _acquire_failure(exc)
+        if exchange.lease is None:
+            return CLIENT_LEFT
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -319,22 +331,23 @@ async def _pass(
     body: bytes,
     *,
     headers_sent: bool = False,
+    tick: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """Pass the request to the lease's instance and its answer back; the lease is given back.
 
     ``headers_sent``: a kept-alive stream's headers are out already, so the instance's answer
-    goes on as its body, and an error (one the instance answers, too) as an SSE error event.
+    goes on as its body, and an error (one the instance answers, too) as an SSE error event;
+    ``tick`` sends it a comment while a fresh start is waited for.
     """
-    exchange = _Exchange()
+    exchange = _Exchange(lease)
     watcher = asyncio.ensure_future(_watch_client(receive, exchange.client_left))
     connection: Connection | None = None
-    held: Lease | None = lease
     try:
-        held, opened = await _open_or_start_afresh(scope, door, lease, body, exchange)
+        opened = await _open_or_start_afresh(scope, door, body, exchange, tick)
         if isinstance(opened, _Failure):
             return await opened.answer(scope, receive, send, headers_sent=headers_sent)
-        assert held is not None
-        lease, connection = held, opened
+        assert exchange.lease is not None
+        lease, connection = exchange.lease, opened
         if headers_sent and connection.status != 200:  # vLLM refused it (a bad parameter)
             await send({"type": "http.response.body", "body": await _error_event_from(connection), "more_body": False})
             return connection.status
@@ -347,8 +360,8 @@ async def _pass(
         watcher.cancel()
         if connection is not None:
             scope["app"].state.upstream_pool.release(connection)
-        if held is not None:
-            door.release(held)
+        if exchange.lease is not None:
+            door.release(exchange.lease)
 
 
 class AnswerCut(Exception):
@@ -446,7 +459,8 @@ class _KeptAlive:
             lease = acquiring.result()
         except (StartFailed, NoRoom, NotFound, ModelInvalid) as exc:
             return await _acquire_failure(exc).answer(self._scope, self._receive, self._send, headers_sent=True)
-        return await _pass(self._scope, self._receive, self._send, self._door, lease, body, headers_sent=True)
+        return await _pass(self._scope, self._receive, self._send, self._door, lease, body, headers_sent=True,
+                           tick=lambda: self._comment(started))  # fmt: skip
 
 
 async def _error_event_from(connection: Connection) -> bytes:
