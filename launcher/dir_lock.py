@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -28,10 +29,15 @@ def lock(directory: str) -> None:
     directory = os.path.abspath(directory)
     if directory in _held:
         return
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, LOCK_FILE)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    for attempt in itertools.count():
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            if attempt < 100:
+                continue  # a launcher letting the default directory go removed it meanwhile: make it again
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -136,3 +136,35 @@ def test_a_launcher_that_opened_the_lock_file_as_it_was_released_locks_the_new_o
         assert len(calls) == 2  # B looked again, and locked the file the path names
     finally:
         dir_lock.release(str(directory))
+
+
+def test_a_launcher_locking_as_another_removes_the_default_directory_makes_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "state" / "logs"
+    real_open = os.open
+    removed = []
+
+    def open_after_removal(path: str, flags: int, mode: int = 0o777) -> int:
+        if not removed:  # another launcher's release(remove_empty=...) runs between makedirs and open
+            removed.append(path)
+            os.rmdir(directory)
+            os.rmdir(directory.parent)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(dir_lock.os, "open", open_after_removal)
+    dir_lock.lock(str(directory))
+    monkeypatch.setattr(dir_lock.os, "open", real_open)
+    try:
+        assert removed and (directory / dir_lock.LOCK_FILE).exists()
+    finally:
+        dir_lock.release(str(directory))
+
+
+def test_a_footprints_file_nested_too_deeply_is_ignored_not_fatal(tmp_path: Path) -> None:
+    footprints = tmp_path / "footprints.json"
+    footprints.write_text("[" * 100_000 + "]" * 100_000)
+    with front_door(tmp_path, 'models:\n  m: {options: "--model M"}\n',
+                    LAUNCHER_FOOTPRINTS_FILE=str(footprints)) as launcher:  # fmt: skip
+        assert ask(launcher, "m").status_code == 200
+        assert "ignoring the measured footprints" in launcher.output_text()

@@ -119,7 +119,7 @@ class Footprints:
             data = json.loads(Path(self._path).read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply to decode
             log.warning("ignoring the measured footprints in %s: %s", self._path, exc)
             return {}
         if not isinstance(data, dict):
