@@ -8,8 +8,10 @@ stopping: it never starts beside it on the same GPU.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -162,3 +164,22 @@ def test_a_kept_alive_stream_hears_from_a_fresh_start_after_a_crash(tmp_path: Pa
         during = [line for at, line in lines if line.startswith(":") and at > killed + 1]
         assert during, lines  # the fresh start (4 s) was not silent
         assert any(line.startswith("data: ") and "chunk" in line for _, line in lines), lines
+
+
+def test_a_client_that_stops_reading_does_not_hold_its_model_for_ever(tmp_path: Path) -> None:
+    """It takes the head, then nothing: after --proxy-read-timeout its answer is cut, its hold on the
+    model goes, and the model stops when idle."""
+    models = 'idle_timeout: 1\nmodels:\n  m: {options: "--model M --fast"}\n'
+    with front_door(tmp_path, models, LAUNCHER_PROXY_READ_TIMEOUT="2") as launcher:
+        payload = json.dumps({"model": "m", "prompt": "x", "stream": True, "chunks": 300_000}).encode()
+        with socket.create_connection(("127.0.0.1", launcher.port)) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+                           + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)  # fmt: skip
+            assert client.recv(1024).startswith(b"HTTP/1.1 200")
+            wait_until(lambda: model_state(launcher, "m")["in_flight"] == 1, 10, what="in flight")
+            # The client reads nothing more.
+            wait_until(lambda: model_state(launcher, "m")["in_flight"] == 0, 20, what="the stalled answer cut")
+            wait_until(lambda: model_state(launcher, "m")["state"] == "stopped", 20, what="idle stop")
+        assert "took nothing of its answer for 2s: cut" in launcher.output_text()
+        assert "Traceback" not in launcher.output_text()

@@ -354,7 +354,7 @@ async def _pass(
         if not headers_sent:
             await send({"type": "http.response.start", "status": connection.status,
                         "headers": passed_headers(connection.headers, RESPONSE_HEADERS_DROPPED)})  # fmt: skip
-        await _relay(send, connection, door, lease, exchange)
+        await _relay(send, connection, door, lease, exchange, scope["app"].state.settings.proxy_read_timeout)
         return connection.status
     finally:
         watcher.cancel()
@@ -385,21 +385,74 @@ class QuietAnswerCut(logging.Filter):
 QUIET_ANSWER_CUT = QuietAnswerCut()
 
 
-async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lease, exchange: _Exchange) -> None:
+class _ClientStall:
+    """Cuts an answer whose client has taken nothing for ``timeout`` seconds (``--proxy-read-timeout``,
+    as for a silent instance): a client that stops reading must not hold its model for ever (idle
+    stop, sleep and eviction wait for its request). One timer per answer, not one per piece."""
+
+    __slots__ = ("_handle", "_task", "sending_since", "stalled", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.sending_since: float | None = None
+        self.stalled = False
+        self._task = asyncio.current_task()
+        self._handle = asyncio.get_running_loop().call_later(timeout, self._check) if timeout > 0 else None
+
+    def _check(self) -> None:
+        since, now = self.sending_since, time.monotonic()
+        if since is not None and now - since >= self.timeout and self._task is not None:
+            self.stalled, self._handle = True, None
+            self._task.cancel()
+            return
+        delay = self.timeout - (now - since) if since is not None else self.timeout
+        self._handle = asyncio.get_running_loop().call_later(delay, self._check)
+
+    async def send(self, send: Send, message: dict[str, Any]) -> None:
+        self.sending_since = time.monotonic()
+        await send(message)
+        self.sending_since = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lease, exchange: _Exchange,
+                 client_timeout: float) -> None:  # fmt: skip
     """The answer's body, piece by piece; an instance failing mid-answer ends it, said once.
 
     A stream of events gets an error event and a proper end (OpenAI's clients read it); any other
-    answer is cut (:class:`AnswerCut`): its length or its chunks must not look complete.
+    answer is cut (:class:`AnswerCut`): its length or its chunks must not look complete. A client
+    that takes nothing for ``client_timeout`` seconds is cut too.
     """
+    stall = _ClientStall(client_timeout)
+    try:
+        await _relay_body(stall, send, connection, door, lease, exchange)
+    except asyncio.CancelledError:
+        if not stall.stalled:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        connection.close()  # the instance sees its request aborted
+        log.warning("model %s: a client took nothing of its answer for %gs: cut", lease.state.name, client_timeout)
+        raise AnswerCut(connection.status) from None
+    finally:
+        stall.close()
+
+
+async def _relay_body(stall: _ClientStall, send: Send, connection: Connection, door: FrontDoor, lease: Lease,
+                      exchange: _Exchange) -> None:  # fmt: skip
     try:
         while True:
             data = await connection.read()
             if data is None:
                 break
             if connection.complete and not exchange.gone:
-                await send({"type": "http.response.body", "body": data, "more_body": False})
+                await stall.send(send, {"type": "http.response.body", "body": data, "more_body": False})
                 return
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            await stall.send(send, {"type": "http.response.body", "body": data, "more_body": True})
     except UpstreamError as exc:
         if exchange.gone:
             return  # the client left: closing the connection was ours
@@ -409,9 +462,9 @@ async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lea
         door.metrics.upstream_errors.labels(model=lease.state.name).inc()
         if not _is_event_stream(connection.headers):
             raise AnswerCut(connection.status) from None
-        await send({"type": "http.response.body", "body": _error_event(message, "upstream_failed"),
-                    "more_body": True})  # fmt: skip
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await stall.send(send, {"type": "http.response.body", "body": _error_event(message, "upstream_failed"),
+                                "more_body": True})  # fmt: skip
+    await stall.send(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
