@@ -530,6 +530,13 @@ class FrontDoor:
         task = state.start_task = self._spawn(self._start(state), f"start-{state.name}")
         task.add_done_callback(lambda _: self._start_never_ran(state, task))
 
+    def reported_gone(self, lease: Lease) -> bool:
+        """Whether the forkserver has reported the lease's instance gone."""
+        try:
+            return not self._manager.get(lease.record.instance_id).live
+        except NotFound:
+            return True
+
     async def lost_before_answering(self, lease: Lease, within: float = LOST_WAIT_SECONDS) -> bool:
         """Whether the lease's instance has died, after it failed to answer a request: True once the
         forkserver reports it gone (within ``within`` seconds), and the model forgets the instance, so

@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from launcher import readiness
 from launcher.errors import NotFound
-from launcher.frontdoor.door import FrontDoor
+from launcher.frontdoor.door import LOST_WAIT_SECONDS, FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
 from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelInvalid, ModelState, NoRoom, StartFailed
 from launcher.frontdoor import upstream
@@ -295,7 +295,8 @@ async def _open_or_start_afresh(
     hearing from it meanwhile). An instance that is alive but did not answer is a 502, and the
     request is not sent again. ``exchange.lease`` is the lease held at the end (None: none).
     """
-    for attempt in range(FRESH_STARTS + 1):
+    fresh_starts, unreachable_since = 0, None
+    while True:
         lease = exchange.lease
         assert lease is not None
         opened = await _open(scope, lease, body, exchange)
@@ -305,10 +306,19 @@ async def _open_or_start_afresh(
             return CLIENT_LEFT
         failure = _Failure(502, f"The model's instance {lease.record.instance_id} did not answer: {opened}",
                            "InternalServerError", code="upstream_unreachable")  # fmt: skip
-        if isinstance(opened, UpstreamTimeout) or attempt == FRESH_STARTS:
+        if isinstance(opened, UpstreamTimeout) or fresh_starts == FRESH_STARTS:
+            return failure
+        if not opened.request_sent and not door.reported_gone(lease):
+            # No connection: the request is not there, so trying again is safe. An instance that stopped
+            # listening is usually exiting: its exit is waited for a moment, then it is started afresh.
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since < LOST_WAIT_SECONDS:
+                await asyncio.sleep(0.1)
+                continue
             return failure
         if not await door.lost_before_answering(lease):  # it lives: it may have the request; not sent twice
             return failure
+        fresh_starts, unreachable_since = fresh_starts + 1, None
         exchange.lease = None
         door.release(lease)
         log.warning("model %s: its instance %s died before answering a request: starting it afresh",
@@ -319,7 +329,6 @@ async def _open_or_start_afresh(
             return _acquire_failure(exc)
         if exchange.lease is None:
             return CLIENT_LEFT
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _pass(
