@@ -104,6 +104,10 @@ def test_the_log_view_follows_what_the_instance_prints(
     expect(browser_page.locator("#log")).to_contain_text("ENV UI_GREETING=hello-from-the-instance")
     expect(browser_page.locator("#log")).to_contain_text("standin serving log-model")
     expect(browser_page.locator("#state")).to_contain_text('"instance_id": "logged"')
+    created = browser_page.locator('#facts dd[data-fact="Created"]')
+    expect(created).to_be_visible()
+    assert not re.fullmatch(r"[0-9.]+", created.inner_text()), created.inner_text()  # a date, not Unix seconds
+    expect(browser_page.locator('#facts dd[data-fact="Memory"]')).to_have_text(re.compile(r"^\d+ MiB$"))
     launcher.client.delete("/v2/vllm/instances/logged")
     expect(browser_page.locator("#state")).to_have_text("deleted")
     assert errors == []
@@ -123,7 +127,12 @@ def test_model_profiles_can_be_started_and_stopped(launcher: LauncherProcess, pa
     browser_page, errors = page
     browser_page.goto(f"{launcher.base_url}/ui")
     row = browser_page.locator('#models tbody tr[data-name="echo"]')
-    row.locator("button", has_text="start").click()
+    expect(row.locator("td.idle")).to_have_text("never")  # idle_timeout: 0
+    expect(row.locator("td.memory")).to_have_text(re.compile(r"^~\d+ MiB$"))
+    start, stop = row.locator("button", has_text="start"), row.locator("button", has_text="stop")
+    start_box, stop_box = start.bounding_box(), stop.bounding_box()
+    assert start_box and stop_box and stop_box["x"] >= start_box["x"] + start_box["width"] + 4  # not touching
+    start.click()
     expect(row).to_contain_text("ready")
     row.locator("button", has_text="stop").click()
     expect(row).to_contain_text("stopped")
@@ -140,6 +149,10 @@ def test_with_a_token_the_page_asks_for_it_and_then_works(chromium: Browser, tmp
             browser_page.goto(f"{secured.base_url}/")  # the redirect needs no token
             dialog = browser_page.locator("#token-dialog")
             expect(dialog).to_be_visible()
+            # Behind the prompt nothing is known yet: no "No instances." or "No model profiles".
+            expect(browser_page.locator("#no-instances")).to_be_hidden()
+            expect(browser_page.locator("#no-models")).to_be_hidden()
+            expect(browser_page.locator("#gpus")).to_contain_text("loading")
             browser_page.fill("#token-form input[name=token]", "wrong")
             browser_page.click("#token-form button")
             expect(browser_page.locator("#token-error")).to_contain_text("not the launcher's")
@@ -147,6 +160,8 @@ def test_with_a_token_the_page_asks_for_it_and_then_works(chromium: Browser, tmp
             browser_page.click("#token-form button")
             expect(dialog).to_be_hidden()
             expect(browser_page.locator("#connection")).to_have_text("live")
+            expect(browser_page.locator("#no-instances")).to_be_visible()
+            expect(browser_page.locator("#gpus")).to_contain_text("no GPUs")
             _create(browser_page, f"--model t --port {free_port()} --host 127.0.0.1", "with-token")
             expect(_row(browser_page, "with-token")).to_contain_text("ready")
             # Kept in this tab's session storage only.
@@ -190,7 +205,12 @@ def test_memory_budgets_show_as_bars(launcher: LauncherProcess, page: tuple[Page
     assert host.locator("meter").get_attribute("max") == str(2 * 2**30)
     expect(browser_page.locator('#budgets [data-budget="GPU-1"]')).to_contain_text("of 79.00 GiB")  # 80 less 1 reserved
     row = browser_page.locator('#models tbody tr[data-name="echo"]')
-    row.locator("button", has_text="start").click()
+    expect(row.locator("td.idle")).to_have_text("never")  # idle_timeout: 0
+    expect(row.locator("td.memory")).to_have_text(re.compile(r"^~\d+ MiB$"))
+    start, stop = row.locator("button", has_text="start"), row.locator("button", has_text="stop")
+    start_box, stop_box = start.bounding_box(), stop.bounding_box()
+    assert start_box and stop_box and stop_box["x"] >= start_box["x"] + start_box["width"] + 4  # not touching
+    start.click()
     expect(row).to_contain_text("ready")
     expect(host).not_to_contain_text("host: 0 MiB")  # the running instance's PSS, once sampled
     row.locator("button", has_text="stop").click()

@@ -147,8 +147,9 @@ function renderInstances() {
     remove.textContent = "Delete";
     remove.onclick = () => deleteInstance(state.instance_id);
     actions.append(remove);
+    const memory = state.status === "running" && state.memory ? mib(state.memory.host_bytes) : null;
     row.append(id, cell(state.model, "model"), status, cell(state.start_seconds), cell(state.port),
-      cell((state.gpu_uuids || []).join(", ") || null), cell(state.exit_code), actions);
+      cell((state.gpu_uuids || []).join(", ") || null), cell(memory, "memory"), cell(state.exit_code), actions);
     body.append(row);
   }
   $("#no-instances").hidden = instances.size > 0;
@@ -213,6 +214,7 @@ async function renderModels() {
     badge.textContent = model.state;
     state.append(badge);
     const actions = document.createElement("td");
+    actions.className = "actions";
     for (const action of ["start", "stop"]) {
       const button = document.createElement("button");
       button.className = "plain small";
@@ -223,7 +225,10 @@ async function renderModels() {
     }
     if (model.state === "invalid") badge.title = model.last_error || "";
     const used = model.last_used ? new Date(model.last_used * 1000).toLocaleTimeString() : null;
-    row.append(cell(model.name), state, cell(model.instance_id), cell(model.in_flight), cell(used), actions);
+    const idle = model.idle_timeout ? `${model.idle_timeout} s` : "never";
+    const expected = model.memory_estimate ? `~${mib(model.memory_estimate.host_bytes)}` : null;
+    row.append(cell(model.name), cell((model.aliases || []).join(", ") || null, "aliases"), state,
+      cell(model.instance_id), cell(model.in_flight), cell(used), cell(idle, "idle"), cell(expected, "memory"), actions);
     return row;
   }));
   $("#no-models").hidden = models.length > 0;
@@ -299,8 +304,32 @@ async function deleteAll() {
 
 // ------------------------------------------------------------------ the instance page
 
+function when(seconds) {
+  return seconds == null ? null : new Date(seconds * 1000).toLocaleString();
+}
+
+// The instance's state in words (times local, sizes in MiB/GiB); the raw JSON below it.
 function renderState(state) {
   $("#state").textContent = state ? JSON.stringify(state, null, 2) : "deleted";
+  const facts = state ? [
+    ["Status", phase(state) + (state.status === "stopped" ? ` (exit ${state.exit_code})` : "")],
+    ["Model", state.model], ["Port", state.port], ["PID", state.pid],
+    ["Created", when(state.created_at)], ["Ready", when(state.ready_at)],
+    ["Start", state.start_seconds == null ? null : `${state.start_seconds} s`],
+    ["Memory", state.memory ? mib(state.memory.host_bytes) : null],
+    ["Peak memory", state.memory_peak ? mib(state.memory_peak.host_bytes) : null],
+    ["GPUs", (state.gpu_uuids || []).join(", ") || null],
+    ["Stopped", when(state.stopped_at)], ["Why", state.stop_reason],
+    ["Options", state.options],
+  ] : [["Status", "deleted"]];
+  $("#facts").replaceChildren(...facts.filter(([, value]) => value != null && value !== "").flatMap(([name, value]) => {
+    const term = document.createElement("dt");
+    term.textContent = name;
+    const detail = document.createElement("dd");
+    detail.textContent = String(value);
+    detail.dataset.fact = name;
+    return [term, detail];
+  }));
 }
 
 async function followLog(id) {
