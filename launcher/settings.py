@@ -35,7 +35,7 @@ def _setting(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the launcher can be told. See the README's configuration table."""
+    """Everything the launcher can be told. See docs/configuration.md."""
 
     host: str = _setting("0.0.0.0", "address the API listens on")
     port: int = _setting(8001, "port the API listens on")

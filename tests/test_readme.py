@@ -1,4 +1,5 @@
-"""The README's Quick start and front-door example, run as written against a real launcher.
+"""The README's Quick start and front-door example, and the client page's example, run as written
+against a real launcher.
 
 The commands are read from README.md, not copied here, so the two cannot drift apart. They run
 in a scratch directory laid out like a checkout (``.tiny-model`` and ``.venv`` are links to the
@@ -154,3 +155,15 @@ def test_the_front_door_example_runs_as_written(scene: Scene) -> None:
     lines = done.stdout.splitlines()
     assert lines[0] == "['tiny', 'tiny-chat']"  # as its comment says
     assert len(lines) >= 3 and lines[1].strip() and lines[2].strip(), lines  # the chat reply, then the stream
+
+
+def test_the_client_example_runs_as_written(scene: Scene) -> None:
+    [snippet] = code_blocks((REPO / "docs" / "client.md").read_text(encoding="utf-8"), "python")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LAUNCHER_")}
+    env["LAUNCHER_URL"] = scene.launcher.base_url
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=scene.workdir, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"\d+ [0-9.]+", lines[0]), lines  # port, start seconds
+    assert "READY opt" in lines and scene.launcher.client.get("/v2/vllm/instances/opt").status_code == 404
