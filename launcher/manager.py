@@ -470,7 +470,9 @@ class InstanceManager:
                 self._publish(events.READY, record)
                 seconds = (record.ready_at or record.received_at) - record.received_at
                 self.metrics.start_seconds.observe(max(0.0, seconds))
-                log.info("instance %s ready in %.2fs", record.instance_id, seconds)
+                breakdown = ", ".join(f"{name} {value:.2f}" for name, value in (record.start_phases or {}).items())
+                log.info("instance %s ready in %.2f s%s", record.instance_id, seconds,
+                         f" ({breakdown})" if breakdown else "")  # fmt: skip
                 self._note_later(record.instance_id, {"ready_at": record.ready_at})
 
         await readiness.wait_ready(
