@@ -247,14 +247,8 @@ def test_an_open_api_is_said_loudly_and_instances_listen_where_the_launcher_does
            "TMPDIR": str(tmp_path)}  # fmt: skip
     opened = subprocess.Popen([sys.executable, "-m", "launcher", "--host", "0.0.0.0", "--port", str(port)], cwd=REPO,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    def up() -> bool:
-        try:
-            return opened.poll() is not None or httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_until(up, 60, 0.2, "the launcher")
+        wait_until(lambda: _serving(opened, port), 60, 0.2, "the launcher")
     finally:
         opened.terminate()
         _, stderr = opened.communicate(timeout=60)
@@ -300,16 +294,18 @@ def test_uvicorn_on_another_port_gets_that_ports_log_directory(tmp_path: Path) -
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "launcher.app:app", "--port", str(port)], cwd=REPO,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
-    def up() -> bool:
-        try:
-            return server.poll() is not None or httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_until(up, 60, 0.2, "the launcher")
+        wait_until(lambda: _serving(server, port), 60, 0.2, "the launcher")
         state = tmp_path / f"vllm-launcher-{os.getuid()}"
         assert (state / str(port) / "logs").is_dir() and not (state / "8001").exists()
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def _serving(process: subprocess.Popen[Any], port: int) -> bool:
+    """The launcher on ``port`` answers /health with 200 (or its process ended: nothing to wait for)."""
+    try:
+        return process.poll() is not None or httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    except httpx.TransportError:
+        return False

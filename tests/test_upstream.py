@@ -248,8 +248,8 @@ def test_chunked_and_close_framed_answers_arrive_whole() -> None:
     run(scenario())
 
 
-def test_a_slow_reader_pauses_the_instance_and_loses_nothing() -> None:
-    size = 4 * HIGH_WATER
+def flooding(size: int) -> Handler:
+    """A server answering ``size`` bytes as fast as its client takes them."""
 
     async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -257,6 +257,14 @@ def test_a_slow_reader_pauses_the_instance_and_loses_nothing() -> None:
         for _ in range(size // 65536):
             writer.write(b"x" * 65536)
             await writer.drain()
+
+    return flood
+
+
+def test_a_slow_reader_pauses_the_instance_and_loses_nothing() -> None:
+    size = 4 * HIGH_WATER
+
+    flood = flooding(size)
 
     async def scenario() -> None:
         pool = UpstreamPool(connect_timeout=5, read_timeout=0)
@@ -279,12 +287,7 @@ def test_time_paused_for_a_slow_reader_is_not_silence() -> None:
     """Back-pressure pauses reading from the instance; the read timeout counts only real silence."""
     size = 4 * HIGH_WATER
 
-    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: " + str(size).encode() + b"\r\n\r\n")
-        for _ in range(size // 65536):
-            writer.write(b"x" * 65536)
-            await writer.drain()
+    flood = flooding(size)
 
     async def scenario() -> None:
         pool = UpstreamPool(connect_timeout=5, read_timeout=0.2)

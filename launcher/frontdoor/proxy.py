@@ -119,12 +119,7 @@ class _Exchange:
                 if done or tick is None:
                     break
                 await tick()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
+        return await _result_or_none(task)
 
 
 async def _watch_client(receive: Receive, on_gone: Callable[[], None]) -> None:
@@ -142,6 +137,11 @@ async def _unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T | Non
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
+    return await _result_or_none(task)
+
+
+async def _result_or_none(task: asyncio.Future[T]) -> T | None:
+    """A finished task's result; an unfinished one is cancelled (None)."""
     if task.done():
         return task.result()
     task.cancel()
