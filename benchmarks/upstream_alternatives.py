@@ -93,7 +93,14 @@ class AiohttpPool:
         return self._session
 
     async def request(
-        self, host: str, port: int, head: bytes, body: bytes, *, on_connection: Callable[[Any], None]
+        self,
+        host: str,
+        port: int,
+        head: bytes,
+        body: bytes,
+        *,
+        on_connection: Callable[[Any], None],
+        max_idle: float = upstream.IDLE_SECONDS,  # aiohttp's connector has one keep-alive for all
     ) -> AiohttpConnection:
         method, target, headers = _parse_head(head)
         connection = AiohttpConnection((host, port))
