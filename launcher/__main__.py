@@ -10,7 +10,7 @@ import sys
 import setproctitle
 import uvicorn
 
-from launcher import dir_lock, gpus
+from launcher import dir_lock, gpus, hangup
 from launcher.app import create_app
 from launcher.frontdoor.models_store import ModelsStore
 from launcher.frontdoor.profiles import ProfileError
@@ -20,6 +20,7 @@ from launcher.settings import Settings, unknown_variables
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags (over ``LAUNCHER_*`` variables) and serve until SIGTERM or Ctrl-C."""
+    hangup.hold_early()
     for warning in unknown_variables():
         print(f"launcher: warning: {warning}", file=sys.stderr)
     settings = Settings.from_sources(sys.argv[1:] if argv is None else argv)

@@ -27,9 +27,24 @@ def _on_a_terminal() -> bool:
     return False
 
 
+_early: list[int] = []  # hang-ups before the app could act on them (python -m launcher's start-up)
+
+
+def _held_for_later(signum: int, frame: FrameType | None) -> None:
+    _early.append(signum)
+
+
+def hold_early() -> None:
+    """From now until the app handles it, a SIGHUP is noted, not fatal (``python -m launcher``
+    calls this first: vLLM's preload takes seconds, and a hang-up then must not kill it silently)."""
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _held_for_later)
+
+
 @contextlib.contextmanager
 def on_hangup(reload: Callable[[], None]) -> Iterator[None]:
-    """While inside, SIGHUP calls ``reload`` on the running loop (or, on a terminal, shuts down)."""
+    """While inside, SIGHUP calls ``reload`` on the running loop (or, on a terminal, shuts down);
+    after it (the shutdown), a SIGHUP is held, never fatal: the clean-up runs to its end."""
     loop = asyncio.get_running_loop()
     previous: Any = signal.getsignal(signal.SIGHUP)
     if previous == signal.SIG_IGN:  # nohup, or a supervisor that wants it ignored
@@ -54,8 +69,11 @@ def on_hangup(reload: Callable[[], None]) -> Iterator[None]:
     except ValueError:  # not the main thread: the server owns signals there
         yield
         return
+    if _early:  # a hang-up during start-up, acted on now
+        _early.clear()
+        loop.call_soon(hang_up)
     try:
         yield
     finally:
         if signal.getsignal(signal.SIGHUP) is handler:
-            signal.signal(signal.SIGHUP, previous)
+            signal.signal(signal.SIGHUP, _held_for_later)  # shutting down: a hang-up now must not cut the clean-up

@@ -203,6 +203,7 @@ def _convert(name: str, type_name: Any, raw: str) -> Any:
 
 def _argument_parser(cls: type[Settings]) -> argparse.ArgumentParser:
     parser = _Parser(
+        allow_abbrev=False,  # vLLM's --model is not --models-file
         prog="python -m launcher",
         description="Multi-instance vLLM launcher: a REST API that forks vLLM servers on demand.",
         epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, "

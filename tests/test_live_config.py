@@ -225,3 +225,77 @@ def _healthy(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_two_models_swapping_aliases_in_one_edit(tmp_path: Path) -> None:
+    models = 'models:\n  x: {options: "--model X", aliases: [p]}\n  y: {options: "--model Y", aliases: [q]}\n'
+    with front_door(tmp_path, models) as launcher:
+        write(tmp_path / "models.yaml", models.replace("[p]", "[TMP]").replace("[q]", "[p]").replace("[TMP]", "[q]"))
+        wait_until(lambda: launcher.client.get("/v2/vllm/models/p").json()["name"] == "y", 3, 0.02, "p is y's")
+        assert launcher.client.get("/v2/vllm/models/q").json()["name"] == "x"
+        assert listing(launcher)["file_error"] is None
+
+
+def test_a_file_written_in_place_slowly_is_not_read_half_written(models_file: Path) -> None:
+    with front_door(models_file.parent, models_file.read_text()) as launcher:
+        assert ask(launcher, "a").status_code == 200
+        instance = launcher.client.get("/v2/vllm/models/a").json()["instance_id"]
+        text = models_file.read_text()
+        with models_file.open("w") as file:  # truncated now, written 0.1 s later (cat >, scp, a slow disk)
+            file.flush()
+            time.sleep(0.1)
+            file.write(text)
+        time.sleep(2.5)
+        assert names(launcher) == ["a", "b"]
+        assert launcher.client.get("/v2/vllm/models/a").json()["instance_id"] == instance  # never removed
+        assert "removed" not in launcher.output_text()
+
+
+def test_a_reload_checks_invalid_models_again_and_warm_refuses_one(tmp_path: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text('models:\n  big: {options: "--model B", memory: 4GiB}\n')
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_MODELS_FILE": str(models),
+                                                        "LAUNCHER_MEMORY_BUDGET": "1GiB"})  # fmt: skip
+    try:
+        wait_until(lambda: launcher.client.get("/v2/vllm/models/big").json()["state"] == "invalid", 10, what="invalid")
+        warm = launcher.client.post("/v2/vllm/models/big/warm")
+        assert warm.status_code == 409 and "more than the whole budget" in warm.json()["detail"]
+        assert launcher.client.get("/v2/vllm/instances").json()["instances"] == []  # nothing forked for it
+    finally:
+        launcher.stop()
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_MODELS_FILE": str(models),
+                                                        "LAUNCHER_MEMORY_BUDGET": "8GiB"})  # fmt: skip
+    try:
+        models.write_text('models:\n  big: {options: "--model B --nope", preload: true}\n')
+        wait_until(lambda: launcher.client.get("/v2/vllm/models/big").json()["state"] == "invalid", 10, what="invalid")
+        models.write_text('models:\n  big: {options: "--model B", preload: true}\n')  # fixed: preloaded now
+        wait_until(lambda: launcher.client.get("/v2/vllm/models/big").json()["state"] == "ready", 10, what="preloaded")
+    finally:
+        launcher.stop()
+
+
+def test_a_put_after_the_file_is_fixed_is_not_refused_for_the_old_error(models_file: Path) -> None:
+    with front_door(models_file.parent, models_file.read_text(), LAUNCHER_WATCH_MODELS_FILE="0") as launcher:
+        good = models_file.read_text()
+        write(models_file, good + "  c: {options: --model C, aliass: [x]}\n")
+        assert launcher.client.post("/v2/vllm/models/reload").status_code == 422
+        write(models_file, good)  # fixed, no reload since
+        assert launcher.client.put("/v2/vllm/models/d", json={"options": "--model D"}).status_code == 201
+
+
+def test_vllms_model_flag_is_not_taken_for_models_file() -> None:
+    done = subprocess.run([sys.executable, "-m", "launcher", "--model", "facebook/opt-125m"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2 and "unknown flag --model; did you mean --models-file?" in done.stderr, done.stderr
+
+
+def test_a_hang_up_during_shutdown_does_not_cut_the_clean_up(tmp_path: Path) -> None:
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_STOP_TIMEOUT": "3"})
+    assert launcher.create("slow", options="--model m --ignore-sigterm").status_code == 201
+    wait_until(lambda: launcher.state("slow")["ready"], 10, what="ready")
+    launcher.process.send_signal(signal.SIGTERM)  # the clean-up waits ~3 s for the instance...
+    time.sleep(0.5)
+    launcher.process.send_signal(signal.SIGHUP)  # ...and a hang-up comes meanwhile
+    assert launcher.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert not launcher.stop()  # nothing left: processes, runtime dir
+    assert launcher.temp_leftovers == []

@@ -113,6 +113,7 @@ class FrontDoor:
         # Models past the room check whose instance is not created yet, by identity: a re-added
         # profile is another model than its deleted namesake, whose start may still hold a claim.
         self._claims: set[int] = set()
+        self._started = False  # the models file's profiles are checked and begun (see _check_then_begin)
         self._removed: list[ModelState] = []  # deleted profiles whose instance is still stopping
         self._queued = 0
         self._changed = asyncio.Event()
@@ -139,13 +140,10 @@ class FrontDoor:
     async def _check_then_begin(self) -> None:
         for state in list(self._states.values()):
             await self.check_runnable(state)
+        self._started = True  # from here a model found valid begins at once (check_runnable)
         for state in list(self._states.values()):
-            if state.invalid is not None or self._states.get(state.name) is not state:
-                continue
-            if state.profile.preload:
-                self._spawn(self._preload(state), f"preload-{state.name}")
-            elif self._auto_compile:
-                self._compile_ahead(state)
+            if state.invalid is None and self._states.get(state.name) is state:
+                self._begin(state)
 
     async def check_runnable(self, state: ModelState) -> bool:
         """Check the model's profile as a ``PUT`` does (vLLM's parser in the forkserver, the
@@ -172,9 +170,19 @@ class FrontDoor:
             log.warning("model %s cannot be started: %s", state.name, problem)
         elif problem is None and state.invalid is not None:
             log.info("model %s can be started again", state.name)
-        state.invalid = problem
+        previous, first = state.invalid, not state.checked
+        state.invalid, state.checked = problem, True
         self._notify()
+        if problem is None and (first or previous is not None) and self._started:
+            self._begin(state)  # found valid (added by a reload, or fixed): preloaded or compiled ahead, as at start
         return problem is None
+
+    def _begin(self, state: ModelState) -> None:
+        """A model found valid: started now if it says ``preload``, else compiled ahead."""
+        if state.profile.preload and state.phase is Phase.STOPPED:
+            self._spawn(self._preload(state), f"preload-{state.name}")
+        elif self._auto_compile:
+            self._compile_ahead(state)
 
     async def shutdown(self) -> None:
         """Stop the background work (the manager stops the instances)."""
@@ -284,19 +292,26 @@ class FrontDoor:
 
     # ------------------------------------------------------------------ profiles at run time
 
-    def put_profile(self, name: str, profile: ModelProfile) -> tuple[ModelState, bool]:
+    def drop_aliases(self, name: str) -> None:
+        """Let go of the model's aliases (a reload gives it its new ones with :meth:`put_profile`)."""
+        for label in [label for label, owner in self._labels.items() if owner == name and label != name]:
+            del self._labels[label]
+
+    def put_profile(self, name: str, profile: ModelProfile, *, compile_ahead: bool = True) -> tuple[ModelState, bool]:
         """Add or replace a profile; True if it is new. A running instance with another
-        configuration is stopped once no request is in flight; the next request starts the new one."""
+        configuration is stopped once no request is in flight; the next request starts the new one.
+        ``compile_ahead``: compile it ahead now (False: once :meth:`check_runnable` finds it valid)."""
         self.check_labels(name, profile)
         self._warn_if_open(name, profile)
         state = self._states.get(name)
         if state is None:
             state = self._add(name, profile)
-            if self._auto_compile:
+            if self._auto_compile and compile_ahead:
                 self._compile_ahead(state)
             return state, True
         for label in [name, *state.profile.aliases]:
-            self._labels.pop(label, None)
+            if self._labels.get(label) == name:  # an alias another model has taken meanwhile stays its
+                del self._labels[label]
         for label in [name, *profile.aliases]:
             self._labels[label] = name
         running = state.running_profile or state.profile
@@ -307,11 +322,11 @@ class FrontDoor:
                 state.retire = True  # the instance would differ: replace it once idle
         changed = profile.instance_config(name) != state.profile.instance_config(name)
         state.profile = profile
-        if state.invalid is not None and changed:
-            state.invalid = None  # the new profile is checked by whoever changed it
+        if changed:
+            state.invalid, state.checked = None, False  # a new profile: checked afresh by whoever changed it
         if changed:
             state.compiled, state.compile_error = not needs_compile(profile), None
-            if self._auto_compile:
+            if self._auto_compile and compile_ahead:
                 self._compile_ahead(state)
         self._notify()
         return state, False
@@ -340,7 +355,10 @@ class FrontDoor:
             self._removed.remove(state)
 
     def warm(self, state: ModelState) -> None:
-        """Compile the model ahead now (``POST .../warm``), unless it is compiled or has nothing to compile."""
+        """Compile the model ahead now (``POST .../warm``), unless it is compiled or has nothing to compile;
+        :class:`ModelInvalid` if its profile cannot run (nothing is forked for it)."""
+        if state.invalid is not None:
+            raise ModelInvalid(f"model {state.name!r} cannot be started: {state.invalid}")
         if state.compiled is True or not needs_compile(state.profile):
             return
         if state.phase in (Phase.STARTING, Phase.READY):
@@ -348,7 +366,7 @@ class FrontDoor:
         self._compile_ahead(state)
 
     def _compile_ahead(self, state: ModelState) -> None:
-        if needs_compile(state.profile) and state.compiled is not True:
+        if needs_compile(state.profile) and state.compiled is not True and state.invalid is None:
             self._compiler.request(state.name, state.profile)
 
     def _compiled(self, name: str, profile: ModelProfile, compiled: Compiled, error: str | None) -> None:

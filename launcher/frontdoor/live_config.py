@@ -31,6 +31,8 @@ from launcher.frontdoor.profiles import ModelProfile, ModelsFile, ProfileError, 
 log = logging.getLogger("launcher.front_door")
 
 POLL_SECONDS = 1.0  # the file is looked at this often even when no watch event comes
+SETTLE_SECONDS = 0.2  # a changed file is read again after this, and used once two reads agree
+SETTLE_LIMIT = 2.0  # a file still changing after this is read as it is then
 
 
 @dataclass
@@ -75,21 +77,39 @@ class LiveConfig:
     # ------------------------------------------------------------------ reloading
 
     async def reload(self, *, why: str) -> Changes:
-        """Read the file again and apply it if it changed; :class:`ProfileError` if it cannot be read."""
-        async with self._lock:
-            return self._reload(why)
+        """Read the file again and apply it if it changed; :class:`ProfileError` if it cannot be read.
 
-    def _reload(self, why: str) -> Changes:
+        Invalid models are checked again either way (a folder may have appeared)."""
+        async with self._lock:
+            return await self._reload(why)
+
+    async def _stable_text(self) -> str | None:
+        """The file's text once two reads ``SETTLE_SECONDS`` apart agree: an editor or ``cat >``
+        writing in place is never read half-written (an empty file would remove every model)."""
+        text = self._store.read_text()
+        for _ in range(int(SETTLE_LIMIT / SETTLE_SECONDS)):
+            if text == self._text:
+                return text
+            await asyncio.sleep(SETTLE_SECONDS)
+            again = self._store.read_text()
+            if again == text:
+                return text
+            text = again
+        return text
+
+    async def _reload(self, why: str) -> Changes:
         try:
-            text = self._store.read_text()
+            text = await self._stable_text()
             if text == self._text:
                 if self.file_error is not None:
                     self._set_error(None)  # put back as it was: the running configuration is the file's
+                self._check_invalid()
                 return Changes()
             if text is None:
                 raise ProfileError(f"the models file {self._store.path} is gone; the models it listed keep running "
                                    "(an empty file removes them)")  # fmt: skip
             models = parse_models_file(text, source=f"models file {self._store.path}")
+            changes = self._apply(models)
         except ProfileError as exc:
             if str(exc) != self.file_error:
                 log.error("models file not reloaded (%s), the running models stay: %s", why, exc)
@@ -98,10 +118,16 @@ class LiveConfig:
             raise
         self._text = text
         self._set_error(None)
-        changes = self._apply(models)
+        self._check_invalid()
         self._door.metrics.reloads.labels(outcome="applied").inc()
         log.info("models file reloaded (%s): %s", why, changes)
         return changes
+
+    def _check_invalid(self) -> None:
+        """Check the invalid models again: a folder that finished syncing makes its model servable."""
+        for state in self._door.states():
+            if state.invalid is not None:
+                self._check_soon(state)
 
     def _set_error(self, error: str | None) -> None:
         self.file_error = error
@@ -117,23 +143,15 @@ class LiveConfig:
             changes.stopping[name] = door.spawn(door.stop_removed(door.forget_profile(name)), f"remove-{name}")
         pending = {name: profile for name, profile in models.models.items()
                    if name not in current or current[name].profile != profile}  # fmt: skip
-        # Aliases may move between profiles: one that a changed profile still holds frees up once
-        # that one is applied, so each round applies what it can.
-        while pending:
-            done = []
-            for name, profile in pending.items():
-                try:
-                    state, created = door.put_profile(name, profile)
-                except ProfileError:
-                    continue
-                (changes.added if created else changes.changed).append(name)
-                done.append(name)
-                self._check_soon(state)
-            if not done:
-                log.error("models file: could not apply %s: %s", ", ".join(pending), "their names clash")
-                break
-            for name in done:
-                pending.pop(name)
+        # Aliases may move between profiles, even swap: the changed ones let go of theirs first (the
+        # file's names are known to be unique, so every one then fits).
+        for name in pending:
+            if name in current:
+                door.drop_aliases(name)
+        for name, profile in pending.items():
+            state, created = door.put_profile(name, profile, compile_ahead=False)  # compiled once checked
+            (changes.added if created else changes.changed).append(name)
+            self._check_soon(state)
         return changes
 
     def _check_soon(self, state: ModelState) -> None:
@@ -177,7 +195,7 @@ class LiveConfig:
             if not self._store.kept:
                 return self._door.put_profile(name, profile)
             created = self._door.resolve(name) is None
-            self._write(lambda: self._store.put(name, profile))
+            await self._write(lambda: self._store.put(name, profile))
             state = self._door.resolve(name)
             assert state is not None
             return state, created
@@ -190,13 +208,15 @@ class LiveConfig:
             if not self._store.kept:
                 stopping = self._door.spawn(self._door.stop_removed(self._door.forget_profile(name)), f"remove-{name}")
             else:
-                stopping = self._write(lambda: self._store.remove(name)).stopping[name]
+                stopping = (await self._write(lambda: self._store.remove(name))).stopping[name]
         await asyncio.wait({stopping})
 
-    def _write(self, change: Any) -> Changes:
+    async def _write(self, change: Any) -> Changes:
         """Write a change into the file, then apply the whole file (a hand edit made meanwhile too)."""
-        if self.file_error is not None:
-            raise Conflict(f"the models file has an error, so it is not changed: fix it first ({self.file_error})")
+        try:
+            await self._reload("before an API change")  # the file as it is now, not as last seen
+        except ProfileError as exc:
+            raise Conflict(f"the models file has an error, so it is not changed: fix it first ({exc})") from None
         try:
             text = change()
         except ReadOnly as exc:

@@ -74,6 +74,7 @@ class ModelState:
     uid: int = field(default_factory=lambda: next(_UIDS))
     invalid: str | None = None  # why its profile cannot run (state "invalid"); None: it can, as far as known
     checked_at: float = 0.0  # monotonic time of the last check of its profile
+    checked: bool = False  # its profile has been checked once
     invalid_memory: bool = False  # invalid because it can never fit the memory budgets
     room_held: bool = False  # starting: past its room check (until then it holds nothing)
 

@@ -12,14 +12,18 @@ the change: :class:`ReadOnly`, answered 409, and nothing changes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import yaml
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.error import YAMLError
 
 from launcher.frontdoor.profiles import ModelProfile, ModelsFile, ProfileError, load_models_file, parse_models_file
@@ -44,7 +48,23 @@ def _yaml() -> YAML:
 
 def profile_data(profile: ModelProfile) -> dict[str, Any]:
     """What a profile writes into the file: the fields set, defaults left out."""
-    return profile.model_dump(exclude_defaults=True, exclude_none=True)
+    return cast(dict[str, Any], _read_back_alike(profile.model_dump(exclude_defaults=True, exclude_none=True)))
+
+
+def _read_back_alike(value: Any) -> Any:
+    """``value`` with every string the file's reader (PyYAML, YAML 1.1) would read as something else
+    quoted: ``on``, ``off``, ``yes``, ``no``, ``1:30``, ``1e3``... ruamel writes YAML 1.2, where they are strings."""
+    if isinstance(value, dict):
+        return {_read_back_alike(key): _read_back_alike(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_read_back_alike(item) for item in value]
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return value if same else DoubleQuotedScalarString(value)
+    return value
 
 
 class ModelsStore:
@@ -85,6 +105,17 @@ class ModelsStore:
         """Remove the profile ``name`` from the file (if there); the new text."""
         return self._change(lambda models: models.pop(name, None))
 
+    def _empty_models(self, data: Any) -> None:
+        """``models:`` with no profile left is written ``models: {}`` (its comment kept above it)."""
+        if isinstance(data.get("models"), dict) and not data["models"]:
+            data["models"] = CommentedMap()
+            data["models"].fa.set_flow_style()
+            comment = data.ca.items.pop("models", None)
+            if comment is not None and isinstance(data, CommentedMap):
+                text = " ".join(token.value.strip() for token in comment if token is not None and hasattr(token, "value"))
+                if text:
+                    data.yaml_set_comment_before_after_key("models", before=text.lstrip("# "))
+
     def _change(self, edit: Any) -> str | None:
         if not self.path:
             return None
@@ -106,9 +137,14 @@ class ModelsStore:
             raise ReadOnly(f"the models file {self.path} is not a mapping with 'models'; fix it first")
         if not isinstance(data.get("models"), dict):
             data["models"] = CommentedMap()
-        edit(data["models"])
-        out = io.StringIO()
-        yaml.dump(data, out)
+        try:
+            edit(data["models"])
+            self._empty_models(data)
+            out = io.StringIO()
+            yaml.dump(data, out)
+        except Exception as exc:  # noqa: BLE001 - ruamel on a construct it cannot edit: refused, file untouched
+            raise ReadOnly(f"the models file {self.path} could not be changed ({type(exc).__name__}: {exc}); "
+                           "change it by hand") from None  # fmt: skip
         new_text = out.getvalue()
         parse_models_file(new_text, source=f"models file {self.path}")  # never write what could not be read back
         _write_atomically(target, new_text, display=self.path)
@@ -118,14 +154,15 @@ class ModelsStore:
 def _set(models: Any, name: str, data: dict[str, Any]) -> None:
     """Set ``models[name]``, keeping the comments of an existing entry's fields that stay."""
     existing = models.get(name)
-    if isinstance(existing, CommentedMap):
+    shared = isinstance(existing, CommentedMap) and (existing.anchor.value is not None or bool(existing.merge))
+    if isinstance(existing, CommentedMap) and not shared:  # an anchored or merged entry is replaced: never edited
         for key in [key for key in existing if key not in data]:
             del existing[key]
         for key, value in data.items():
             if existing.get(key) != value:
                 existing[key] = value
         return
-    models[name] = CommentedMap(data)
+    models[_read_back_alike(name)] = CommentedMap(data)  # a name such as "yes" quoted, or it reads back as True
 
 
 def _write_atomically(path: str, text: str, *, display: str) -> None:
@@ -149,7 +186,20 @@ def _write_atomically(path: str, text: str, *, display: str) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, mode)
-        os.replace(temporary, path)
+        try:
+            os.replace(temporary, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.EXDEV):
+                raise
+            # A file mounted on its own (docker -v file:..., a Kubernetes subPath) cannot be renamed
+            # over: it is written in place instead (whole, but not atomically).
+            os.unlink(temporary)
+            with open(path, "r+", encoding="utf-8") as file:
+                file.write(text)
+                file.truncate()
+                file.flush()
+                os.fsync(file.fileno())
+            return
         directory = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(directory)  # the rename itself survives a crash

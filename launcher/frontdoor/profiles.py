@@ -379,13 +379,29 @@ def _at(source: str, line: int | None) -> str:
     return f"{source}, line {line}" if line else source
 
 
+class _UniqueKeys(yaml.SafeLoader):  # type: ignore[misc]
+    """``yaml.safe_load``, but a key given twice in one mapping is an error (PyYAML keeps the last
+    silently: a pasted profile not renamed would replace the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:  # its own keys (a merge's may be overridden on purpose)
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"{key_node.value!r} is given twice",
+                                                            key_node.start_mark)  # fmt: skip
+                seen.add(key_node.value)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
 def parse_models_file(text: str, source: str = "models file") -> ModelsFile:
     """Parse the YAML text of a models file; :class:`ProfileError` names the line and field.
 
     One problem a line, each ``<source>, line N: <what is wrong, in plain words>``, in line order.
     """
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader that refuses duplicate keys
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -175,7 +175,10 @@ async def warm_profile(request: Request) -> JSONResponse:
     """``POST /v2/vllm/models/{name}/warm``: compile the model ahead now; answers at once (202)."""
     door = _door(request)
     state = _profile_state(request)
-    door.warm(state)
+    try:
+        door.warm(state)
+    except ModelInvalid as exc:
+        raise Conflict(str(exc)) from None
     return JSONResponse(door.describe(state), status_code=202)
 
 
