@@ -340,7 +340,9 @@ async function followLog(id) {
   log.textContent = "";
   const decoder = new TextDecoder();
   let offset = 0;
+  let rounds = 0;
   while (generation === followGeneration && following === id && !deleted.has(id)) {
+    if (++rounds % 2 === 0) refreshState(id); // its memory is sampled every 2 s: no event says so
     const headers = offset > 0 ? { Range: `bytes=${offset - 1}-` } : {};
     const response = await api(`/v2/vllm/instances/${encodeURIComponent(id)}/log`, { headers });
     if (generation !== followGeneration || following !== id) return;
@@ -357,6 +359,11 @@ async function followLog(id) {
     }
     await new Promise((resolve) => setTimeout(resolve, 1000));
   }
+}
+
+async function refreshState(id) {
+  const response = await api(`/v2/vllm/instances/${encodeURIComponent(id)}`);
+  if (response.ok && following === id) renderState(await response.json());
 }
 
 async function route() {
