@@ -261,15 +261,21 @@ KEEPALIVE_ENV = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"  # vLLM's own setting (its uvicor
 KEEPALIVE_MARGIN = 2.0  # seconds under the instance's keep-alive that a connection stops being reused
 
 
-def reuse_limit(env_vars: Mapping[str, str] | None, launcher_env: Mapping[str, str] = os.environ) -> float:
+def reuse_limit(env_vars: Mapping[str, str] | None, launcher_env: Mapping[str, str] | None = None) -> float:
     """How long a connection to an instance with this environment may idle and still be reused:
     its keep-alive less a margin, at most :data:`upstream.IDLE_SECONDS` (0: not reused)."""
-    raw = (env_vars or {}).get(KEEPALIVE_ENV) or launcher_env.get(KEEPALIVE_ENV)
+    raw = env_vars.get(KEEPALIVE_ENV) if env_vars else None
+    if raw is None and launcher_env is None:
+        return _LAUNCHER_REUSE_LIMIT  # the hot path: read once
+    raw = raw or (launcher_env if launcher_env is not None else os.environ).get(KEEPALIVE_ENV)
     try:
         keepalive = float(raw) if raw else 5.0
     except ValueError:
         keepalive = 5.0
     return max(0.0, min(upstream.IDLE_SECONDS, keepalive - KEEPALIVE_MARGIN))
+
+
+_LAUNCHER_REUSE_LIMIT = reuse_limit(None, os.environ)  # instances inherit the launcher's environment
 
 
 async def _open(scope: Scope, lease: Lease, body: bytes, exchange: _Exchange) -> Connection | UpstreamError:
@@ -397,34 +403,53 @@ QUIET_ANSWER_CUT = QuietAnswerCut()
 class _ClientStall:
     """Cuts an answer whose client has taken nothing for ``timeout`` seconds (``--proxy-read-timeout``,
     as for a silent instance): a client that stops reading must not hold its model for ever (idle
-    stop, sleep and eviction wait for its request). One timer per answer, not one per piece."""
+    stop, sleep and eviction wait for its request). No timer per answer: one sweep a second looks
+    at the answers being sent (:data:`_SENDING`), the hot path only notes when a send begins."""
 
-    __slots__ = ("_handle", "_task", "sending_since", "stalled", "timeout")
+    __slots__ = ("_task", "sending_since", "stalled", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.sending_since: float | None = None
         self.stalled = False
         self._task = asyncio.current_task()
-        self._handle = asyncio.get_running_loop().call_later(timeout, self._check) if timeout > 0 else None
-
-    def _check(self) -> None:
-        since, now = self.sending_since, time.monotonic()
-        if since is not None and now - since >= self.timeout and self._task is not None:
-            self.stalled, self._handle = True, None
-            self._task.cancel()
-            return
-        delay = self.timeout - (now - since) if since is not None else self.timeout
-        self._handle = asyncio.get_running_loop().call_later(delay, self._check)
 
     async def send(self, send: Send, message: dict[str, Any]) -> None:
+        if self.timeout <= 0:
+            await send(message)
+            return
         self.sending_since = time.monotonic()
-        await send(message)
-        self.sending_since = None
+        _SENDING.add(self)
+        _sweep_soon()
+        try:
+            await send(message)
+        finally:
+            self.sending_since = None
+            _SENDING.discard(self)
 
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
+    def cut_if_stalled(self, now: float) -> None:
+        since = self.sending_since
+        if since is not None and now - since >= self.timeout and self._task is not None and not self.stalled:
+            self.stalled = True
+            self._task.cancel()
+
+
+_SENDING: set[_ClientStall] = set()  # answers whose send to their client is under way
+_sweep: list[asyncio.TimerHandle] = []  # the one sweep timer, while answers are being sent
+
+
+def _sweep_soon() -> None:
+    if not _sweep:
+        _sweep.append(asyncio.get_running_loop().call_later(1.0, _sweep_stalls))
+
+
+def _sweep_stalls() -> None:
+    _sweep.clear()
+    now = time.monotonic()
+    for stall in list(_SENDING):
+        stall.cut_if_stalled(now)
+    if _SENDING:
+        _sweep_soon()
 
 
 async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lease, exchange: _Exchange,
@@ -447,8 +472,6 @@ async def _relay(send: Send, connection: Connection, door: FrontDoor, lease: Lea
         connection.close()  # the instance sees its request aborted
         log.warning("model %s: a client took nothing of its answer for %gs: cut", lease.state.name, client_timeout)
         raise AnswerCut(connection.status) from None
-    finally:
-        stall.close()
 
 
 async def _relay_body(stall: _ClientStall, send: Send, connection: Connection, door: FrontDoor, lease: Lease,
