@@ -193,9 +193,9 @@ class InstanceTable:
     def _finish(self, instance: Instance) -> None:
         instance.stopped_at = time.time()
         shutil.rmtree(instance.tmpdir, ignore_errors=True)
-        claimed = {segment for other in self._instances.values() if other is not instance for segment in other.shm_segments}
-        made = leftovers.made_since(instance.shm_before, claimed)  # it may have died before a scan saw them
-        leftovers.remove_unused(instance.shm_segments | made)  # never one a live process still uses
+        # Only what a scan saw it map: a segment it made and left within its last second stays (a rare
+        # leak), since another program's file made meanwhile cannot be told from it (never a wrong deletion).
+        leftovers.remove_unused(instance.shm_segments)  # never one a live process still uses
         if self._ledger is not None:
             self._ledger.forget(instance.instance_id)
         self._on_finished(instance)

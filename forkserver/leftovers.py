@@ -28,7 +28,7 @@ import os
 import tempfile
 
 SHM_DIR = "/dev/shm"
-# What vLLM and multiprocessing make: an unclaimed one made during an instance's life is taken for its own.
+# What vLLM and multiprocessing make (the tests look for these kinds).
 SEGMENT_PREFIXES = ("psm_", "sem.mp-", "vllm_dist_")
 
 Segment = tuple[str, int]  # a /dev/shm file: its name and inode
@@ -90,14 +90,6 @@ def mapped_segments(pids: list[int], kinds: tuple[str, ...] | None = None) -> se
 
 def _all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def made_since(before: frozenset[Segment], claimed: set[Segment]) -> set[Segment]:
-    """Segments of vLLM's and multiprocessing's kinds that appeared since ``before`` and no other
-    instance has claimed: an instance that died within a second of making one (before a scan saw it
-    mapped) made these, or an instance that is still running did (and maps them: never removed)."""
-    return {(name, inode) for name, inode in listing().items()
-            if name.startswith(SEGMENT_PREFIXES) and (name, inode) not in before and (name, inode) not in claimed}  # fmt: skip
 
 
 def remove_unused(segments: set[Segment]) -> set[Segment]:

@@ -3,7 +3,8 @@
 A launcher run as a service (Kubernetes, systemd: no terminal) takes ``kill -HUP`` as "read the
 models file again", as daemons do. One started in a terminal (``make run``) gets ``SIGHUP`` when
 that terminal closes: it says so and shuts down cleanly (its instances stopped, its runtime
-directory removed), as Ctrl-C would. ``nohup`` (SIGHUP ignored) is respected.
+directory removed), as Ctrl-C would. Under ``nohup`` (SIGHUP ignored, no terminal) ``kill -HUP``
+reloads; ignored on a terminal, it stays ignored.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _held_for_later(signum: int, frame: FrameType | None) -> None:
 def hold_early() -> None:
     """From now until the app handles it, a SIGHUP is noted, not fatal (``python -m launcher``
     calls this first: vLLM's preload takes seconds, and a hang-up then must not kill it silently)."""
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN or not _on_a_terminal():
         signal.signal(signal.SIGHUP, _held_for_later)
 
 
@@ -47,10 +48,11 @@ def on_hangup(reload: Callable[[], None]) -> Iterator[None]:
     after it (the shutdown), a SIGHUP is held, never fatal: the clean-up runs to its end."""
     loop = asyncio.get_running_loop()
     previous: Any = signal.getsignal(signal.SIGHUP)
-    if previous == signal.SIG_IGN:  # nohup, or a supervisor that wants it ignored
+    terminal = _on_a_terminal()
+    if previous == signal.SIG_IGN and terminal:  # ignored on a terminal: whoever started it wants it so
         yield
         return
-    terminal = _on_a_terminal()
+    # Ignored without a terminal (nohup): a hang-up cannot come, so kill -HUP means a reload.
 
     def hang_up() -> None:
         if terminal:

@@ -334,23 +334,3 @@ def test_after_a_dropped_connection_the_list_matches_the_running_processes() -> 
         forkserver.send_signal(signal.SIGTERM)
         forkserver.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.mark.parametrize("end", ["--fail-at-start", "--crash-after 0.2"])
-def test_a_segment_made_just_before_the_instance_died_is_removed_too(end: str) -> None:
-    """Made and left within a second, before any scan saw it mapped: still the instance's (a segment
-    of vLLM's kinds that appeared during its life and no other instance claims)."""
-    made = f"psm_launcher_test_quick_{os.getpid()}"
-    theirs = Path(f"/dev/shm/launcher_test_theirs_{os.getpid()}")  # another program's, made during its life
-    launcher = LauncherProcess(workload="standin")
-    try:
-        assert launcher.create("quick", options=_options(f"--make-segment {made} --startup-delay 0.1 {end}")
-                               ).status_code == 201  # fmt: skip
-        theirs.write_bytes(b"t")
-        wait_until(lambda: launcher.state("quick")["status"] == "stopped", 10, what="stopped")
-        wait_until(lambda: not Path(f"/dev/shm/{made}").exists(), 10, what="its segment removed")
-        assert theirs.exists()
-    finally:
-        launcher.stop()
-        theirs.unlink(missing_ok=True)
-        Path(f"/dev/shm/{made}").unlink(missing_ok=True)

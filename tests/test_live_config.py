@@ -201,7 +201,8 @@ def test_a_terminal_hang_up_ends_a_foreground_launcher_cleanly(tmp_path: Path) -
            "TMPDIR": str(tmp_path)}  # fmt: skip
     output = (tmp_path / "out").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "launcher", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=REPO, env=env, stdin=secondary, stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+                               cwd=REPO, env=env, stdin=secondary, stdout=output, stderr=subprocess.STDOUT,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # fmt: skip  # noqa: PLW1509
     try:
         wait_until(lambda: _healthy(port), 60, 0.1, "the launcher")
         assert [path for path in tmp_path.glob("vllm-launcher-*") if path.name != f"vllm-launcher-{os.getuid()}"]
@@ -299,3 +300,15 @@ def test_a_hang_up_during_shutdown_does_not_cut_the_clean_up(tmp_path: Path) -> 
     assert launcher.process.wait(timeout=30) in (0, -signal.SIGTERM)
     assert not launcher.stop()  # nothing left: processes, runtime dir
     assert launcher.temp_leftovers == []
+
+
+def test_under_nohup_sighup_still_reloads(models_file: Path) -> None:
+    """nohup ignores SIGHUP (and takes the terminal away): kill -HUP then means a reload, as documented."""
+    env = {"LAUNCHER_MODELS_FILE": str(models_file), "LAUNCHER_WATCH_MODELS_FILE": "0"}
+    launcher = LauncherProcess(workload="standin", env=env, server=["nohup", sys.executable, "-m", "launcher"])
+    try:
+        models_file.write_text(models_file.read_text() + '  c: {options: "--model C"}\n')
+        launcher.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "c" in names(launcher), 5, 0.05, "reloaded on SIGHUP under nohup")
+    finally:
+        launcher.stop()

@@ -102,6 +102,7 @@ class LiveConfig:
             text = await self._stable_text()
             if text == self._text:
                 if self.file_error is not None:
+                    log.info("models file %s is as it was: the running models are its", self._store.path)
                     self._set_error(None)  # put back as it was: the running configuration is the file's
                 self._check_invalid()
                 return Changes()
@@ -117,6 +118,8 @@ class LiveConfig:
             self._set_error(str(exc))
             raise
         self._text = text
+        if self.file_error is not None:
+            log.info("models file %s can be read again", self._store.path)
         self._set_error(None)
         self._check_invalid()
         self._door.metrics.reloads.labels(outcome="applied").inc()
