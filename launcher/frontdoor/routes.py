@@ -133,8 +133,9 @@ async def put_profile(request: Request) -> JSONResponse:
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     answer = door.describe(state)
-    if "warning" in live.describe():
-        answer["warning"] = live.describe()["warning"]  # changes last until a restart: said with each one
+    warning = live.describe().get("warning")
+    if warning:
+        answer["warning"] = warning  # changes last until a restart: said with each one
     return JSONResponse(answer, status_code=201 if created else 200)
 
 

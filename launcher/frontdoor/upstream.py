@@ -70,7 +70,6 @@ class Connection(asyncio.Protocol):
         self.head_done = False
         self.complete = False
         self.keep_alive = False
-        self.got_bytes = False
         self._until_close = False  # an answer with neither length nor chunks ends with the connection
         self._interim = False  # parsing a 1xx answer, which is dropped
         self.error: UpstreamError | None = None
@@ -86,7 +85,6 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
         self._last_read = time.monotonic()
         if not self._outstanding:  # bytes nobody asked for (while idle in the pool): never someone's answer
             self.close()
