@@ -183,3 +183,35 @@ def test_a_client_that_stops_reading_does_not_hold_its_model_for_ever(tmp_path: 
             wait_until(lambda: model_state(launcher, "m")["state"] == "stopped", 20, what="idle stop")
         assert "took nothing of its answer for 2s: cut" in launcher.output_text()
         assert "Traceback" not in launcher.output_text()
+
+
+def test_the_stalled_client_sweep_works_in_a_second_event_loop() -> None:
+    """The sweep's timer belongs to a loop: one left from an ended loop must not switch it off."""
+    import asyncio
+
+    from launcher.frontdoor import proxy
+
+    async def never_drains(_: object) -> None:
+        await asyncio.sleep(3600)
+
+    async def relay(timeout: float, seen: list[bool]) -> None:  # as _relay: the guard in the sending task
+        stall = proxy._ClientStall(timeout)  # noqa: SLF001 - the guard under test
+        seen.append(False)
+        try:
+            await stall.send(never_drains, {})
+        finally:
+            seen[0] = stall.stalled
+
+    async def stalled(timeout: float) -> bool:
+        seen: list[bool] = []
+        task = asyncio.ensure_future(relay(timeout, seen))
+        await asyncio.wait({task}, timeout=timeout + 2.0)
+        task.cancel()
+        return seen == [True]
+
+    async def leave_a_send_behind() -> None:
+        asyncio.ensure_future(relay(30, []))
+        await asyncio.sleep(0.05)  # the loop ends with the send (and the sweep's timer) pending
+
+    asyncio.run(leave_a_send_behind())
+    assert asyncio.run(stalled(0.5))

@@ -312,3 +312,38 @@ def test_under_nohup_sighup_still_reloads(models_file: Path) -> None:
         wait_until(lambda: "c" in names(launcher), 5, 0.05, "reloaded on SIGHUP under nohup")
     finally:
         launcher.stop()
+
+
+def test_an_invalid_model_has_one_check_at_a_time_however_often_the_file_is_polled(tmp_path: Path) -> None:
+    """The poll reads an unchanged file every second; a check of an invalid model that hangs (the
+    forkserver restarting) must not be started again each time."""
+    import asyncio
+
+    from launcher.frontdoor.live_config import LiveConfig
+    from launcher.frontdoor.model_state import ModelState
+    from launcher.frontdoor.models_store import ModelsStore
+    from launcher.frontdoor.profiles import ModelProfile
+
+    path = tmp_path / "models.yaml"
+    path.write_text('models:\n  a: {options: "--model A"}\n')
+    state = ModelState(name="a", profile=ModelProfile(options="--model A"), invalid="no folder")
+
+    class Door:  # the front door's side LiveConfig uses: its models and their (hanging) check
+        checks = 0
+
+        def states(self) -> list[ModelState]:
+            return [state]
+
+        async def check_runnable(self, _: ModelState) -> bool:
+            Door.checks += 1
+            await asyncio.sleep(3600)
+            return False
+
+    async def scenario() -> None:
+        live = LiveConfig(Door(), ModelsStore(str(path)), path.read_text())  # type: ignore[arg-type]
+        for why in ["changed"] * 10 + ["SIGHUP"] * 5:
+            await live.reload(why=why)
+        await asyncio.sleep(0)
+        assert Door.checks == 1
+
+    asyncio.run(scenario())

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,8 @@ log = logging.getLogger("launcher.front_door")
 
 POLL_SECONDS = 1.0  # the file is looked at this often even when no watch event comes
 SETTLE_SECONDS = 0.2  # a changed file is read again after this, and used once two reads agree
-SETTLE_LIMIT = 2.0  # a file still changing after this is read as it is then
+SETTLE_LIMIT = 2.0
+RECHECK_IDLE_SECONDS = 10.0  # an invalid model is checked again this often by the poll (at once on SIGHUP/POST)  # a file still changing after this is read as it is then
 
 
 @dataclass
@@ -62,7 +64,7 @@ class LiveConfig:
         self._text = text  # the text last applied (None: no file)
         self.file_error: str | None = None
         self._lock = asyncio.Lock()  # one change at a time: a reload, a PUT, a DELETE
-        self._checks: set[asyncio.Task[Any]] = set()
+        self._checks: dict[int, tuple[asyncio.Task[Any], Any]] = {}  # model uid -> its last check, of which profile
 
     @property
     def path(self) -> str:
@@ -104,7 +106,7 @@ class LiveConfig:
                 if self.file_error is not None:
                     log.info("models file %s is as it was: the running models are its", self._store.path)
                     self._set_error(None)  # put back as it was: the running configuration is the file's
-                self._check_invalid()
+                self._check_invalid(every=why != "changed")  # the 1 s poll: not every second
                 return Changes()
             if text is None:
                 raise ProfileError(f"the models file {self._store.path} is gone; the models it listed keep running "
@@ -126,10 +128,12 @@ class LiveConfig:
         log.info("models file reloaded (%s): %s", why, changes)
         return changes
 
-    def _check_invalid(self) -> None:
-        """Check the invalid models again: a folder that finished syncing makes its model servable."""
+    def _check_invalid(self, *, every: bool = True) -> None:
+        """Check the invalid models again: a folder that finished syncing makes its model servable
+        (``every``: all of them; else those not checked for ``RECHECK_IDLE_SECONDS``)."""
+        now = time.monotonic()
         for state in self._door.states():
-            if state.invalid is not None:
+            if state.invalid is not None and (every or now - state.checked_at >= RECHECK_IDLE_SECONDS):
                 self._check_soon(state)
 
     def _set_error(self, error: str | None) -> None:
@@ -158,9 +162,12 @@ class LiveConfig:
         return changes
 
     def _check_soon(self, state: ModelState) -> None:
+        """Check the model's profile in the background: one check per model and profile at a time."""
+        running = self._checks.get(state.uid)
+        if running is not None and not running[0].done() and running[1] is state.profile:
+            return
         task = asyncio.ensure_future(self._door.check_runnable(state))
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
+        self._checks[state.uid] = (task, state.profile)
 
     async def watch_forever(self) -> None:
         """Reload when the file changes: a watch on its folder, and a look every second."""

@@ -435,12 +435,14 @@ class _ClientStall:
 
 
 _SENDING: set[_ClientStall] = set()  # answers whose send to their client is under way
-_sweep: list[asyncio.TimerHandle] = []  # the one sweep timer, while answers are being sent
+_sweep: list[tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle]] = []  # the one sweep timer, and its loop
 
 
 def _sweep_soon() -> None:
-    if not _sweep:
-        _sweep.append(asyncio.get_running_loop().call_later(1.0, _sweep_stalls))
+    loop = asyncio.get_running_loop()
+    if _sweep and _sweep[0][0] is loop:
+        return
+    _sweep[:] = [(loop, loop.call_later(1.0, _sweep_stalls))]  # a handle of an ended loop never fires
 
 
 def _sweep_stalls() -> None:
