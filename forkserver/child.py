@@ -19,6 +19,7 @@ from forkserver.workload import ParsedOptions, Workload
 # Exit codes that are a contract between the child and the forkserver (and so the API).
 EXIT_SETUP_FAILED = 70  # the child could not prepare itself before the server ran (EX_SOFTWARE)
 EXIT_SERVER_CRASHED = 1  # the server raised
+EXIT_BAD_OPTIONS = 2  # the options cannot start (argparse's code, as `vllm serve` exits with them)
 
 
 def _die_with_parent() -> None:
@@ -94,7 +95,11 @@ def become_instance(
         _redirect_stdio(log_fd)
         _apply_environment(env, tmpdir)
         code = EXIT_SERVER_CRASHED
-        code = workload.run(parsed)
+        if parsed.error is not None:
+            print(parsed.error, file=sys.stderr)  # what `vllm serve` would say before exiting
+            code = EXIT_BAD_OPTIONS
+        else:
+            code = workload.run(parsed)
     except KeyboardInterrupt:
         code = 0  # vLLM turns a SIGTERM during start-up into KeyboardInterrupt: a requested stop
     except SystemExit as exc:

@@ -37,6 +37,22 @@ HELLO_BUDGET = protocol.MAX_FRAME - (64 << 10)  # a hello page's instances stay 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
+def _last_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``argv`` (argparse's rule: last wins)."""
+    found = None
+    for index, token in enumerate(argv):
+        if token == flag and index + 1 < len(argv):
+            found = argv[index + 1]
+        elif token.startswith(flag + "="):
+            found = token[len(flag) + 1 :]
+    return found
+
+
+def _port_of(argv: list[str]) -> int:
+    value = _last_value(argv, "--port") or ""
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 5 else 0
+
+
 class RequestError(Exception):
     """A request that gets an ``ok: false`` reply of the given kind."""
 
@@ -294,6 +310,20 @@ class ForkServer:
         except OptionsError as exc:
             raise RequestError(protocol.KIND_INVALID, str(exc)) from None
 
+    def _parse_or_unstartable(self, message: dict[str, Any]) -> ParsedOptions:
+        """The options parsed; with ``start_anyway``, options that cannot start still give an
+        instance, one that says why and exits 2 (llm-d FMA's flow: its controller reads a stopped
+        instance, not a refused create)."""
+        try:
+            return self._parse(message)
+        except RequestError as exc:
+            if not message.get("start_anyway") or exc.kind != protocol.KIND_INVALID:
+                raise
+            argv = message["argv"]
+            return ParsedOptions(
+                argv=argv, model=_last_value(argv, "--model") or "", port=_port_of(argv), port_given=True, error=str(exc)
+            )
+
     def _op_validate(self, message: dict[str, Any]) -> dict[str, Any]:
         parsed = self._parse(message)
         return {"model": parsed.model, "port": parsed.port, "port_given": parsed.port_given, "host": parsed.host}
@@ -318,7 +348,7 @@ class ForkServer:
         nice = message.get("nice", 0)
         if type(nice) is not int or not 0 <= nice <= MAX_NICE:
             raise RequestError(protocol.KIND_INVALID, f"nice must be an integer from 0 to {MAX_NICE}")
-        parsed = dataclasses.replace(self._parse(message), parsed_at=time.time())
+        parsed = dataclasses.replace(self._parse_or_unstartable(message), parsed_at=time.time())
         try:
             tmpdir = tempfile.mkdtemp(prefix="i", dir=self._tmp_root)
         except OSError as exc:

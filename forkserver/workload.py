@@ -27,6 +27,8 @@ class ParsedOptions:
     host: str | None = None
     namespace: Any = field(repr=False, default=None)
     parsed_at: float | None = None  # wall clock, set by the forkserver (for the phase markers)
+    # Options that cannot start, forked anyway on request (FMA's flow): the child prints this and exits 2.
+    error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -45,4 +45,6 @@ def main(argv: list[str]) -> int:
         path = _gpu_map_from_api(namespace)
         if path is not None:
             argv = [*argv, "--gpu-map", path]
+    if not any(arg.startswith(("--fma-compat", "--no-fma-compat")) for arg in argv):
+        argv = [*argv, "--fma-compat"]  # FMA's controller gets the answers FMA's launcher gives
     return launcher_main(argv)

@@ -1,8 +1,12 @@
 """The log endpoint's Range rules, exactly as the original document states them.
 
-- No ``Range``: 200 with bytes ``[0, min(total, cap))``.
-- ``bytes=START-END`` (inclusive) or ``bytes=START-``: 206 with at most ``cap`` bytes from
-  START and ``Content-Range: bytes S-E/TOTAL``.
+- No ``Range``: 200 with bytes ``[0, min(total, cap))`` (and, as FMA's launcher, a
+  ``Content-Range`` when there are any).
+- ``bytes=START-``: 206 with at most ``cap`` (1 MiB) bytes from START and
+  ``Content-Range: bytes S-E/TOTAL``.
+- ``bytes=START-END`` (inclusive): 206 with the bytes asked for; the document sets no limit
+  there, this launcher a sane one, ``RANGE_CAP`` (64 MiB), so one answer never holds a whole
+  runaway log in memory.
 - START at or past the end: 416 with ``Content-Range: bytes */TOTAL`` and an empty body.
 - Suffix ranges (``bytes=-N``), several ranges, other units, END < START, or anything else
   malformed: 400.
@@ -16,7 +20,8 @@ from dataclasses import dataclass
 
 from launcher.errors import BadRequest, RangeNotSatisfiable
 
-LOG_CAP = 1 << 20  # 1 MiB per answer
+LOG_CAP = 1 << 20  # 1 MiB: no Range, or an open-ended one
+RANGE_CAP = 64 << 20  # 64 MiB: an explicit bytes=START-END
 _RANGE = re.compile(r"^bytes=([0-9]{1,18})-([0-9]{0,18})$")  # 18 digits: far past any log, still an int64
 
 
@@ -74,8 +79,9 @@ def plan(byte_range: ByteRange | None, total: int, cap: int = LOG_CAP) -> tuple[
             f"range starts at byte {byte_range.start} but the log has {total} bytes",
             headers={"Content-Range": f"bytes */{total}"},
         )
-    stop = total if byte_range.end is None else min(total, byte_range.end + 1)
-    return byte_range.start, min(stop, byte_range.start + cap)
+    if byte_range.end is None:
+        return byte_range.start, min(total, byte_range.start + cap)
+    return byte_range.start, min(total, byte_range.end + 1, byte_range.start + max(cap, RANGE_CAP))
 
 
 def read_log(path: str, byte_range: ByteRange | None, cap: int = LOG_CAP) -> LogSlice:

@@ -31,7 +31,7 @@ from launcher.errors import (
 )
 from launcher.events import EventLog
 from launcher.failure_reason import TAIL_BYTES, read_failure_reason
-from launcher.forkserver_client import ForkserverError, ForkserverGone
+from launcher.forkserver_client import ForkserverClient, ForkserverError, ForkserverGone
 from launcher.forkserver_process import ForkserverSupervisor
 from launcher.memory import Footprint
 from launcher.metrics import LauncherMetrics, StateSnapshot, count_instances, exit_kind
@@ -364,12 +364,19 @@ class InstanceManager:
         self._check_limit()
         argv = config.argv()
         env = self._environment(config)
+        if config.gpu_uuids is not None:  # echoed as FMA's launcher does: the env_vars the instance got
+            config = config.model_copy(update={"env_vars": {**(config.env_vars or {}), **env}})
         reservation = _Reservation(instance_id)
         self._reserved[instance_id] = reservation
         try:
             client = await self.forkserver.client()
-            parsed = await client.request(protocol.OP_VALIDATE, argv=argv)
-            if parsed["port_given"]:
+            parsed = await self._validate_for_create(client, argv)
+            if parsed.get("start_anyway"):
+                # FMA's flow: the instance is made and stops at once, saying why (a free port: its own
+                # --port may be anything, and the instance never listens).
+                reservation.port = ports.pick_free_port(self._ports_in_use())
+                argv = [*argv, "--port", str(reservation.port)]
+            elif parsed["port_given"]:
                 reservation.port = self._check_port(int(parsed["port"]))
             else:
                 reservation.port = ports.pick_free_port(self._ports_in_use())
@@ -386,6 +393,7 @@ class InstanceManager:
                 env=env,
                 log_path=os.path.join(self.log_dir, f"{instance_id}.log"),
                 nice=nice,
+                start_anyway=bool(parsed.get("start_anyway")),
                 # Kept by the forkserver so that an API attaching later can rebuild the state.
                 meta={
                     "config": config.model_dump(exclude_none=True),
@@ -419,6 +427,18 @@ class InstanceManager:
         log.info("created instance %s (pid %s, port %s)", instance_id, record.pid, record.port)
         return record
 
+    async def _validate_for_create(self, client: ForkserverClient, argv: list[str]) -> dict[str, Any]:
+        """vLLM's parser's view of ``argv``; under ``--fma-compat``, options it rejects are no error
+        (llm-d FMA's launcher answers 201 and its instance stops: FMA's controller reads that)."""
+        try:
+            parsed: dict[str, Any] = await client.request(protocol.OP_VALIDATE, argv=argv)
+        except ForkserverError as exc:
+            if not (self._settings.fma_compat and exc.kind == protocol.KIND_INVALID):
+                raise
+            log.info("options cannot start (%s); made anyway, as FMA's launcher does", exc)
+            return {"start_anyway": True, "host": None}
+        return parsed
+
     def _check_limit(self) -> None:
         limit = self._settings.max_instances
         live = self.live_count()
@@ -429,15 +449,11 @@ class InstanceManager:
             )
 
     def _environment(self, config: VllmConfig) -> dict[str, str]:
+        """The instance's own variables: ``env_vars``, with ``CUDA_VISIBLE_DEVICES`` from ``gpu_uuids``
+        when given (they win over an ``env_vars`` value, as in FMA's launcher; the answer warns)."""
         env = dict(config.env_vars or {})
         if config.gpu_uuids is not None:
-            devices = gpus.visible_devices(config.gpu_uuids, self.gpus)
-            given = env.get("CUDA_VISIBLE_DEVICES")
-            if given is not None and given != devices:
-                raise BadRequest(
-                    f"env_vars sets CUDA_VISIBLE_DEVICES={given!r} but gpu_uuids mean {devices!r}: set only one"
-                )
-            env["CUDA_VISIBLE_DEVICES"] = devices
+            env["CUDA_VISIBLE_DEVICES"] = gpus.visible_devices(config.gpu_uuids, self.gpus)
         return env
 
     def _ports_in_use(self) -> set[int]:

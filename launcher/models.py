@@ -87,20 +87,22 @@ def load_json_object(body: bytes, what: str = "a JSON object with at least 'opti
     return data
 
 
-def parse_config(body: bytes, *, strict: bool = True) -> tuple[VllmConfig, list[str]]:
+def parse_config(body: bytes, *, strict: bool = True, empty_options: bool = False) -> tuple[VllmConfig, list[str]]:
     """Parse and validate a create body; 400 for bad JSON, 422 for a wrong shape.
 
     Unknown top-level fields are a 422 when ``strict``; otherwise they are dropped and returned
     (sorted), so that a client newer than this launcher (FMA's controller adding a field) still
-    creates instances.
+    creates instances. ``empty_options`` lets ``options: ""`` through (FMA's launcher takes it).
     """
     data = load_json_object(body)
     ignored = [] if strict else sorted(key for key in data if key not in VllmConfig.model_fields)
+    kept = {key: value for key, value in data.items() if key not in ignored}
+    empty = empty_options and kept.get("options") == ""
     try:
-        config = VllmConfig.model_validate({key: value for key, value in data.items() if key not in ignored})
+        config = VllmConfig.model_validate({**kept, "options": "-"} if empty else kept)
     except ValidationError as exc:
         raise Unprocessable(_describe(exc)) from None
-    return config, ignored
+    return (config.model_copy(update={"options": ""}) if empty else config), ignored
 
 
 RESERVED_IDS = frozenset({"watch"})  # path words under /v2/vllm/instances/

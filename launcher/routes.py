@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import Route
 
 from launcher import __version__, events, log_range
-from launcher.errors import BadRequest, LauncherError, RangeNotSatisfiable
+from launcher.errors import BadRequest, LauncherError, RangeNotSatisfiable, Unprocessable
 from launcher.errors import Gone as GoneError
 from launcher.manager import InstanceManager
 from launcher.models import VllmConfig, check_instance_id, did_you_mean, parse_config
@@ -75,7 +75,9 @@ async def _create(request: Request, instance_id: str | None) -> JSONResponse:
     try:
         if instance_id is not None:
             check_instance_id(instance_id)
-        config, ignored = parse_config(await read_api_body(request), strict=request.app.state.settings.strict_fields)
+        settings = request.app.state.settings
+        raw = await read_api_body(request)
+        config, ignored = parse_config(raw, strict=settings.strict_fields, empty_options=settings.fma_compat)
     except LauncherError:
         manager.metrics.create_failures.labels(reason="invalid").inc()
         raise
@@ -90,12 +92,20 @@ async def _create(request: Request, instance_id: str | None) -> JSONResponse:
         "revision": record.revision,
     }
     headers = {}
+    warnings = []
+    overridden = _overridden_devices(config, record.config)
+    if overridden:
+        warnings.append(overridden)
+        log.warning("create %s: %s", record.instance_id, overridden)
     if ignored:
         # In the body too: plain curl never shows the header, and a typo'd env_vars is silent otherwise.
         body["ignored_fields"] = ignored
-        body["warning"] = ignored_fields_sentence(ignored)
-        headers["Warning"] = _ignored_fields_warning(ignored)
+        warnings.append(ignored_fields_sentence(ignored))
         log.warning("create %s: ignored unknown field(s) %s", record.instance_id, ", ".join(ignored)[:500])
+    if warnings:
+        sentence = "; ".join(warnings)
+        body["warning"] = sentence
+        headers["Warning"] = _warning_header(sentence)
     return JSONResponse(body, status_code=201, headers=headers)
 
 
@@ -106,10 +116,19 @@ def ignored_fields_sentence(ignored: list[str]) -> str:
     )
 
 
-def _ignored_fields_warning(ignored: list[str]) -> str:
-    """An RFC 7234 ``Warning: 299`` value naming the fields that were ignored."""
-    names = re.sub(r'[^\x20-\x7e]|["\\]', "?", ", ".join(ignored)[:500])  # printable, no quote-breaking
-    return f'299 - "unknown fields ignored: {names}"'
+def _overridden_devices(given: VllmConfig, made: VllmConfig) -> str | None:
+    """A sentence when ``env_vars.CUDA_VISIBLE_DEVICES`` was replaced by what ``gpu_uuids`` mean."""
+    asked = (given.env_vars or {}).get("CUDA_VISIBLE_DEVICES")
+    used = (made.env_vars or {}).get("CUDA_VISIBLE_DEVICES")
+    if given.gpu_uuids is None or asked is None or asked == used:
+        return None
+    return f"env_vars.CUDA_VISIBLE_DEVICES={asked[:100]!r} replaced by {used!r}, what gpu_uuids mean"
+
+
+def _warning_header(sentence: str) -> str:
+    """An RFC 7234 ``Warning: 299`` value carrying ``sentence``."""
+    text = re.sub(r'[^\x20-\x7e]|["\\]', "?", sentence[:500])  # printable, no quote-breaking
+    return f'299 - "{text}"'
 
 
 async def create_instance(request: Request) -> JSONResponse:
@@ -127,20 +146,26 @@ async def get_instance(request: Request) -> JSONResponse:
     return JSONResponse(_manager(request).get(request.path_params["instance_id"]).to_json())
 
 
-def _parse_detail(value: str | None) -> bool:
+# The words pydantic reads as booleans (FMA's launcher parses ``detail`` with pydantic).
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on", "t", "y"})
+_FALSE_WORDS = frozenset({"false", "0", "no", "off", "f", "n"})
+
+
+def _parse_detail(value: str | None, *, fma: bool) -> bool:
     if value is None:
         return True
     word = value.strip().lower()
-    if word in ("true", "1", "yes"):
+    if word in _TRUE_WORDS:
         return True
-    if word in ("false", "0", "no"):
+    if word in _FALSE_WORDS:
         return False
-    raise BadRequest(f"invalid detail={value[:50]!r}: use True or False")
+    message = f"invalid detail={value[:50]!r}: use True or False"
+    raise (Unprocessable(message) if fma else BadRequest(message))
 
 
 async def list_instances(request: Request) -> JSONResponse:
     """All instances: ids only with ``detail=False``, full states otherwise."""
-    detail = _parse_detail(request.query_params.get("detail"))
+    detail = _parse_detail(request.query_params.get("detail"), fma=request.app.state.settings.fma_compat)
     records = _manager(request).all()
     revision = _manager(request).events.revision
     if not detail:
@@ -176,15 +201,15 @@ async def get_instance_log(request: Request) -> Response:
         piece = await asyncio.to_thread(log_range.read_log, record.log_path, byte_range)
     except RangeNotSatisfiable as exc:
         return Response(b"", status_code=416, headers=exc.headers)  # empty body, as RFC 9110 has it
+    if byte_range is None and piece.total == 0 and request.app.state.settings.fma_compat:
+        # FMA's launcher: an empty log is a range that cannot be satisfied, even unasked.
+        return Response(b"", status_code=416, headers={"Content-Range": "bytes */0"})
     _manager(request).metrics.log_bytes.inc(len(piece.data))
-    if byte_range is None:
-        return Response(piece.data, media_type="application/octet-stream", headers={"Accept-Ranges": "bytes"})
-    return Response(
-        piece.data,
-        status_code=206,
-        media_type="application/octet-stream",
-        headers={"Content-Range": piece.content_range, "Accept-Ranges": "bytes"},
-    )
+    headers = {"Accept-Ranges": "bytes"}
+    if piece.data:
+        headers["Content-Range"] = piece.content_range  # a 200 too, as FMA's launcher: where the bytes sit
+    status = 200 if byte_range is None else 206
+    return Response(piece.data, status_code=status, media_type="application/octet-stream", headers=headers)
 
 
 def _parse_since(value: str | None) -> int | None:
@@ -200,7 +225,8 @@ async def watch_instances(request: Request) -> StreamingResponse:
     """NDJSON events; without ``since`` it starts with a CREATED for each existing instance."""
     manager = _manager(request)
     since = _parse_since(request.query_params.get("since"))
-    if since is not None and since > manager.events.revision:
+    if since is not None and since > manager.events.revision and not request.app.state.settings.fma_compat:
+        # FMA's launcher waits for such a revision instead; here it is most likely one from before a restart.
         raise BadRequest(f"since={since} is in the future: the current revision is {manager.events.revision}")
     # Snapshot and subscription happen with no await between: no event is missed or doubled.
     watcher = manager.events.watch()
@@ -212,8 +238,8 @@ async def watch_instances(request: Request) -> StreamingResponse:
         except events.Gone as exc:
             manager.events.unwatch(watcher)
             raise GoneError(str(exc)) from None
-    stream = _stream(manager.events, watcher, backlog, manager.events.revision)
-    return StreamingResponse(stream, media_type="application/x-ndjson")
+    stream = _stream(manager.events, watcher, backlog, max(since or 0, manager.events.revision))
+    return StreamingResponse(stream, media_type="application/x-ndjson", headers={"X-Content-Type-Options": "nosniff"})
 
 
 async def _stream(log: events.EventLog, watcher: events.Watcher, backlog: list[dict[str, Any]], last: int) -> Any:

@@ -56,6 +56,10 @@ class Settings:
         "", "with --mock-gpus: a GPU map like FMA's gpu-map ConfigMap (file, or the ConfigMap mounted as a directory)"
     )
     node_name: str = _setting("", "this node's entry in --gpu-map (default: $NODE_NAME)")
+    fma_compat: bool = _setting(
+        False,
+        "answer as llm-d FMA's own launcher where the two differ (on in /app/launcher.py; docs/fma.md lists each)",
+    )
     watch_window: int = _setting(1000, "events kept for watch?since=N (410 for older revisions)")
     forkserver_socket: str = _setting(
         "", "attach to a forkserver started on its own (python -m forkserver --socket PATH) instead of starting one"

@@ -152,7 +152,7 @@ def test_create_get_list_delete(client: LauncherClient) -> None:
     assert named["instance_id"] == "named" and named["model"] == "standin-model"
     state = client.get("named")
     assert state["status"] == "running" and state["pid"] == named["pid"] and state["port"] == named["port"]
-    assert state["env_vars"] == {"A": "1"} and state["gpu_uuids"] == ["GPU-1"] and state["annotations"] == {"team": "x"}
+    assert state["env_vars"] == {"A": "1", "CUDA_VISIBLE_DEVICES": "1"} and state["gpu_uuids"] == ["GPU-1"] and state["annotations"] == {"team": "x"}
     assert client.gpus()["gpus"][1]["instances"] == ["named"]
 
     listed = client.list()

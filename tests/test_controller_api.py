@@ -153,7 +153,6 @@ def test_gpu_uuids_become_cuda_visible_devices(standin: LauncherProcess) -> None
     [
         ({"gpu_uuids": ["GPU-9"]}, "GPU-9"),
         ({"gpu_uuids": ["GPU-1", "GPU-1"]}, "more than once"),
-        ({"gpu_uuids": ["GPU-1"], "env_vars": {"CUDA_VISIBLE_DEVICES": "0"}}, "CUDA_VISIBLE_DEVICES"),
         ({"gpu_uuids": "GPU-1"}, "gpu_uuids"),
     ],
 )
@@ -166,7 +165,23 @@ def test_gpu_mistakes_are_4xx(standin: LauncherProcess, body: dict[str, Any], wo
 
 def test_matching_cuda_visible_devices_is_fine(standin: LauncherProcess) -> None:
     response = standin.create("gpu-ok", options=_options(), gpu_uuids=["GPU-1"], env_vars={"CUDA_VISIBLE_DEVICES": "1"})
-    assert response.status_code == 201
+    assert response.status_code == 201 and "warning" not in response.json()
+
+
+def test_gpu_uuids_win_over_cuda_visible_devices_and_the_answer_says_so(standin: LauncherProcess) -> None:
+    """FMA's docs/launcher.md Example 3 sends both: gpu_uuids win (FMA's rule), and the answer warns."""
+    env = {"CUDA_VISIBLE_DEVICES": "0,1", "VLLM_ATTENTION_BACKEND": "FLASHINFER"}
+    options = _options(extra="--print-env CUDA_VISIBLE_DEVICES")
+    response = standin.create("example-3", options=options, gpu_uuids=["GPU-3", "GPU-2"], env_vars=env)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["env_vars"] == {"CUDA_VISIBLE_DEVICES": "3,2", "VLLM_ATTENTION_BACKEND": "FLASHINFER"}
+    assert "CUDA_VISIBLE_DEVICES='0,1' replaced by '3,2'" in body["warning"]
+    assert "replaced" in response.headers["warning"]
+    assert standin.state("example-3")["env_vars"]["CUDA_VISIBLE_DEVICES"] == "3,2"
+    log = "/v2/vllm/instances/example-3/log"
+    wait_until(lambda: b"ENV CUDA" in standin.client.get(log).content, 10, what="env line")
+    assert b"ENV CUDA_VISIBLE_DEVICES=3,2" in standin.client.get(log).content
 
 
 def test_port_is_picked_when_options_have_none(standin: LauncherProcess) -> None:

@@ -56,7 +56,9 @@ def test_every_endpoint_answers_in_fmas_documented_shapes(launcher: LauncherProc
     state = created.json()
     uuid.UUID(state["instance_id"])
     assert state["status"] == "started"  # the seed's word; FMA's client reads only status and instance_id
-    assert {key: state[key] for key in ("options", "gpu_uuids", "env_vars")} == body
+    # As FMA's launcher: env_vars echoed with the CUDA_VISIBLE_DEVICES that gpu_uuids mean.
+    assert {key: state[key] for key in ("options", "gpu_uuids")} == {key: body[key] for key in ("options", "gpu_uuids")}
+    assert state["env_vars"] == {"VAR_NAME": "value", "CUDA_VISIBLE_DEVICES": "1"}
     assert isinstance(state["revision"], int) and state["revision"] >= 1
     auto_id = state["instance_id"]
 

@@ -579,8 +579,12 @@ def _check_accepted(fuzz: Fuzzer, guard: Guard, sent: dict[str, Any], answer: Ra
         log = fuzz.client.get(f"{INSTANCES}/{instance_id}/log").content.decode(errors="replace")
         reason = log.strip().splitlines()[-1] if log.strip() else "?"
         fuzz.problem(f"accepted (201) but the instance could not be set up ({reason}); should be a 4xx: {what}")
+    expected = dict(sent)
+    if sent.get("gpu_uuids") is not None:  # as FMA's launcher: env_vars echoed with what the instance got
+        devices = ",".join(uuid.removeprefix("GPU-") for uuid in sent["gpu_uuids"])
+        expected["env_vars"] = {**(sent.get("env_vars") or {}), "CUDA_VISIBLE_DEVICES": devices}
     for name in ("options", "env_vars", "gpu_uuids", "annotations"):
-        if state.get(name) != sent.get(name):
+        if state.get(name) != expected.get(name):
             fuzz.problem(f"state echoes {name}={state.get(name)!r:.100}, sent {sent.get(name)!r:.100}: {what}")
 
 

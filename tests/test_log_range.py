@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from launcher.errors import BadRequest, RangeNotSatisfiable
-from launcher.log_range import LOG_CAP, ByteRange, parse_range, plan, read_log
+from launcher.log_range import LOG_CAP, RANGE_CAP, ByteRange, parse_range, plan, read_log
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,12 @@ def test_the_documents_30_byte_example() -> None:
     assert plan(ByteRange(0, 14), 30) == (0, 15)
     assert plan(ByteRange(15, 29), 30) == (15, 30)
     assert plan(ByteRange(15, None), 30) == (15, 30)
+
+
+def test_an_explicit_range_is_served_whole_up_to_its_bound() -> None:
+    assert plan(ByteRange(0, 3 * LOG_CAP - 1), 5 * LOG_CAP) == (0, 3 * LOG_CAP)  # the document's 1 MiB is for START-
+    assert plan(ByteRange(0, None), 5 * LOG_CAP) == (0, LOG_CAP)
+    assert plan(ByteRange(5, 10 * RANGE_CAP), 20 * RANGE_CAP) == (5, 5 + RANGE_CAP)
 
 
 def test_unsatisfiable_carries_content_range() -> None:
@@ -64,9 +70,11 @@ def test_plan_properties(start: int, length: int | None, total: int) -> None:
         return
     assert first == start < total
     assert first < stop <= total  # never empty, never past the end
-    assert stop - first <= LOG_CAP  # the 1 MiB cap
-    if end is not None:
-        assert stop <= end + 1  # END is inclusive
+    if end is None:
+        assert stop - first <= LOG_CAP  # the 1 MiB cap of an open-ended range
+    else:
+        # What was asked for, as the document has it (no 1 MiB cap), up to the 64 MiB bound.
+        assert stop == min(total, end + 1, start + RANGE_CAP)
 
 
 @given(total=st.integers(0, 3 * LOG_CAP))

@@ -1,0 +1,145 @@
+"""Where llm-d FMA's own launcher answers differently, FMA's entry (``/app/launcher.py``) answers as
+FMA's does, because FMA's dual-pods controller branches on it; ``python -m launcher`` keeps its
+own answers (docs/fma.md lists each difference and why).
+
+FMA's behaviour is read from its ``inference_server/launcher/launcher.py`` at commit 553c7b7.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.launcher_process import REPO, LauncherProcess, wait_until
+
+FMA_ENTRY = [sys.executable, str(REPO / "deploy" / "fma" / "app" / "launcher.py")]
+INSTANCES = "/v2/vllm/instances"
+
+
+@pytest.fixture(scope="module")
+def fma() -> Iterator[LauncherProcess]:
+    """The launcher as FMA's pods start it: ``python3 /app/launcher.py --mock-gpus ...``."""
+    process = LauncherProcess(server=FMA_ENTRY, env={"LAUNCHER_MOCK_GPUS": "1", "LAUNCHER_STOP_TIMEOUT": "2"})
+    yield process
+    assert not process.stop()
+
+
+@pytest.fixture(scope="module")
+def own() -> Iterator[LauncherProcess]:
+    process = LauncherProcess(env={"LAUNCHER_STOP_TIMEOUT": "2"})
+    yield process
+    assert not process.stop()
+
+
+def _stopped(launcher: LauncherProcess, instance_id: str) -> dict[str, Any]:
+    return dict(wait_until(lambda: _state_if_stopped(launcher, instance_id), 20, what=f"{instance_id} stopped"))
+
+
+def _state_if_stopped(launcher: LauncherProcess, instance_id: str) -> dict[str, Any] | None:
+    state = launcher.state(instance_id)
+    return state if state["status"] == "stopped" else None
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ("--model standin-model --no-such-flag", "--no-such-flag"),  # the parser rejects it
+        ("--port 8000", "model"),  # no model at all
+        ("", "model"),  # FMA's launcher takes an empty options string too
+    ],
+)
+def test_options_that_cannot_start_give_a_stopped_instance_under_fmas_entry(
+    fma: LauncherProcess, own: LauncherProcess, options: str, words: str
+) -> None:
+    """FMA's controller treats a create error as retryable and a stopped instance as final (it deletes
+    the requester pod, so the user sees it): under FMA's entry the create is a 201, then the instance stops."""
+    created = fma.create("cannot-start", options=options)
+    assert created.status_code == 201, created.text
+    assert created.json()["status"] == "started" and created.json()["options"] == options
+    state = _stopped(fma, "cannot-start")
+    assert state["exit_code"] == 2  # argparse's code, as `vllm serve` with such options
+    assert words in state["stop_reason"]
+    assert words in fma.client.get(f"{INSTANCES}/cannot-start/log").text
+    assert fma.client.delete(f"{INSTANCES}/cannot-start").status_code == 200
+    # The launcher's own entry still refuses them before forking anything.
+    refused = own.create("cannot-start", options=options)
+    assert refused.status_code in (400, 422)
+    assert words in refused.json()["detail"] or "options" in refused.json()["detail"]
+    assert own.client.get(f"{INSTANCES}/cannot-start").status_code == 404
+
+
+@pytest.mark.parametrize(("launcher_name", "maybe"), [("fma", 422), ("own", 400)])
+def test_detail_takes_pydantics_words(request: pytest.FixtureRequest, launcher_name: str, maybe: int) -> None:
+    launcher: LauncherProcess = request.getfixturevalue(launcher_name)
+    for word in ("on", "t", "Y", "yes", "1", "True"):
+        assert "instances" in launcher.client.get(INSTANCES, params={"detail": word}).json()
+    for word in ("off", "f", "N", "no", "0", "False"):
+        assert "instance_ids" in launcher.client.get(INSTANCES, params={"detail": word}).json()
+    assert launcher.client.get(INSTANCES, params={"detail": "maybe"}).status_code == maybe
+
+
+def _empty_log_instance(launcher: LauncherProcess, instance_id: str) -> None:
+    assert launcher.create(instance_id, options="--model standin-model").status_code == 201
+    wait_until(lambda: launcher.state(instance_id)["ready"], 20, what="ready")
+    (launcher.log_dir / f"{instance_id}.log").write_bytes(b"")  # the test's own log directory
+
+
+def test_an_empty_log_is_416_under_fmas_entry_and_200_under_ours(fma: LauncherProcess, own: LauncherProcess) -> None:
+    _empty_log_instance(fma, "quiet")
+    answer = fma.client.get(f"{INSTANCES}/quiet/log")
+    assert answer.status_code == 416 and answer.headers["content-range"] == "bytes */0" and answer.content == b""
+    _empty_log_instance(own, "quiet")
+    answer = own.client.get(f"{INSTANCES}/quiet/log")
+    assert answer.status_code == 200 and answer.content == b"" and "content-range" not in answer.headers
+    for launcher in (fma, own):
+        assert launcher.client.delete(f"{INSTANCES}/quiet").status_code == 200
+
+
+def test_a_200_log_says_where_its_bytes_sit_and_an_explicit_range_is_not_cut_at_1_mib(own: LauncherProcess) -> None:
+    assert own.create("big-log", options="--model standin-model").status_code == 201
+    wait_until(lambda: own.state("big-log")["ready"], 20, what="ready")
+    path = own.log_dir / "big-log.log"
+    with path.open("ab") as log:
+        log.write(b"x" * (3 << 20))  # the instance's log grows past 3 MiB
+    total = path.stat().st_size
+    whole = own.client.get(f"{INSTANCES}/big-log/log")
+    assert whole.status_code == 200 and len(whole.content) == 1 << 20
+    assert whole.headers["content-range"] == f"bytes 0-{(1 << 20) - 1}/{total}"
+    ranged = own.client.get(f"{INSTANCES}/big-log/log", headers={"Range": f"bytes=0-{(2 << 20) - 1}"})
+    assert ranged.status_code == 206 and len(ranged.content) == 2 << 20  # the document: what was asked for
+    assert ranged.headers["content-range"] == f"bytes 0-{(2 << 20) - 1}/{total}"
+    open_ended = own.client.get(f"{INSTANCES}/big-log/log", headers={"Range": "bytes=0-"})
+    assert open_ended.status_code == 206 and len(open_ended.content) == 1 << 20  # START-: up to 1 MB
+    assert own.client.delete(f"{INSTANCES}/big-log").status_code == 200
+
+
+def test_a_watch_from_a_future_revision_waits_for_it_under_fmas_entry(fma: LauncherProcess, own: LauncherProcess) -> None:
+    future = own.client.get(INSTANCES).json()["revision"] + 5
+    refused = own.client.get(f"{INSTANCES}/watch", params={"since": future})
+    assert refused.status_code == 400 and "future" in refused.json()["detail"]
+
+    since = fma.client.get(INSTANCES).json()["revision"] + 1  # the next event's revision: not sent
+    lines: list[dict[str, Any]] = []
+    headers: dict[str, str] = {}
+
+    def read() -> None:
+        with httpx.stream("GET", f"{fma.base_url}{INSTANCES}/watch", params={"since": since}, timeout=30) as answer:
+            headers.update(answer.headers)
+            for line in answer.iter_lines():
+                lines.append(json.loads(line))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    wait_until(lambda: headers, 10, what="the watch's headers")
+    assert headers["x-content-type-options"] == "nosniff" and headers["content-type"] == "application/x-ndjson"
+    assert fma.create("w", options="--model standin-model").status_code == 201  # revision `since`
+    assert fma.client.delete(f"{INSTANCES}/w").status_code == 200  # later revisions
+    reader.join(20)
+    assert lines and lines[0]["object"]["revision"] > since
