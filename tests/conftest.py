@@ -42,8 +42,9 @@ def _shm_segments() -> set[str]:
 
 
 @contextlib.contextmanager
-def real_vllm_launcher(**env: str) -> Iterator[LauncherProcess]:
-    """A launcher with the real vLLM workload and an empty vLLM cache (``env``: more settings).
+def real_vllm_launcher(server: str | list[str] = "launcher", **env: str) -> Iterator[LauncherProcess]:
+    """A launcher with the real vLLM workload and an empty vLLM cache (``env``: more settings;
+    ``server``: as :class:`LauncherProcess` takes it).
 
     On the way out: no process of it is left, nor a shared-memory segment or temp file.
     """
@@ -53,6 +54,7 @@ def real_vllm_launcher(**env: str) -> Iterator[LauncherProcess]:
         workload="vllm",
         env={"VLLM_CACHE_ROOT": cache, **VLLM_ENV, "LAUNCHER_STOP_TIMEOUT": "20", **env},
         ready_timeout=300.0,
+        server=server,
     )
     try:
         yield launcher
