@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from launcher import logs
-from launcher.auth import BearerTokenMiddleware, expected_header
+from launcher.api.auth import BearerTokenMiddleware, expected_header
 from launcher.errors import LauncherError
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import OPENAI_PREFIX, openai_error
@@ -28,12 +28,12 @@ from launcher.frontdoor.proxy import QUIET_ANSWER_CUT, AnswerCut
 from launcher.frontdoor.routes import front_door_routes
 from launcher.frontdoor.upstream import UpstreamPool
 from launcher.hangup import on_hangup
-from launcher.manager import InstanceManager
+from launcher.instances.manager import InstanceManager
 from launcher.metrics import UpstreamConnections, metrics_endpoint
-from launcher.routes import routes
+from launcher.api.routes import routes
 from launcher.settings import Settings, served_port, unknown_variables
 from launcher.shutdown_signals import on_shutdown_signals
-from launcher.ui_routes import ui_routes
+from launcher.api.ui_routes import ui_routes
 
 log = logging.getLogger("launcher")
 

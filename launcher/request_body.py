@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope
 
-from launcher.errors import PayloadTooLarge, UnsupportedMediaType
-from launcher.models import load_json_object
+from launcher.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -59,3 +59,16 @@ async def read_api_body(request: Request) -> bytes:
 async def read_json_body(request: Request, what: str) -> dict[str, Any]:
     """A ``/v2`` request body as a JSON object (415, 413, 400 and 422 as for creates)."""
     return load_json_object(await read_api_body(request), what)
+
+
+def load_json_object(body: bytes, what: str = "a JSON object with at least 'options'") -> dict[str, Any]:
+    """A request body as a JSON object; 400 for empty or bad JSON, 422 for another JSON value."""
+    if not body.strip():
+        raise BadRequest(f"request body is empty: send {what}")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise Unprocessable(f"request body must be {what}")
+    return data

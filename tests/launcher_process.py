@@ -108,6 +108,7 @@ class LauncherProcess:
             "LAUNCHER_LOG_DIR": str(self.log_dir),
             "LAUNCHER_RUNTIME_DIR": str(self.runtime_dir),
             "LAUNCHER_STOP_TIMEOUT": "5",
+            "LAUNCHER_TEST_STRICT_LIFECYCLE": "1",  # a front-door transition its table lacks raises
             **(env or {}),
             "TMPDIR": str(self.tmpdir),
         }

@@ -1,4 +1,4 @@
-"""The Python client (launcher.client) and ``launcherctl`` (launcher.cli) against a real launcher.
+"""The Python client (launcher.client) and ``launcherctl`` (launcher.client.cli) against a real launcher.
 
 One launcher (stand-in workload, mock GPUs) for the module; every test deletes its instances.
 The CLI runs as a real subprocess, so its exit codes and streams are what a script sees.
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from launcher.cli import format_age, format_table, instance_url
-from launcher.client import (
+from launcher.client.cli import format_age, format_table, instance_url
+from launcher.client.api_client import (
     ConflictError,
     InstanceStoppedError,
     LauncherAPIError,
@@ -66,7 +66,7 @@ def run_cli(
     url = ["--url", launcher.base_url] if launcher is not None else []
     env = {key: value for key, value in os.environ.items() if not key.startswith("LAUNCHER_")} | (env or {})
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *url, *args],
+        [sys.executable, "-m", "launcher.client.cli", *url, *args],
         check=False,
         cwd=REPO,
         env=env,
@@ -92,7 +92,7 @@ def _assert_spam(log: bytes, count: int) -> None:
 
 def test_importing_client_and_cli_pulls_in_no_torch_or_vllm() -> None:
     code = (
-        "import sys, launcher.client, launcher.cli; "
+        "import sys, launcher.client, launcher.client.cli; "
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'vllm', 'transformers', 'numpy', 'starlette', 'pydantic', 'uvicorn')); "
         "print(heavy); sys.exit(1 if heavy else 0)"
@@ -381,7 +381,7 @@ def test_cli_logs_prints_more_than_a_mebibyte_and_follows_to_the_end(launcher: L
     # 8000 lines per stream is ~1.2 MiB: more than one Range answer.
     assert run_cli(launcher, "create", f"{MODEL} --spam-lines 8000 --crash-after 0.5", "--id", "big").returncode == 0
     followed = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "--url", launcher.base_url, "logs", "big", "-f"],
+        [sys.executable, "-m", "launcher.client.cli", "--url", launcher.base_url, "logs", "big", "-f"],
         check=False,
         cwd=REPO,
         capture_output=True,
@@ -392,7 +392,7 @@ def test_cli_logs_prints_more_than_a_mebibyte_and_follows_to_the_end(launcher: L
     _assert_spam(followed.stdout, 8000)
     assert launcher.state("big")["status"] == "stopped"
     whole = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "--url", launcher.base_url, "logs", "big"],
+        [sys.executable, "-m", "launcher.client.cli", "--url", launcher.base_url, "logs", "big"],
         check=False,
         cwd=REPO,
         capture_output=True,
@@ -420,7 +420,7 @@ def test_cli_delete_all_and_gpus_table(launcher: LauncherProcess) -> None:
 @pytest.mark.parametrize("machine", [False, True])
 def test_cli_watch_prints_one_line_per_event(launcher: LauncherProcess, machine: bool) -> None:
     since = launcher.client.get("/v2/vllm/instances").json()["revision"]
-    command = [sys.executable, "-m", "launcher.cli", "--url", launcher.base_url, "watch", "--since", str(since)]
+    command = [sys.executable, "-m", "launcher.client.cli", "--url", launcher.base_url, "watch", "--since", str(since)]
     watcher = subprocess.Popen(
         [*command, *(["--json"] if machine else [])],
         cwd=REPO,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from launcher.events import EventLog, Gone
+from launcher.instances.events import EventLog, Gone
 
 
 @given(window=st.integers(1, 20), published=st.integers(0, 60), since=st.integers(0, 70))

@@ -25,7 +25,7 @@ import httpx
 import psutil
 import pytest
 
-from launcher.cli import format_event
+from launcher.client.cli import format_event
 from tests.launcher_process import REPO, VLLM_ENV, LauncherProcess, free_port, wait_until
 
 

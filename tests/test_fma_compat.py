@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from launcher.pod_notifier import ANNOTATION, signature
+from launcher.fma.pod_notifier import ANNOTATION, signature
 from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
 
 APP = REPO / "deploy" / "fma" / "app"

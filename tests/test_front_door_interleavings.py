@@ -32,9 +32,9 @@ from launcher.errors import NotFound, TooManyInstances
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.model_state import NoRoom, StartFailed
 from launcher.frontdoor.profiles import ModelProfile, ModelsFile
-from launcher.models import VllmConfig
+from launcher.instances.config import VllmConfig
 from launcher.settings import Settings
-from launcher.state import InstanceRecord, Status
+from launcher.instances.state import InstanceRecord, Status
 
 MODELS = ["a", "b", "c"]
 STEP_LIMIT = 20_000  # loop steps an example may take to settle: far more than any honest schedule

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ValidationError
 
 from forkserver.leftovers import SEGMENT_PREFIXES
 from forkserver.protocol import INSTANCE_ID_PATTERN
-from launcher import schemas
+from launcher.api import schemas
 from tests.launcher_process import LauncherProcess, free_port, wait_until
 
 REPORT = os.environ.get("LAUNCHER_FUZZ_REPORT")  # a test run never writes into the repository

@@ -10,7 +10,7 @@ from tests.launcher_process import REPO
 
 def test_importing_the_app_and_client_pulls_in_no_torch_or_vllm() -> None:
     code = (
-        "import sys, launcher.app, launcher.__main__, launcher.manager, forkserver.protocol; "
+        "import sys, launcher.app, launcher.__main__, launcher.instances.manager, forkserver.protocol; "
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'transformers', 'numpy')); "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -1,7 +1,7 @@
 """``GET /openapi.json``: complete (every route, and nothing else), valid OpenAPI 3.1, and true.
 
 "True" means: real answers of a running launcher (stand-in workload) validate against both the
-pydantic models of :mod:`launcher.schemas` and the JSON schemas of the served document.
+pydantic models of :mod:`launcher.api.schemas` and the JSON schemas of the served document.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from openapi_spec_validator import validate as validate_spec
 from pydantic import BaseModel
 from starlette.routing import Route
 
-from launcher import schemas
+from launcher.api import schemas
 from launcher.app import create_app
-from launcher.openapi import OPERATIONS, openapi_document
+from launcher.api.openapi import OPERATIONS, openapi_document
 from tests.launcher_process import LauncherProcess, free_port, wait_until
 
 # Starlette answers HEAD on every GET route by itself; the document describes GET only.

@@ -32,7 +32,7 @@ for name in names:
     module = importlib.import_module(name)
     assert sys.prefix in (getattr(module, "__file__", None) or next(iter(module.__path__))), (name, module)
 import importlib.resources as resources
-ui = sorted(entry.name for entry in resources.files("launcher.ui").iterdir() if entry.is_file())
+ui = sorted(entry.name for entry in resources.files("launcher.api.ui").iterdir() if entry.is_file())
 print(json.dumps({"modules": names, "ui": ui, "vllm": "vllm" in sys.modules, "torch": "torch" in sys.modules}))
 """
 
@@ -85,7 +85,7 @@ def test_the_wheel_holds_every_module_and_dashboard_file(installed: tuple[Path, 
     modules = {name.replace(".", "/") for name in report["modules"]}
     expected = {path.removesuffix(".py").removesuffix("/__init__") for path in _source_files(".py")}
     assert expected <= modules | {path.rsplit("/", 1)[0] for path in modules}, sorted(expected - modules)
-    assert set(report["ui"]) == {Path(path).name for path in _source_files() if path.startswith("launcher/ui/")}
+    assert set(report["ui"]) == {Path(path).name for path in _source_files() if path.startswith("launcher/api/ui/")}
     assert not report["vllm"] and not report["torch"], "importing the launcher's modules must not import vLLM"
 
 

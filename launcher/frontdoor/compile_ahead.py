@@ -34,8 +34,8 @@ from typing import Literal
 
 from launcher.errors import LauncherError, NotFound, TooManyInstances
 from launcher.frontdoor.profiles import ModelProfile
-from launcher.manager import InstanceManager
-from launcher.models import VllmConfig
+from launcher.instances.manager import InstanceManager
+from launcher.instances.config import VllmConfig
 
 log = logging.getLogger("launcher.frontdoor.compile_ahead")
 

@@ -12,12 +12,13 @@ from typing import Any
 
 from launcher.frontdoor import room, sleep
 from launcher.frontdoor.footprints import Expected, Footprints, model_path, weight_bytes
-from launcher.frontdoor.model_state import ModelState, Phase
+from launcher.frontdoor.lifecycle import Phase
+from launcher.frontdoor.model_state import ModelState
 from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile
-from launcher.manager import InstanceManager
-from launcher.memory import Footprint, option_value, parse_size
+from launcher.instances.manager import InstanceManager
+from launcher.instances.memory import Footprint, option_value, parse_size
 from launcher.settings import Settings
-from launcher.state import InstanceRecord
+from launcher.instances.state import InstanceRecord
 
 HOLDING = (Phase.STARTING, Phase.READY, Phase.STOPPING, Phase.SLEEPING, Phase.WAKING)  # phases that hold room
 

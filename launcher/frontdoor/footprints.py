@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.frontdoor.profiles import ModelProfile
-from launcher.memory import Footprint, gpu_utilization, option_value, parse_size
+from launcher.instances.memory import Footprint, gpu_utilization, option_value, parse_size
 
 log = logging.getLogger("launcher.front_door")
 

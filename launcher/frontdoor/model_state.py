@@ -5,28 +5,17 @@ request for it can end in.
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.frontdoor import lifecycle
 from launcher.frontdoor.compile_ahead import Compiled
+from launcher.frontdoor.lifecycle import Phase, Transition
 from launcher.frontdoor.profiles import ModelProfile
-from launcher.state import InstanceRecord
+from launcher.instances.state import InstanceRecord
 
 _UIDS = itertools.count(1)
-
-
-class Phase(str, enum.Enum):
-    """Where a model is."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    FAILED = "failed"  # the last start failed; the next request tries again
-    STOPPING = "stopping"
-    SLEEPING = "sleeping"  # idle: sleep — its instance lives, asleep (vLLM's sleep mode)
-    WAKING = "waking"  # a request is waking it; others wait for that, as for a start
 
 
 class StartFailed(Exception):
@@ -52,7 +41,7 @@ class ModelState:
 
     name: str
     profile: ModelProfile
-    phase: Phase = Phase.STOPPED
+    _phase: Phase = field(default=Phase.STOPPED, repr=False)  # changed only by move()
     instance_id: str | None = None
     in_flight: int = 0
     waiting: int = 0  # requests waiting for its start: it is not idle until they hold their leases
@@ -77,6 +66,17 @@ class ModelState:
     checked: bool = False  # its profile has been checked once
     invalid_memory: bool = False  # invalid because it can never fit the memory budgets
     room_held: bool = False  # starting: past its room check (until then it holds nothing)
+
+    @property
+    def phase(self) -> Phase:
+        """Where the model is (see launcher/frontdoor/lifecycle.py)."""
+        return self._phase
+
+    def move(self, target: Phase, cause: str) -> Transition | None:
+        """Change phase: the one place it changes, each change checked against the lifecycle's table."""
+        found = lifecycle.transition(self._phase, target, cause, self.name)
+        self._phase = target
+        return found
 
     def sleep_settled(self) -> bool:
         """No sleep of its instance is under way (it is asleep, or awake, not between)."""

@@ -10,6 +10,11 @@ the client hanging up, which closes the upstream connection so that vLLM aborts 
 A stream waiting for its model's start may be kept alive (``start_keepalive``): its headers
 go out at once, then an SSE comment line every few seconds (``: starting tiny, compiling,
 4 s``) until the first real chunk; a failed start ends it with an OpenAI-shaped error event.
+
+Why this module is long: one request's exchange (read the body, hold the instance, start it if
+needed, relay the answer with back-pressure, keep a waiting stream alive, cut a stalled client,
+retry once on a dead instance) is one sequence of steps whose error paths depend on each other;
+the connection itself is upstream.py, the bookkeeping door.py.
 """
 
 from __future__ import annotations
@@ -28,14 +33,15 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from launcher import readiness
+from launcher.instances import readiness
 from launcher.errors import NotFound
-from launcher.frontdoor.door import LOST_WAIT_SECONDS, FrontDoor
+from launcher.frontdoor.core import LOST_WAIT_SECONDS
+from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
 from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelInvalid, ModelState, NoRoom, StartFailed
 from launcher.frontdoor import upstream
 from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
-from launcher.models import did_you_mean
+from launcher.instances.config import did_you_mean
 from launcher.request_body import read_capped
 
 log = logging.getLogger("launcher.front_door")

@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from launcher.memory import format_size
+from launcher.instances.memory import format_size
 
 MAX_PLACEMENTS = 512  # GPU sets tried for one placement (8 GPUs choose 4 is 70)
 

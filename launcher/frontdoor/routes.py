@@ -21,7 +21,7 @@ from launcher.frontdoor.live_config import LiveConfig
 from launcher.frontdoor.model_state import ModelInvalid, ModelState, NoRoom, StartFailed
 from launcher.frontdoor.profiles import ModelProfile, ProfileError, check_name, plain_errors
 from launcher.frontdoor.proxy import RETRY_AFTER_SECONDS, OpenAIProxy
-from launcher.models import did_you_mean
+from launcher.instances.config import did_you_mean
 from launcher.request_body import read_json_body
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import httpx
 
-from launcher.memory import Footprint
+from launcher.instances.memory import Footprint
 
 SLEEP_GPU_BYTES = 2**30  # what a sleeping instance keeps on each GPU (its CUDA context, about)
 SLEEP_FLAG = "--enable-sleep-mode"

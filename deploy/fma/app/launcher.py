@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != HERE]
 sys.modules.pop("launcher", None)
 
-from launcher.fma_compat import main
+from launcher.fma.compat import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != HERE]
 sys.modules.pop("launcher", None)
 
-from launcher.pod_notifier import main
+from launcher.fma.pod_notifier import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

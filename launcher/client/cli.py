@@ -1,4 +1,4 @@
-"""``launcherctl``: the launcher's command line, on :mod:`launcher.client`.
+"""``launcherctl``: the launcher's command line, on :mod:`launcher.client.api_client`.
 
     launcherctl create "--model facebook/opt-125m" --id opt --wait   # prints http://HOST:PORT when ready
     launcherctl list
@@ -23,6 +23,9 @@ Exit codes:
   6    cannot connect to the launcher
   7    timed out waiting (create --wait --timeout)
   130  interrupted (Ctrl-C)
+
+Why this module is long: each subcommand's arguments and its output (tables, lines, exit codes)
+sit together, in the order ``launcherctl --help`` lists them, so that a command reads in one place.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from launcher.client import (
+from launcher.client.api_client import (
     DEFAULT_URL,
     ConflictError,
     InstanceState,

@@ -1,4 +1,4 @@
-"""``python -m launcher.pod_notifier``: publish the launcher's instance signature on its pod.
+"""``python -m launcher.fma.pod_notifier``: publish the launcher's instance signature on its pod.
 
 The contract of llm-d FMA's ``launcher_pod_notifier.py`` sidecar: the pod annotation
 ``dual-pods.llm-d.ai/vllm-instance-signature`` holds the SHA-256 (hex) of the sorted
@@ -25,13 +25,13 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from launcher.client import GoneError, LauncherClient
+from launcher.client.api_client import GoneError, LauncherClient
 
 ANNOTATION = "dual-pods.llm-d.ai/vllm-instance-signature"
 DEFAULT_BASE_URL = "http://127.0.0.1:8001"
 RETRY_SECONDS = 1.0
 
-log = logging.getLogger("launcher.pod_notifier")
+log = logging.getLogger("launcher.fma.pod_notifier")
 
 
 def signature(pairs: Iterable[tuple[str, str]]) -> str:
@@ -105,7 +105,7 @@ def pod_patcher(namespace: str, pod: str) -> Callable[[str], None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the notifier until killed; 1 if its environment is incomplete."""
-    parser = argparse.ArgumentParser(prog="python -m launcher.pod_notifier", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m launcher.fma.pod_notifier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

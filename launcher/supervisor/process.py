@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from launcher.forkserver_client import EventHandler, ForkserverClient, ForkserverGone
+from launcher.supervisor.client import EventHandler, ForkserverClient, ForkserverGone
 from launcher.settings import Settings
 
 log = logging.getLogger("launcher.forkserver")

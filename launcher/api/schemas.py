@@ -1,7 +1,7 @@
 """Response bodies of the API, as pydantic models.
 
 They are the single source of the response schemas in ``GET /openapi.json`` (see
-:mod:`launcher.openapi`), and the tests validate real answers of a running launcher against
+:mod:`launcher.api.openapi`), and the tests validate real answers of a running launcher against
 them. Every model forbids unknown fields, so a field added to an answer without being added
 here fails those tests instead of drifting silently.
 """

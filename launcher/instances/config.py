@@ -1,4 +1,4 @@
-"""Request bodies, validated with pydantic. The same models describe the API in OpenAPI."""
+"""An instance's configuration as a create request gives it, validated with pydantic. The same models describe the API in OpenAPI."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, m
 
 from forkserver.protocol import valid_instance_id
 from launcher.errors import BadRequest, Unprocessable
+from launcher.request_body import load_json_object
 
 
 class VllmConfig(BaseModel):
@@ -72,19 +73,6 @@ def _describe(error: ValidationError) -> str:
         where = ".".join(str(part) for part in item["loc"]) or "body"
         problems.append(f"{where[:200]}: {item['msg'][:500]}")
     return "invalid request body: " + "; ".join(problems)
-
-
-def load_json_object(body: bytes, what: str = "a JSON object with at least 'options'") -> dict[str, Any]:
-    """A request body as a JSON object; 400 for empty or bad JSON, 422 for another JSON value."""
-    if not body.strip():
-        raise BadRequest(f"request body is empty: send {what}")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise Unprocessable(f"request body must be {what}")
-    return data
 
 
 def parse_config(body: bytes, *, strict: bool = True, empty_options: bool = False) -> tuple[VllmConfig, list[str]]:

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 
-log = logging.getLogger("launcher.sweep")
+log = logging.getLogger("launcher.instances.sweep")
 PID_FILE = "api.pid"
 RUNTIME_PREFIX = "vllm-launcher-"
 

@@ -2,6 +2,11 @@
 
 Everything here runs on the event loop, so a check and the change it guards happen without
 an ``await`` between them (ids, ports and the instance limit are reserved that way).
+
+Why this module is long: the manager is the one owner of instance records, and every change to
+one (create, ready, stopped, adopted after an API restart, deleted) happens here, next to the
+checks that guard it; its helpers (state, events, readiness, ports, GPUs, memory, stop reasons)
+are modules of their own in this package.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ from typing import Any
 import httpx
 
 from forkserver import phases, protocol
-from launcher import dir_lock, events, gpus, memory, ports, readiness, sweep
+from launcher.instances import dir_lock
+from launcher.instances import events
+from launcher.instances import gpus
+from launcher.instances import memory
+from launcher.instances import ports
+from launcher.instances import readiness
+from launcher.instances import sweep
 from launcher.errors import (
     BadRequest,
     Conflict,
@@ -29,17 +40,17 @@ from launcher.errors import (
     ServiceUnavailable,
     TooManyInstances,
 )
-from launcher.events import EventLog
-from launcher.failure_reason import TAIL_BYTES, read_failure_reason
-from launcher.forkserver_client import ForkserverClient, ForkserverError, ForkserverGone
-from launcher.forkserver_process import ForkserverSupervisor
-from launcher.memory import Footprint
+from launcher.instances.events import EventLog
+from launcher.instances.failure_reason import TAIL_BYTES, read_failure_reason
+from launcher.supervisor.client import ForkserverClient, ForkserverError, ForkserverGone
+from launcher.supervisor.process import ForkserverSupervisor
+from launcher.instances.memory import Footprint
 from launcher.metrics import LauncherMetrics, StateSnapshot, count_instances, exit_kind
-from launcher.models import VllmConfig, check_instance_id
+from launcher.instances.config import VllmConfig, check_instance_id
 from launcher.settings import Settings
-from launcher.state import InstanceRecord
+from launcher.instances.state import InstanceRecord
 
-log = logging.getLogger("launcher.manager")
+log = logging.getLogger("launcher.instances.manager")
 
 
 def _pid_alive(pid: int) -> bool:

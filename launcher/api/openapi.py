@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of ``GET /openapi.json``, built from one table and the pydantic models.
 
-Request and response bodies come from the models (:class:`launcher.models.VllmConfig` and
-:mod:`launcher.schemas`), so the document cannot drift from what the code validates; the tests
+Request and response bodies come from the models (:class:`launcher.instances.config.VllmConfig` and
+:mod:`launcher.api.schemas`), so the document cannot drift from what the code validates; the tests
 check that every route of the app is in :data:`OPERATIONS` (and the reverse) and that real
 answers of a running launcher validate against the document.
 """
@@ -19,8 +19,8 @@ from pydantic.json_schema import models_json_schema
 from forkserver.protocol import INSTANCE_ID_PATTERN
 from launcher import __version__
 from launcher.frontdoor.profiles import ModelProfile, OpenAIRequest
-from launcher.models import VllmConfig
-from launcher.schemas import (
+from launcher.instances.config import VllmConfig
+from launcher.api.schemas import (
     RESPONSE_MODELS,
     CreateResponse,
     DeleteAllResponse,

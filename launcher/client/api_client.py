@@ -2,6 +2,10 @@
 
 Only the standard library and httpx: importable on any machine, without torch or vLLM.
 
+Why this module is long: it is one class, :class:`LauncherClient`, whose methods mirror the
+API's endpoints one for one, with the typed errors and the event stream they return; split up,
+the client a user reads about would be scattered over files.
+
     with LauncherClient("http://node:8001") as launcher:
         launcher.create("--model facebook/opt-125m --port 8000", instance_id="opt")
         state = launcher.wait_ready("opt", timeout=300)

@@ -13,16 +13,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from launcher import __version__, events, log_range
+from launcher import __version__
+from launcher.instances import events
+from launcher.api import log_range
 from launcher.errors import BadRequest, LauncherError, RangeNotSatisfiable, Unprocessable
 from launcher.errors import Gone as GoneError
-from launcher.manager import InstanceManager
-from launcher.models import VllmConfig, check_instance_id, did_you_mean, parse_config
+from launcher.instances.manager import InstanceManager
+from launcher.instances.config import VllmConfig, check_instance_id, did_you_mean, parse_config
 from launcher.request_body import read_api_body
-from launcher.state import Status
-from launcher.ui_routes import accept_of, wants_html
+from launcher.instances.state import Status
+from launcher.api.ui_routes import accept_of, wants_html
 
-log = logging.getLogger("launcher.routes")
+log = logging.getLogger("launcher.api.routes")
 
 ENDPOINTS = {
     "index": "GET /",
@@ -193,7 +195,7 @@ async def delete_all_instances(request: Request) -> JSONResponse:
 
 
 async def get_instance_log(request: Request) -> Response:
-    """Raw log bytes, honouring the ``Range`` rules of :mod:`launcher.log_range`."""
+    """Raw log bytes, honouring the ``Range`` rules of :mod:`launcher.api.log_range`."""
     record = _manager(request).get(request.path_params["instance_id"])
     header = request.headers.get("range")
     byte_range = log_range.parse_range(header) if header is not None else None
@@ -269,8 +271,8 @@ async def list_gpus(request: Request) -> JSONResponse:
 
 
 async def openapi(request: Request) -> JSONResponse:
-    """This API's OpenAPI 3.1 document (built from the pydantic models in launcher.schemas)."""
-    from launcher.openapi import openapi_document
+    """This API's OpenAPI 3.1 document (built from the pydantic models in launcher.api.schemas)."""
+    from launcher.api.openapi import openapi_document
 
     return JSONResponse(openapi_document())
 

@@ -18,13 +18,13 @@ import tempfile
 from launcher.__main__ import main as launcher_main
 
 GPU_MAP_CONFIGMAP = "gpu-map"
-log = logging.getLogger("launcher.fma_compat")
+log = logging.getLogger("launcher.fma.compat")
 
 
 def _gpu_map_from_api(namespace: str) -> str | None:
     """The ``gpu-map`` ConfigMap's data, saved to a private file; None if it cannot be read."""
     try:
-        from launcher.pod_notifier import kubernetes_api
+        from launcher.fma.pod_notifier import kubernetes_api
 
         data = kubernetes_api().read_namespaced_config_map(name=GPU_MAP_CONFIGMAP, namespace=namespace).data
     except Exception as exc:  # noqa: BLE001 - as upstream: fall back to the plain mock GPUs

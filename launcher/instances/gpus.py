@@ -18,7 +18,7 @@ import yaml
 
 from launcher.errors import BadRequest
 
-log = logging.getLogger("launcher.gpus")
+log = logging.getLogger("launcher.instances.gpus")
 
 
 @dataclass(frozen=True)

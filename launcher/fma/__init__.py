@@ -1,0 +1,1 @@
+"""llm-d FMA: the ``/app/launcher.py`` entry's compatibility switches and the pod notifier sidecar."""

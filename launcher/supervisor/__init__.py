@@ -1,0 +1,1 @@
+"""The forkserver's supervisor: starting it (or attaching to one), restarting it, and talking to it."""
