@@ -740,6 +740,30 @@ def test_basic_launcher_pod_creation(node: Node, ctl: Controller) -> None:
     assert [call.status for call in ctl.calls if call.path == "/is_sleeping"][-1] == 200
 
 
+def test_a_create_whose_answer_was_lost_and_the_codes_the_controller_branches_on(node: Node, ctl: Controller) -> None:
+    # A PUT that took effect but whose answer never came (the Go client gives up after 30 s): the
+    # controller retries the item, and any 2xx, 200 or 201, would have been success to it.
+    pod = populated(node, ctl)
+    config, smol = configure(node.iscs[SMOL], GPU)
+    mark = ctl.mark()
+    ctl._do(pod, API_PORT, "PUT", f"/v2/vllm/instances/{smol}", config)  # the answer it never saw
+    with pytest.raises(ControllerError) as stale:  # a retry on a stale snapshot: a create error, retried
+        ctl._do(pod, API_PORT, "PUT", f"/v2/vllm/instances/{smol}", config)
+    assert stale.value.status == 409  # as FMA's launcher: "Instance with ID ... already exists"
+    server = ctl.serve("req1", SMOL, GPU)  # its next pass lists first: present, so no PUT
+    assert server.pod is pod and server.known_to_exist and not server.sleeping
+    assert ctl.changes_since(mark) == [f"A PUT /v2/vllm/instances/{smol} 201", f"A PUT /v2/vllm/instances/{smol} 409"]
+    # 404 is the only code it tells apart: a DELETE or GET of an instance that is gone.
+    mark = ctl.mark()
+    ctl._delete(pod, "Imissingi")  # IsInstanceNotFoundError: already absent, fine
+    missing = Server("gone", SMOL, GPU, pod=pod, instance_id="Imissingi")
+    assert ctl._maybe_delete_obsolete(missing)  # "Now vLLM instance does not exist"
+    assert [str(call) for call in ctl.calls[mark:]] == [
+        "A DELETE /v2/vllm/instances/Imissingi 404",
+        "A GET /v2/vllm/instances/Imissingi 404",
+    ]
+
+
 def test_same_node_port_collision_creates_a_new_launcher(node: Node, ctl: Controller) -> None:
     if node.netns is None:
         pytest.skip("needs a network namespace per launcher pod (unshare): two pods, one port")
