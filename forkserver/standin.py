@@ -14,9 +14,15 @@ test can send truncated answers, 1xx, trailers, stalls and odd chunking; ``GET /
 answers how many POSTs it has read (each one whole), and idle connections are closed after
 ``--keep-alive-timeout`` seconds as uvicorn does.
 
-With ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` it serves vLLM's sleep endpoints as
-vLLM documents them: ``POST /sleep?level=1|2``, ``POST /wake_up``, ``GET /is_sleeping``,
-``POST /collective_rpc`` (``reload_weights``) and ``POST /reset_prefix_cache``. Asleep it
+With ``VLLM_SERVER_DEV_MODE=1`` it serves vLLM's sleep endpoints as vLLM 0.32's dev-mode
+router does (``vllm/entrypoints/serve/dev/sleep/api_router.py``, attached on dev mode alone, with
+or without ``--enable-sleep-mode``): ``POST /sleep?level=0|1|2`` (default 1; another level is a
+422) answers ``{"status": "sleeping", "level": N}``, ``POST /wake_up[?tags=T...]`` answers
+``{"status": "awake"|"sleeping", "tags": [...]|null}`` (``weights`` and ``kv_cache`` sleep at level
+1 and 2 and wake together or by tag; ``scheduling`` resumes a level-0 pause), ``GET /is_sleeping``
+answers ``{"is_sleeping": bool}``; and ``POST /collective_rpc`` (``reload_weights``) and ``POST
+/reset_prefix_cache``. Without ``--enable-sleep-mode`` the state changes all the same and nothing
+is freed, as vLLM on CPU does (llm-d FMA's controller sleeps and wakes such instances). Asleep it
 refuses requests; woken from level 2 without ``reload_weights`` it answers ``"garbage": true``
 (its weights are gone). ``--wake-delay`` and ``--fail-wake`` make waking slow or fail.
 ``STANDIN_NO_SLEEP_MODE=1`` in the forkserver's environment makes its platform one without
@@ -35,8 +41,9 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
@@ -70,13 +77,51 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 class _Sleep:
-    """The stand-in's sleep state, as vLLM's sleep mode behaves."""
+    """The stand-in's sleep state, as vLLM's engine keeps it (a paused scheduler, sleeping tags)."""
 
-    enabled = False
+    enabled = False  # --enable-sleep-mode (vLLM's routes need only dev mode; see the module's docstring)
     wake_delay = 0.0
     fail_wake = False
-    level = 0  # 0: awake
+    paused = False  # the scheduler is paused (every level pauses it)
+    tags: ClassVar[set[str]] = set()  # what sleeps: vLLM's SLEEP_TAGS at level 1 and 2
+    level = 0  # the level it fell asleep at (1 or 2) while tags sleep
     weights_lost = False  # woken from level 2, weights not reloaded yet
+
+    SLEEP_TAGS = frozenset(("weights", "kv_cache"))
+
+    @classmethod
+    def asleep(cls) -> bool:
+        """vLLM's ``is_sleeping``: the scheduler paused or the executor sleeping."""
+        return cls.paused or bool(cls.tags)
+
+    @classmethod
+    def sleep(cls, level: int) -> None:
+        cls.paused = True
+        if level >= 1 and "weights" not in cls.tags:  # already asleep: vLLM warns and changes nothing
+            cls.tags, cls.level = set(cls.SLEEP_TAGS), level
+
+    @classmethod
+    def wake(cls, tags: list[str] | None) -> bool:
+        """vLLM's ``EngineCore.wake_up``: True if fully awake (then the scheduler resumes)."""
+        executor_tags = None if tags is None else [tag for tag in tags if tag != "scheduling"]
+        if cls.tags and (executor_tags is None or executor_tags):
+            if executor_tags is None:
+                woken = set(cls.tags)
+            elif all(tag in cls.tags for tag in executor_tags):
+                woken = set(executor_tags)
+            else:
+                woken = set()  # a tag that is not asleep: vLLM warns and wakes nothing
+            if "weights" in woken and cls.level == 2:
+                cls.weights_lost = True
+            cls.tags -= woken
+        if not cls.tags:
+            cls.paused, cls.level = False, 0
+        return not cls.asleep()
+
+
+def _validation_error(name: str, value: str, message: str, kind: str) -> bytes:
+    """FastAPI's 422 body for a bad query parameter."""
+    return json.dumps({"detail": [{"type": kind, "loc": ["query", name], "msg": message, "input": value}]}).encode()
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -85,31 +130,45 @@ class _Health(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _sleep_endpoint(self, method: str) -> bool:
-        """Serve vLLM's sleep endpoints (only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1)."""
+        """Serve vLLM's sleep endpoints (dev mode only: ``VLLM_SERVER_DEV_MODE=1``, as vLLM attaches them)."""
         path, _, query = self.path.partition("?")
         endpoints = {("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping"), ("POST", "/collective_rpc"),
                      ("POST", "/reset_prefix_cache")}  # fmt: skip
         if (method, path) not in endpoints:
             return False
-        if not (_Sleep.enabled and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"):
+        if os.environ.get("VLLM_SERVER_DEV_MODE") != "1":
             self._answer(404, b'{"detail": "Not Found"}')
             return True
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
         if path == "/is_sleeping":
-            self._answer(200, json.dumps({"is_sleeping": _Sleep.level > 0}).encode())
+            self._answer(200, json.dumps({"is_sleeping": _Sleep.asleep()}, separators=(",", ":")).encode())
         elif path == "/sleep":
-            level = dict(part.partition("=")[::2] for part in query.split("&") if part).get("level", "1")
-            _Sleep.level = int(level)
+            text = params.get("level", ["1"])[-1]
+            try:
+                level = int(text)
+            except ValueError:
+                message = "Input should be a valid integer, unable to parse string as an integer"
+                self._answer(422, _validation_error("level", text, message, "int_parsing"))
+                return True
+            if not 0 <= level <= 2:
+                kind, bound = ("greater_than_equal", "greater than or equal to 0") if level < 0 else (
+                    "less_than_equal", "less than or equal to 2")  # fmt: skip
+                self._answer(422, _validation_error("level", text, f"Input should be {bound}", kind))
+                return True
+            _Sleep.sleep(level)
             print(f"standin asleep at level {level}", flush=True)
-            self._answer(200, b"")
+            self._answer(200, json.dumps({"status": "sleeping", "level": level}, separators=(",", ":")).encode())
         elif path == "/wake_up":
             time.sleep(_Sleep.wake_delay)
             if _Sleep.fail_wake:
                 self._answer(500, b'{"error": "wake failed (--fail-wake)"}')
                 return True
-            _Sleep.weights_lost, _Sleep.level = _Sleep.level == 2, 0
-            print("standin awake", flush=True)
-            self._answer(200, b"")
+            tags = params.get("tags") or None  # none given: wake everything, as vLLM does
+            awake = _Sleep.wake(tags)
+            print("standin awake" if awake else f"standin woke {tags}", flush=True)
+            answer = {"status": "awake" if awake else "sleeping", "tags": tags}
+            self._answer(200, json.dumps(answer, separators=(",", ":")).encode())
         elif path == "/collective_rpc":
             if json.loads(body or b"{}").get("method") == "reload_weights":
                 _Sleep.weights_lost = False
@@ -131,7 +190,7 @@ class _Health(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if self._sleep_endpoint("POST"):
             return
-        if _Sleep.level:
+        if _Sleep.asleep():
             self._answer(503, b'{"error": {"message": "the model is asleep"}}')
             return
         request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
