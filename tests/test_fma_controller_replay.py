@@ -950,15 +950,12 @@ def test_stopped_instance_recovery_after_the_instance_crashed(node: Node, ctl: C
     assert listing(pod)[smol]["status"] == "running" and listing(pod)[smol]["pid"] != pid
 
 
-FMA_201_THEN_STOPPED = pytest.mark.xfail(strict=False, reason="FMA entry 201-then-stopped, landing in main")
-
-
 @pytest.mark.parametrize(
     "bad",
     [
-        "--fail-at-start",  # starts, then fails (as vLLM short of memory for its KV cache): passes today
-        pytest.param("--no-such-flag", marks=FMA_201_THEN_STOPPED),  # vLLM's parser rejects these
-        pytest.param("--tensor-parallel-size two", marks=FMA_201_THEN_STOPPED),
+        "--fail-at-start",  # starts, then fails (as vLLM short of memory for its KV cache)
+        "--no-such-flag",  # vLLM's parser rejects these: under FMA's entry, 201 and then stopped
+        "--tensor-parallel-size two",
     ],
 )
 def test_options_that_cannot_start_stop_the_instance_then_a_fixed_config_serves(
@@ -966,8 +963,8 @@ def test_options_that_cannot_start_stop_the_instance_then_a_fixed_config_serves(
 ) -> None:
     # FMA's launcher forks whatever it is given: vLLM's parser fails in the child, the instance
     # stops, the controller deletes the requester; once the ISC is fixed, a new instance serves.
-    # Today our launcher answers the parser's error with a 400 before forking, a create error the
-    # controller retries for ever (the requester is never deleted, nothing says why).
+    # (Our launcher's own entry answers the parser's error with a 400 before forking: a create error
+    # the controller would retry for ever. FMA's entry forks, as FMA's launcher does.)
     pod = populated(node, ctl)
     fixed = ISC(BROKEN, node.broken_port, "--model HuggingFaceTB/SmolLM2-360M-Instruct")
     broken = replace(fixed, options=f"{fixed.options} {bad}")

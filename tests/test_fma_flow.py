@@ -8,15 +8,18 @@ FMA's behaviour is read from its ``inference_server/launcher/launcher.py`` at co
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.launcher_process import REPO, LauncherProcess, wait_until
+from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
 
 FMA_ENTRY = [sys.executable, str(REPO / "deploy" / "fma" / "app" / "launcher.py")]
 INSTANCES = "/v2/vllm/instances"
@@ -143,3 +146,63 @@ def test_a_watch_from_a_future_revision_waits_for_it_under_fmas_entry(fma: Launc
     assert fma.client.delete(f"{INSTANCES}/w").status_code == 200  # later revisions
     reader.join(20)
     assert lines and lines[0]["object"]["revision"] > since
+
+
+def test_options_are_split_at_whitespace_under_fmas_entry(fma: LauncherProcess, own: LauncherProcess) -> None:
+    """FMA's launcher splits options with str.split(): quotes stay (a JSON value reaches vLLM as
+    written); ours splits them as a shell would."""
+    options = "--model standin-model --served-model-name bob's-model"
+    created = fma.create("quoted", options=options)
+    assert created.status_code == 201, created.text
+    wait_until(lambda: fma.state("quoted")["ready"], 20, what="ready")
+    assert fma.client.delete(f"{INSTANCES}/quoted").status_code == 200
+    refused = own.create("quoted", options=options)
+    assert refused.status_code == 400 and "cannot be split" in refused.json()["detail"]
+
+
+def test_a_busy_port_gives_a_stopped_instance_under_fmas_entry(fma: LauncherProcess, own: LauncherProcess) -> None:
+    for launcher in (fma, own):
+        assert launcher.create("first", options="--model standin-model").status_code == 201
+        wait_until(lambda launcher=launcher: launcher.state("first")["ready"], 20, what="ready")
+    port = fma.state("first")["port"]
+    created = fma.create("second", options=f"--model standin-model --port {port}")
+    assert created.status_code == 201, created.text
+    assert _stopped(fma, "second")["exit_code"] != 0  # it could not bind: FMA's flow, a stopped instance
+    refused = own.create("second", options=f"--model standin-model --port {own.state('first')['port']}")
+    assert refused.status_code == 409 and "already used" in refused.json()["detail"]
+    for launcher in (fma, own):
+        launcher.client.delete(INSTANCES)
+
+
+def test_fmas_entry_lifts_the_instance_and_body_limits_unless_told() -> None:
+    from launcher.fma.compat import fma_defaults
+
+    assert fma_defaults([], {}) == ["--fma-compat", "--max-instances", "0", "--max-body-bytes", str(16 << 20)]
+    assert fma_defaults(["--max-instances=4", "--no-fma-compat"], {"LAUNCHER_MAX_BODY_BYTES": "100"}) == []
+
+
+def test_the_instance_list_is_503_until_instances_can_be_created_under_fmas_entry(tmp_path: Path) -> None:
+    """FMA's pods probe GET /v2/vllm/instances for readiness; FMA's launcher opens its port only once
+    it can fork. A preload made slow on purpose shows the window."""
+    (tmp_path / "slow_preload.py").write_text("import time\ntime.sleep(4)\n")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "LAUNCHER_FORKSERVER_WORKLOAD": "standin",
+           "LAUNCHER_FORKSERVER_PRELOAD": "slow_preload", "LAUNCHER_LOG_DIR": str(tmp_path / "logs"),
+           "LAUNCHER_RUNTIME_DIR": str(tmp_path / "run"), "TMPDIR": str(tmp_path)}  # fmt: skip
+    process = subprocess.Popen([*FMA_ENTRY, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}{INSTANCES}"
+        early = wait_until(lambda: _answer(url), 30, what="the launcher's port")
+        assert early.status_code == 503  # the forkserver is still preloading
+        wait_until(lambda: (answer := _answer(url)) is not None and answer.status_code == 200, 60, what="ready")
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _answer(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.TransportError:
+        return None

@@ -166,7 +166,13 @@ def _parse_detail(value: str | None, *, fma: bool) -> bool:
 
 
 async def list_instances(request: Request) -> JSONResponse:
-    """All instances: ids only with ``detail=False``, full states otherwise."""
+    """All instances: ids only with ``detail=False``, full states otherwise.
+
+    Under ``--fma-compat`` a 503 until instances can be created: FMA's pods probe this path for
+    readiness, and FMA's launcher opens its port only once it can fork.
+    """
+    if request.app.state.settings.fma_compat and not _manager(request).forkserver.ready:
+        return await health(request)
     detail = _parse_detail(request.query_params.get("detail"), fma=request.app.state.settings.fma_compat)
     records = _manager(request).all()
     revision = _manager(request).events.revision

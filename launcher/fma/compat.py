@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 
 from launcher.__main__ import main as launcher_main
 
@@ -45,6 +46,22 @@ def main(argv: list[str]) -> int:
         path = _gpu_map_from_api(namespace)
         if path is not None:
             argv = [*argv, "--gpu-map", path]
-    if not any(arg.startswith(("--fma-compat", "--no-fma-compat")) for arg in argv):
-        argv = [*argv, "--fma-compat"]  # FMA's controller gets the answers FMA's launcher gives
+    argv = [*fma_defaults(argv, os.environ), *argv]
     return launcher_main(argv)
+
+
+# FMA's launcher: answers as FMA's (docs/fma.md), no instance limit, no request body limit to
+# speak of (a flag or LAUNCHER_* variable given beats these).
+FMA_DEFAULTS = {"--fma-compat": None, "--max-instances": "0", "--max-body-bytes": str(16 << 20)}
+
+
+def fma_defaults(argv: list[str], environ: Mapping[str, str]) -> list[str]:
+    """The flags of ``FMA_DEFAULTS`` that neither ``argv`` nor a ``LAUNCHER_*`` variable sets."""
+    added: list[str] = []
+    for flag, value in FMA_DEFAULTS.items():
+        name = flag.removeprefix("--")
+        given = any(arg in (flag, f"--no-{name}") or arg.startswith(flag + "=") for arg in argv)
+        if given or environ.get("LAUNCHER_" + name.replace("-", "_").upper()):
+            continue
+        added += [flag] if value is None else [flag, value]
+    return added

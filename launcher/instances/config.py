@@ -55,8 +55,12 @@ class VllmConfig(BaseModel):
                 raise ValueError(f"env_vars: {name[:100]!r} is not a valid environment variable name")
         return self
 
-    def argv(self) -> list[str]:
-        """``options`` split as a POSIX shell would (quotes respected, nothing expanded)."""
+    def argv(self, *, shell: bool = True) -> list[str]:
+        """``options`` split as a POSIX shell would (quotes respected, nothing expanded); with
+        ``shell=False`` at whitespace only, as llm-d FMA's launcher does (quotes kept, so
+        ``--compilation-config {"level":0}`` reaches vLLM as written)."""
+        if not shell:
+            return self.options.split()
         try:
             return shlex.split(self.options)
         except ValueError as exc:

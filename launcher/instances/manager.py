@@ -279,7 +279,7 @@ class InstanceManager:
     async def validate(self, config: VllmConfig) -> None:
         """Ask the workload's own parser (vLLM's, in the forkserver) whether ``config``'s options
         would start an instance; a 400 naming the problem if not. Nothing is forked."""
-        argv = config.argv()
+        argv = config.argv(shell=not self._settings.fma_compat)
         try:
             client = await self.forkserver.client()
             await client.request(protocol.OP_VALIDATE, argv=argv)
@@ -373,7 +373,7 @@ class InstanceManager:
         if instance_id in self._records or instance_id in self._reserved:
             raise Conflict(f"instance {instance_id!r} already exists")
         self._check_limit()
-        argv = config.argv()
+        argv = config.argv(shell=not self._settings.fma_compat)
         env = self._environment(config)
         if config.gpu_uuids is not None:  # echoed as FMA's launcher does: the env_vars the instance got
             config = config.model_copy(update={"env_vars": {**(config.env_vars or {}), **env}})
@@ -474,6 +474,8 @@ class InstanceManager:
     def _check_port(self, port: int) -> int:
         if not 1 <= port <= 65535:
             raise BadRequest(f"--port {port} is not a TCP port: use 1-65535 (or leave it out to get a free one)")
+        if self._settings.fma_compat:
+            return port  # FMA's launcher forks anyway: an instance that cannot bind stops, and says why
         for record in self._records.values():
             if record.live and record.port == port:
                 raise Conflict(f"port {port} is already used by instance {record.instance_id!r}")
