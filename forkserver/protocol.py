@@ -38,7 +38,7 @@ def valid_instance_id(value: object) -> bool:
 # Request operations.
 OP_HELLO = "hello"  # -> {"pid", "version", "workload", "preload_seconds", "threads", "instances": [...]}
 OP_VALIDATE = "validate"  # {"argv"} -> {"model", "port", "port_given", "host"}
-OP_SPAWN = "spawn"  # {"instance_id", "argv", "env", "log_path", "meta", "start_anyway"?} -> {"pid", "model", "port", ...}
+OP_SPAWN = "spawn"  # {"instance_id", "argv", "env", "log_path", "meta", "unstartable"?} -> {"pid", "model", "port", ...}
 OP_STOP = "stop"  # {"instance_id", "grace_seconds"} -> {} ; an "exited" event follows
 OP_FORGET = "forget"  # {"instance_id"} -> {} ; drops the record of a stopped instance
 OP_NOTE = "note"  # {"instance_id", "meta"} -> {} ; merges into the instance's API notes

@@ -311,18 +311,18 @@ class ForkServer:
             raise RequestError(protocol.KIND_INVALID, str(exc)) from None
 
     def _parse_or_unstartable(self, message: dict[str, Any]) -> ParsedOptions:
-        """The options parsed; with ``start_anyway``, options that cannot start still give an
-        instance, one that says why and exits 2 (llm-d FMA's flow: its controller reads a stopped
-        instance, not a refused create)."""
-        try:
+        """The options parsed; for an ``unstartable`` spawn (the launcher knows the options cannot
+        start: llm-d FMA's flow, where a stopped instance is the answer, not a refused create) an
+        instance that prints that reason and exits 2."""
+        reason = message.get("unstartable")
+        if reason is None:
             return self._parse(message)
-        except RequestError as exc:
-            if not message.get("start_anyway") or exc.kind != protocol.KIND_INVALID:
-                raise
-            argv = message["argv"]
-            return ParsedOptions(
-                argv=argv, model=_last_value(argv, "--model") or "", port=_port_of(argv), port_given=True, error=str(exc)
-            )
+        argv = message.get("argv")
+        if not isinstance(reason, str) or not isinstance(argv, list) or not all(isinstance(t, str) for t in argv):
+            raise RequestError(protocol.KIND_INVALID, "unstartable must be a string and argv a list of strings")
+        return ParsedOptions(
+            argv=argv, model=_last_value(argv, "--model") or "", port=_port_of(argv), port_given=True, error=reason
+        )
 
     def _op_validate(self, message: dict[str, Any]) -> dict[str, Any]:
         parsed = self._parse(message)

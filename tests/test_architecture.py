@@ -39,8 +39,12 @@ SIZE_LIMIT = 500  # lines; a longer module says why at its top
 def part_of(module: str) -> str:
     """``launcher.instances.manager`` -> ``instances``; top-level modules are ``entry`` or ``shared``."""
     names = module.split(".")
+    if len(names) == 1:
+        return "shared"  # launcher/__init__.py: the version, nothing else
     if len(names) == 2 and names[1] in SHARED:
         return "shared"
+    if len(names) == 2 and (LAUNCHER / names[1] / "__init__.py").exists():
+        return names[1]  # the package itself (its __init__)
     if len(names) == 2:
         return "entry"
     return names[1]
@@ -49,8 +53,10 @@ def part_of(module: str) -> str:
 def _modules() -> dict[str, Path]:
     found = {}
     for path in LAUNCHER.rglob("*.py"):
-        relative = path.relative_to(REPO).with_suffix("")
-        found[".".join(relative.parts)] = path
+        parts = path.relative_to(REPO).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]  # a package is imported by its own name: launcher.frontdoor
+        found[".".join(parts)] = path
     return found
 
 
@@ -81,7 +87,7 @@ def test_each_part_imports_only_the_parts_below_it() -> None:
                 if part == "client" or not any(imported.startswith(ok) for ok in FORKSERVER_ALLOWED):
                     wrong.append(f"{module} imports {imported}")
                 continue
-            if imported == "launcher.__version__" or imported == "launcher":
+            if imported in ("launcher.__version__", "launcher"):
                 continue
             if imported not in modules:
                 continue  # a name from a module, not a module
@@ -113,3 +119,23 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
     imported = _imports(bad, "launcher.instances.manager")
     assert "launcher.frontdoor.door" in imported
     assert part_of("launcher.frontdoor.door") not in ALLOWED[part_of("launcher.instances.manager")]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from launcher.frontdoor import FrontDoor\n",  # a name re-exported by the package
+        "import launcher.frontdoor\n",
+        "from launcher import frontdoor\n",
+        "from .. import frontdoor\n",  # relative
+        "from launcher.client import LauncherClient\n",  # the client's documented import, in the server
+    ],
+)
+def test_the_checker_sees_a_wrong_import_of_a_package(tmp_path: Path, source: str) -> None:
+    modules = _modules()
+    bad = tmp_path / "manager.py"
+    bad.write_text(source)
+    imported = _imports(bad, "launcher.instances.manager")
+    checked = [name for name in imported if name in modules]  # what the direction check looks at
+    wrong = [name for name in checked if part_of(name) not in ALLOWED["instances"] | {"instances"}]
+    assert wrong, f"{source.strip()!r} is not caught: the check sees only {checked}"

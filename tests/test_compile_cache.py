@@ -3,7 +3,7 @@
 The first instance of a model on an empty vLLM cache compiles it and vLLM saves the artifact;
 every later instance loads it (forkserver/compile_cache_compat.py: without it vLLM 0.32 on CPU
 fails to load and compiles again on every start). The front door compiles a model ahead, in a
-throwaway instance, so that even its first request finds the artifact (launcher/compile_ahead.py).
+throwaway instance, so that even its first request finds the artifact (launcher/frontdoor/compile_ahead.py).
 """
 
 from __future__ import annotations

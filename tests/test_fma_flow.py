@@ -167,7 +167,11 @@ def test_a_busy_port_gives_a_stopped_instance_under_fmas_entry(fma: LauncherProc
     port = fma.state("first")["port"]
     created = fma.create("second", options=f"--model standin-model --port {port}")
     assert created.status_code == 201, created.text
-    assert _stopped(fma, "second")["exit_code"] != 0  # it could not bind: FMA's flow, a stopped instance
+    stopped = _stopped(fma, "second")  # it cannot bind: FMA's flow, a stopped instance saying why
+    assert stopped["exit_code"] == 2 and f"port {port}" in stopped["stop_reason"]
+    assert not stopped["ready"]  # never taken for ready on the other instance's /health
+    assert fma.create("third", options="--model standin-model --port 70000").status_code == 201
+    assert "70000" in _stopped(fma, "third")["stop_reason"]
     refused = own.create("second", options=f"--model standin-model --port {own.state('first')['port']}")
     assert refused.status_code == 409 and "already used" in refused.json()["detail"]
     for launcher in (fma, own):
@@ -177,7 +181,7 @@ def test_a_busy_port_gives_a_stopped_instance_under_fmas_entry(fma: LauncherProc
 def test_fmas_entry_lifts_the_instance_and_body_limits_unless_told() -> None:
     from launcher.fma.compat import fma_defaults
 
-    assert fma_defaults([], {}) == ["--fma-compat", "--max-instances", "0", "--max-body-bytes", str(16 << 20)]
+    assert fma_defaults([], {}) == ["--fma-compat", "--max-instances", "0", "--max-body-bytes", str(1 << 20)]
     assert fma_defaults(["--max-instances=4", "--no-fma-compat"], {"LAUNCHER_MAX_BODY_BYTES": "100"}) == []
 
 
@@ -206,3 +210,33 @@ def _answer(url: str) -> httpx.Response | None:
         return httpx.get(url, timeout=5)
     except httpx.TransportError:
         return None
+
+
+@pytest.mark.parametrize("size", [700_000, 2_000_000])
+def test_options_too_large_for_the_forkserver_are_a_400_not_a_500(fma: LauncherProcess, size: int) -> None:
+    """Options of 0.5-1 MiB pass a validate but not a spawn (argv and meta carry them twice): a 400
+    that says so (a 413 beyond the 1 MiB body cap of FMA's entry), never a 500."""
+    options = "--model standin-model " + "--x " * (size // 4)
+    answer = fma.create("big", options=options)
+    assert answer.status_code in (400, 413), answer.text[:300]
+    assert fma.client.get(f"{INSTANCES}/big").status_code == 404
+
+
+def test_a_busy_port_is_never_ready_on_the_other_instances_health(fma: LauncherProcess) -> None:
+    """Under FMA's entry a --port another instance holds gives a stopped instance, never one taken for
+    ready on the other's /health."""
+    port = free_port()
+    fma.client.delete(INSTANCES)
+    assert fma.create("first", options=f"--model standin-model --port {port}").status_code == 201
+    wait_until(lambda: fma.state("first")["ready"], 20, what="first ready")
+    watch_from = fma.client.get("/v2/vllm/instances").json()["revision"]
+    assert fma.create("second", options=f"--model standin-model --port {port}").status_code == 201
+    wait_until(lambda: fma.state("second")["status"] == "stopped", 20, what="second stopped")
+    events = []
+    with httpx.stream("GET", f"{fma.base_url}/v2/vllm/instances/watch?since={watch_from}", timeout=5) as stream:
+        for line in stream.iter_lines():
+            events.append(line)
+            if '"STOPPED"' in line:
+                break
+    second = fma.state("second")
+    assert not second["ready"] and second["ready_at"] is None, (second, events)

@@ -149,3 +149,25 @@ def test_a_sleeping_model_is_adopted_asleep_and_woken_by_the_next_request(standi
     finally:
         second.client.delete("/v2/vllm/instances")
         second.stop()
+
+
+def test_a_front_door_instance_with_gpus_is_adopted_after_an_api_restart() -> None:
+    """The CUDA_VISIBLE_DEVICES added to its env_vars for gpu_uuids does not make it another configuration."""
+    node = _Node("standin", {"LAUNCHER_MOCK_GPUS": "1"})
+    try:
+        models = {"idle_timeout": 0, "models": {"fr": {"options": "--model fr", "gpu_uuids": ["GPU-0"]}}}
+        first = node.launcher(models)
+        try:
+            assert _ask(first, "fr").status_code == 200
+            [kept] = _front_door_instances(first, "fr")
+        finally:
+            first.stop(signal.SIGKILL)
+        assert process_alive(kept["pid"])
+        second = node.launcher(models)
+        try:
+            state = second.client.get("/v2/vllm/models/fr").json()
+            assert state["state"] == "ready" and state["instance_id"] == kept["instance_id"], (state, kept)
+        finally:
+            second.stop()
+    finally:
+        node.close()

@@ -1,6 +1,6 @@
 """The front door's bookkeeping under generated interleavings (hypothesis), in-process.
 
-The front door (launcher/front_door.py) is the real one; below it, in place of the instance
+The front door (launcher/frontdoor/door.py) is the real one; below it, in place of the instance
 manager, a small in-memory manager whose instances get ready, fail or die a generated number
 of event-loop steps after they are created. Each example is a schedule of requests (for 2-3
 models on a node with room for 1 or 2 instances), idle reaps, stops, profile replacements,

@@ -265,3 +265,54 @@ def test_the_table_is_the_picture() -> None:
     with pytest.raises(lifecycle.IllegalTransition):
         lifecycle.transition(Phase.STOPPING, Phase.READY, "request", "x")  # a stopping instance never serves again
     lifecycle.illegal_seen.clear()
+
+
+class SlowForkManager(SleepyManager):
+    """Its create "forks" at once (``forked``), then takes a while before it answers (the reply)."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 0, [10_000], [False])
+        self.forked: list[str] = []
+        self.cut: list[str] = []  # creates cancelled after the fork: the instance runs, unrecorded
+
+    async def create(
+        self, config: VllmConfig, instance_id: str | None, *, received_at: float, nice: int = 0
+    ) -> InstanceRecord:
+        assert instance_id is not None
+        self.forked.append(instance_id)  # OP_SPAWN is on its way: the forkserver forks it
+        try:
+            await asyncio.sleep(0.05)  # the reply
+        except asyncio.CancelledError:
+            self.cut.append(instance_id)
+            raise
+        return await super().create(config, instance_id, received_at=received_at, nice=nice)
+
+
+def test_a_start_cancelled_twice_during_its_fork_leaves_no_instance_behind(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[str], list[str], str, list[str]]:
+        manager = SlowForkManager()
+        settings = Settings(max_instances=0, queue_timeout=30.0, queue_max=1000, forkserver_workload="standin",
+                            footprints_file=str(tmp_path / "footprints.json"))  # fmt: skip
+        door = FrontDoor(manager, settings, ModelsFile(idle_timeout=0, models={"m": ModelProfile(options="--model m")}))  # type: ignore[arg-type]
+        door._http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))  # noqa: SLF001
+        state = door.resolve("m")
+        assert state is not None
+        request = asyncio.ensure_future(door.acquire(state))
+        while not manager.forked:
+            await asyncio.sleep(0)
+        first = asyncio.ensure_future(door.stop_model(state))  # POST /v2/vllm/models/m/stop
+        for _ in range(3):
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(door.stop_model(state))  # and again (or DELETE /v2/vllm/models/m)
+        await asyncio.wait({request, first, second}, timeout=5)
+        await asyncio.sleep(0.2)
+        live = [record.instance_id for record in manager.records.values() if record.live]
+        return manager.forked, live, state.phase.value, manager.cut
+
+    forked, live, phase, cut = asyncio.run(scenario())
+    # Every forked instance was recorded and then deleted (the manager forgets deleted ones).
+    assert not live, f"instances left running: {live}"
+    assert phase in ("failed", "stopped")
+    # The cut create: forked, never recorded -> an orphan the real manager does not know about.
+    assert len(forked) == 1
+    assert not cut, f"the create of {cut} was cancelled after its fork: that instance runs, owned by nobody"

@@ -39,7 +39,7 @@ models:
         watch = WatchReader(launcher)
         assert ask(launcher, "nap").status_code == 200
         first = instance_of(launcher, "nap")
-        assert "--enable-sleep-mode" in str(first["options"]) and first["env_vars"] == {"VLLM_SERVER_DEV_MODE": "1"}
+        assert "--enable-sleep-mode" in str(first["options"]) and first["env_vars"] == {"VLLM_SERVER_DEV_MODE": "1", "CUDA_VISIBLE_DEVICES": "0"}
         wait_state(launcher, "nap", "sleeping")
         asleep = wait_until(lambda: (s := instance_of(launcher, "nap")).get("sleeping") and s, 10, what="asleep")
         assert asleep["status"] == "running" and asleep["pid"] == first["pid"]

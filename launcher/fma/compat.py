@@ -50,9 +50,10 @@ def main(argv: list[str]) -> int:
     return launcher_main(argv)
 
 
-# FMA's launcher: answers as FMA's (docs/fma.md), no instance limit, no request body limit to
-# speak of (a flag or LAUNCHER_* variable given beats these).
-FMA_DEFAULTS = {"--fma-compat": None, "--max-instances": "0", "--max-body-bytes": str(16 << 20)}
+# FMA's launcher: answers as FMA's (docs/fma.md), no instance limit, bodies up to 1 MiB (the
+# forkserver's message cap: options and env vars beyond half of it are a 400 naming it). A flag
+# or LAUNCHER_* variable given beats these.
+FMA_DEFAULTS = {"--fma-compat": None, "--max-instances": "0", "--max-body-bytes": str(1 << 20)}
 
 
 def fma_defaults(argv: list[str], environ: Mapping[str, str]) -> list[str]:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import re
 import secrets
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -72,6 +72,18 @@ def process_running(pid: int | None) -> bool:
 def instance_id_for(name: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:100] or "model"
     return f"{slug}-{secrets.token_hex(3)}"
+
+
+T = TypeVar("T")
+
+
+async def finish_despite_cancel(future: asyncio.Future[T]) -> T | None:
+    """Wait until ``future`` is done, however often the waiting task is cancelled meanwhile (the
+    future itself is shielded); its result, or None if it failed."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(future)
+    return None if future.cancelled() or future.exception() is not None else future.result()
 
 
 class DoorCore:

@@ -179,7 +179,7 @@ class FrontDoor(Catalog, Effects):
                 and record.ready
                 and state.phase is Phase.STOPPED
                 and state.instance_id is None
-                and self._config_for(state, record) == record.config
+                and self._config_for(state, record).as_requested() == record.config.as_requested()
             )
             if state is not None and takes_it:
                 state.move(

@@ -11,6 +11,7 @@ from collections.abc import Hashable
 
 from launcher.frontdoor import room, sleep
 from launcher.frontdoor.core import (
+    finish_despite_cancel,
     FAILED_LOG_LINES,
     REAP_INTERVAL,
     DoorCore,
@@ -53,8 +54,10 @@ class Effects(DoorCore):
             try:
                 record = await asyncio.shield(creating)  # a fork under way is finished, then removed
             except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    instance_id = (await creating).instance_id
+                # Cancelled once or twice (a stop, then a delete), the fork under way is finished and
+                # its instance removed below: nothing is left that no one owns.
+                made = await finish_despite_cancel(creating)
+                instance_id = made.instance_id if made is not None else None
                 raise
             state.running_profile = profile
             instance_id = state.instance_id = record.instance_id

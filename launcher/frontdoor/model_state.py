@@ -53,7 +53,7 @@ class ModelState:
     stop_task: asyncio.Task[None] | None = field(default=None, repr=False)
     sleep_task: asyncio.Task[None] | None = field(default=None, repr=False)
     cancel_reason: str | None = None  # why its start is being cancelled (stop, delete, replace)
-    compiled: Compiled = False  # see launcher/compile_ahead.py
+    compiled: Compiled = False  # see launcher/frontdoor/compile_ahead.py
     compile_error: str | None = None
     failed_log: str | None = field(default=None, repr=False)  # the end of the last failed start's log
     placed_gpus: list[str] | None = None  # the GPUs chosen for a profile that names none

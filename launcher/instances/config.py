@@ -66,6 +66,14 @@ class VllmConfig(BaseModel):
         except ValueError as exc:
             raise BadRequest(f"options cannot be split into arguments: {exc}") from None
 
+    def as_requested(self) -> VllmConfig:
+        """The configuration without the ``CUDA_VISIBLE_DEVICES`` the launcher adds to ``env_vars`` for
+        ``gpu_uuids`` (what a client asked for; two configs compare equal whatever GPUs they got)."""
+        if self.gpu_uuids is None or "CUDA_VISIBLE_DEVICES" not in (self.env_vars or {}):
+            return self
+        env = {key: value for key, value in (self.env_vars or {}).items() if key != "CUDA_VISIBLE_DEVICES"}
+        return self.model_copy(update={"env_vars": env or None})
+
     def echo(self) -> dict[str, Any]:
         """The config fields echoed in state objects (only those given)."""
         return self.model_dump(exclude_none=True)

@@ -379,17 +379,25 @@ class InstanceManager:
             config = config.model_copy(update={"env_vars": {**(config.env_vars or {}), **env}})
         reservation = _Reservation(instance_id)
         self._reserved[instance_id] = reservation
+        cancelled = False
         try:
             client = await self.forkserver.client()
             parsed = await self._validate_for_create(client, argv)
-            if parsed.get("start_anyway"):
-                # FMA's flow: the instance is made and stops at once, saying why (a free port: its own
-                # --port may be anything, and the instance never listens).
+            unstartable: str | None = parsed.get("unstartable")
+            if unstartable is None and parsed["port_given"]:
+                try:
+                    reservation.port = self._check_port(int(parsed["port"]))
+                except (BadRequest, Conflict) as exc:
+                    if not self._settings.fma_compat:
+                        raise
+                    unstartable = exc.detail  # FMA's launcher forks anyway: the instance cannot bind
+            if unstartable is not None:
+                # FMA's flow: the instance is made and stops at once, saying why (on a free port: it
+                # never listens, so no probe can take another server's answer for its own).
+                log.info("instance %s cannot start (%s); made anyway, as FMA's launcher does", instance_id, unstartable)
                 reservation.port = ports.pick_free_port(self._ports_in_use())
                 argv = [*argv, "--port", str(reservation.port)]
-            elif parsed["port_given"]:
-                reservation.port = self._check_port(int(parsed["port"]))
-            else:
+            elif not parsed["port_given"]:
                 reservation.port = ports.pick_free_port(self._ports_in_use())
                 argv = [*argv, "--port", str(reservation.port)]
             if parsed.get("host") is None and self._settings.host not in ALL_ADDRESSES:
@@ -397,21 +405,29 @@ class InstanceManager:
                 # loopback opens nothing). On 0.0.0.0 (FMA's pods) vLLM's default stays: every address.
                 argv = [*argv, "--host", self._settings.host]
                 parsed = {**parsed, "host": self._settings.host}
-            reply = await client.request(
+            spawn = asyncio.ensure_future(client.request(
                 protocol.OP_SPAWN,
                 instance_id=instance_id,
                 argv=argv,
                 env=env,
                 log_path=os.path.join(self.log_dir, f"{instance_id}.log"),
                 nice=nice,
-                start_anyway=bool(parsed.get("start_anyway")),
+                **({"unstartable": unstartable} if unstartable is not None else {}),
                 # Kept by the forkserver so that an API attaching later can rebuild the state.
                 meta={
                     "config": config.model_dump(exclude_none=True),
                     "received_at": received_at,
                     "host": parsed.get("host"),
                 },
-            )
+            ))  # fmt: skip
+            # Once asked, the fork is finished and recorded even if this create is cancelled meanwhile
+            # (a client gone, a front-door start stopped): an instance no record knows would run unseen.
+            while not spawn.done():
+                try:
+                    await asyncio.shield(spawn)
+                except asyncio.CancelledError:
+                    cancelled = True
+            reply = spawn.result()
         except ForkserverError as exc:
             raise _http_error(exc) from None
         finally:
@@ -436,6 +452,8 @@ class InstanceManager:
         else:
             runtime.probe = asyncio.create_task(self._probe(record), name=f"probe-{instance_id}")
         log.info("created instance %s (pid %s, port %s)", instance_id, record.pid, record.port)
+        if cancelled:
+            raise asyncio.CancelledError  # listed, so that whoever cancelled it (or anyone) can delete it
         return record
 
     async def _validate_for_create(self, client: ForkserverClient, argv: list[str]) -> dict[str, Any]:
@@ -446,8 +464,7 @@ class InstanceManager:
         except ForkserverError as exc:
             if not (self._settings.fma_compat and exc.kind == protocol.KIND_INVALID):
                 raise
-            log.info("options cannot start (%s); made anyway, as FMA's launcher does", exc)
-            return {"start_anyway": True, "host": None}
+            return {"unstartable": str(exc), "host": None, "port_given": False}
         return parsed
 
     def _check_limit(self) -> None:
@@ -474,8 +491,6 @@ class InstanceManager:
     def _check_port(self, port: int) -> int:
         if not 1 <= port <= 65535:
             raise BadRequest(f"--port {port} is not a TCP port: use 1-65535 (or leave it out to get a free one)")
-        if self._settings.fma_compat:
-            return port  # FMA's launcher forks anyway: an instance that cannot bind stops, and says why
         for record in self._records.values():
             if record.live and record.port == port:
                 raise Conflict(f"port {port} is already used by instance {record.instance_id!r}")

@@ -39,7 +39,7 @@ class InstanceRecord:
     stop_reason: str | None = None
     revision: int = 0
     start_phases: dict[str, float] | None = None  # where start_seconds went (forkserver/phases.py)
-    memory: Footprint | None = None  # what it holds now, sampled (launcher/memory.py)
+    memory: Footprint | None = None  # what it holds now, sampled (launcher/instances/memory.py)
     memory_peak: Footprint | None = None  # the most it held
     asleep: bool = False  # put to sleep by the front door (vLLM's sleep mode)
 

@@ -52,10 +52,14 @@ class ForkserverClient:
         if self.closed.is_set():
             raise ForkserverGone()
         request_id = next(self._ids)
+        try:
+            frame = protocol.encode({"op": op, "id": request_id, **fields})
+        except protocol.FrameError as exc:  # options and env vars of a size no instance needs
+            raise ForkserverError(protocol.KIND_INVALID, f"the request is too large for the forkserver: {exc}") from None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            self._writer.write(protocol.encode({"op": op, "id": request_id, **fields}))
+            self._writer.write(frame)
             await self._writer.drain()
             reply = await future
         except (ConnectionError, OSError) as exc:

@@ -2,7 +2,7 @@
 """``python3 /app/launcher_pod_notifier.py``, the sidecar FMA's controller adds: ours instead.
 
 Same environment and annotation contract as upstream's; follows the launcher's watch stream
-instead of polling (see launcher/pod_notifier.py).
+instead of polling (see launcher/fma/pod_notifier.py).
 """
 
 import os
