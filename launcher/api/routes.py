@@ -94,20 +94,22 @@ async def _create(request: Request, instance_id: str | None) -> JSONResponse:
         "revision": record.revision,
     }
     headers = {}
-    warnings = []
+    warnings, header_words = [], []
     overridden = _overridden_devices(config, record.config)
     if overridden:
         warnings.append(overridden)
+        header_words.append(overridden)
         log.warning("create %s: %s", record.instance_id, overridden)
     if ignored:
         # In the body too: plain curl never shows the header, and a typo'd env_vars is silent otherwise.
         body["ignored_fields"] = ignored
         warnings.append(ignored_fields_sentence(ignored))
+        header_words.append("unknown fields ignored: " + ", ".join(ignored))
         log.warning("create %s: ignored unknown field(s) %s", record.instance_id, ", ".join(ignored)[:500])
     if warnings:
         sentence = "; ".join(warnings)
         body["warning"] = sentence
-        headers["Warning"] = _warning_header(sentence)
+        headers["Warning"] = _warning_header("; ".join(header_words))
     return JSONResponse(body, status_code=201, headers=headers)
 
 
