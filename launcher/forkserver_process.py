@@ -66,9 +66,13 @@ class StderrRelay:
                 self._lines.append(partial.decode(errors="replace").rstrip())
             os.close(self._read_fd)
 
+    def drain(self, wait: float = 2.0) -> None:
+        """Wait (up to ``wait`` seconds) until everything the exited forkserver wrote is copied."""
+        self._thread.join(wait)
+
     def last_line(self, wait: float = 2.0) -> str:
         """The forkserver's last non-empty line (once it exited: what it said as it went)."""
-        self._thread.join(wait)
+        self.drain(wait)
         return next((line for line in reversed(self._lines) if line.strip()), "")
 
 
@@ -304,6 +308,8 @@ class ForkserverSupervisor:
             except TimeoutError:
                 log.warning("forkserver did not exit in time; killing it")
         await self._kill_process()
+        if self._relay is not None:
+            await asyncio.to_thread(self._relay.drain)  # its last lines, before the launcher exits
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
