@@ -55,6 +55,7 @@ cleanup() {
     rm -rf "$SCRATCH"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%6.1f", b - a }'; }
 
