@@ -114,7 +114,7 @@ build_local_base() {
         || { tail -20 "$SCRATCH/debootstrap.log" >&2; fail "debootstrap"; }
     chroot "$root" /usr/bin/python3 -m venv /usr/local
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-    tar -C "$root" -c . | podman import --change 'ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    tar -C "$root" -c . | podman import -q --change 'ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' - "$LOCAL_BASE_IMAGE" >/dev/null
     rm -rf "$root"
 }
