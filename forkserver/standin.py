@@ -26,7 +26,8 @@ is freed, as vLLM on CPU does (llm-d FMA's controller sleeps and wakes such inst
 refuses requests; woken from level 2 without ``reload_weights`` it answers ``"garbage": true``
 (its weights are gone). ``--wake-delay`` and ``--fail-wake`` make waking slow or fail.
 ``STANDIN_NO_SLEEP_MODE=1`` in the forkserver's environment makes its platform one without
-sleep mode (as vLLM on CPU).
+sleep mode (as vLLM on CPU). ``STANDIN_PRELOAD_FAILS=MESSAGE`` makes its preload fail with
+MESSAGE, as vLLM's fails where it cannot start (a missing library, no C++ compiler).
 """
 
 from __future__ import annotations
@@ -249,7 +250,10 @@ class StandinWorkload:
         """The stand-in has no helpers to fork: nothing to configure."""
 
     def preload(self, modules: list[str] | None) -> None:
-        """Nothing to preload: start-up is instant."""
+        """Nothing to preload: start-up is instant (``STANDIN_PRELOAD_FAILS``: fails)."""
+        failure = os.environ.get("STANDIN_PRELOAD_FAILS")
+        if failure:
+            raise RuntimeError(failure)
 
     def parse(self, argv: list[str]) -> ParsedOptions:
         """Parse with argparse; errors become :class:`OptionsError`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
 import os
@@ -54,7 +55,19 @@ class VllmWorkload:
                 )
         self._parser = vllm_entrypoints.make_parser()
         if self._options.compile_cache_fix and _device_type() == "cpu":
-            compile_cache_compat.probe_vector_isa_once()  # inherited by every instance
+            try:
+                compile_cache_compat.probe_vector_isa_once()  # inherited by every instance
+            except Exception as exc:  # noqa: BLE001 - torch compiles a test program: no C++ compiler here
+                # Eager instances need no compiler: say it once, and leave the compile cache to vLLM.
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                print(
+                    f"forkserver: warning: torch cannot probe the CPU's vector instructions ({why}); the "
+                    "compile-cache fix is off. vLLM's default mode compiles the model with a C++ compiler: "
+                    "install one (g++), or start instances with --enforce-eager",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._options = dataclasses.replace(self._options, compile_cache_fix=False)
 
     def parse(self, argv: list[str]) -> ParsedOptions:
         """Parse ``argv`` as ``vllm serve`` would; the error message is vLLM's own."""

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)
     # uvicorn says where it listens only when it binds the socket itself.
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     logging.getLogger("uvicorn.error").info("Listening on http://%s:%d (Press CTRL+C to quit)", shown, settings.port)
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             server.run(sockets=[listener])
     except KeyboardInterrupt:
         return 130  # uvicorn re-raises Ctrl-C after a clean shutdown: no traceback for that
+    manager = getattr(app.state, "manager", None)
+    if manager is not None and manager.forkserver.gave_up.is_set():
+        return 2  # the forkserver could not start (the log's error line says why): a start-up error
     return 0
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -108,11 +110,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
         def reload_now() -> None:
             front_door.spawn(_reload_quietly(live), "models-file-reload")
 
+        async def stop_if_the_forkserver_gives_up() -> None:
+            await manager.forkserver.gave_up.wait()  # it said why in one line
+            manager.events.close()
+            stop_server = getattr(app.state, "stop_server", None)  # python -m launcher's: it exits 2
+            if stop_server is not None:
+                stop_server()
+            else:  # another ASGI server: stop as on SIGTERM (uvicorn re-raises it: a non-zero exit)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        giving_up = asyncio.create_task(stop_if_the_forkserver_gives_up(), name="forkserver-give-up")
         try:
             # Watch streams end as shutdown begins; SIGHUP reloads the models file.
             with on_shutdown_signals(manager.events.close), on_hangup(reload_now):
                 yield
         finally:
+            giving_up.cancel()
             await front_door.shutdown()
             app.state.upstream_pool.close()
             await manager.shutdown()

@@ -86,9 +86,11 @@ class LauncherProcess:
         server: str | Sequence[str] = "launcher",
         tmpdir: Path | None = None,
         log_level: str = "warning",
+        cwd: Path = REPO,
     ):
         """``server``: ``launcher`` (``python -m launcher``), ``uvicorn`` (``uvicorn launcher.app:app``), or a
-        command that takes the same flags. ``log_level``: ``info`` is how ``make run`` starts it."""
+        command that takes the same flags. ``log_level``: ``info`` is how ``make run`` starts it. ``cwd``:
+        where it runs (the image's is ``/app``)."""
         self.env = dict(env or {})  # what the test set on top of os.environ
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -119,7 +121,7 @@ class LauncherProcess:
         command = commands[server] if isinstance(server, str) else list(server)
         self.process = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", log_level],
-            cwd=REPO,
+            cwd=cwd,
             env=child_env,
             stdin=subprocess.DEVNULL,
             stdout=self.output,

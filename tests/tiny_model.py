@@ -146,17 +146,28 @@ def _build_weights(out_dir: pathlib.Path, vocab_size: int, bos_id: int, eos_id: 
     GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id).save_pretrained(str(out_dir))
 
 
+def _world_readable(folder: pathlib.Path) -> None:
+    """Files 0644, the folder 0755: a server running as another user (a container's arbitrary UID)
+    reads the model. safetensors writes its file 0600, and vLLM then fails with a misleading
+    ``FileNotFoundError`` for it."""
+    folder.chmod(0o755)
+    for entry in folder.iterdir():
+        if entry.is_file():
+            entry.chmod(0o644)
+
+
 def build_tiny_model(target: pathlib.Path) -> pathlib.Path:
     """Build the tiny model into ``target`` (if not already built) and return it."""
     target = pathlib.Path(target)
     if (target / "config.json").is_file() and (target / _MARKER).is_file():
+        if target.stat().st_uid == os.getuid():
+            _world_readable(target)  # built by an older version of this file
         return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp dir (same filesystem) so the final rename is
     # atomic and a crashed/concurrent build never leaves a half-written model.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the model should be world-readable
     try:
         from transformers import PreTrainedTokenizerFast
 
@@ -164,6 +175,7 @@ def build_tiny_model(target: pathlib.Path) -> pathlib.Path:
         tok = PreTrainedTokenizerFast.from_pretrained(str(tmp))
         _build_weights(tmp, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
         (tmp / _MARKER).write_text("ok\n")
+        _world_readable(tmp)  # mkdtemp makes the folder 0700
 
         if target.exists():
             if (target / "config.json").is_file() and (target / _MARKER).is_file():

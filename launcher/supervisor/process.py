@@ -18,7 +18,9 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +29,57 @@ from launcher.settings import Settings
 
 log = logging.getLogger("launcher.forkserver")
 CONNECT_POLL = 0.05
+# A forkserver that never got ready fails the same way each time (no compiler, a broken vLLM, a
+# workload that does not import): after this many starts in a row the launcher gives up and says why.
+START_ATTEMPTS = 3
+STDERR_TAIL_LINES = 20
+
+
+class StderrRelay:
+    """Copies the forkserver's stderr to ours, keeping its last lines to say why it failed.
+
+    A thread, not the event loop: the forkserver's output keeps flowing while the loop is busy.
+    """
+
+    def __init__(self) -> None:
+        self._read_fd, self.write_fd = os.pipe()
+        self._lines: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._thread = threading.Thread(target=self._copy, name="forkserver-stderr", daemon=True)
+        self._thread.start()
+
+    def child_started(self) -> None:
+        """Close our copy of the write end: the pipe ends when the forkserver's copies close."""
+        os.close(self.write_fd)
+
+    def _copy(self) -> None:
+        partial = b""
+        try:
+            while chunk := os.read(self._read_fd, 65536):
+                with contextlib.suppress(OSError):  # our stderr closed: keep draining the pipe
+                    _write_all(2, chunk)
+                partial += chunk
+                *lines, partial = partial.split(b"\n")
+                self._lines.extend(line.decode(errors="replace").rstrip() for line in lines)
+                partial = partial[-4096:]
+        finally:
+            if partial:
+                self._lines.append(partial.decode(errors="replace").rstrip())
+            os.close(self._read_fd)
+
+    def drain(self, wait: float = 2.0) -> None:
+        """Wait (up to ``wait`` seconds) until everything the exited forkserver wrote is copied."""
+        self._thread.join(wait)
+
+    def last_line(self, wait: float = 2.0) -> str:
+        """The forkserver's last non-empty line (once it exited: what it said as it went)."""
+        self.drain(wait)
+        return next((line for line in reversed(self._lines) if line.strip()), "")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class ForkserverSupervisor:
@@ -66,6 +119,10 @@ class ForkserverSupervisor:
         self.hello: dict[str, Any] = {}
         self.restarts = 0
         self.last_error = ""
+        self._relay: StderrRelay | None = None
+        self._ever_ready = False
+        self._failed_starts = 0  # in a row, before the first ready forkserver
+        self.gave_up = asyncio.Event()  # set (with last_error) when the launcher should stop
 
     @property
     def ready(self) -> bool:
@@ -96,11 +153,21 @@ class ForkserverSupervisor:
                     await self._start_once()
                 await self._on_connected(self.hello)
                 self._ready.set()
+                self._ever_ready = True
+                self._failed_starts = 0
             except Exception as exc:  # noqa: BLE001 - keep trying; /health shows the error
                 self.last_error = f"forkserver {'unreachable' if self.external else 'failed to start'}: {exc}"
-                log.error("%s", self.last_error)
                 await self._kill_process()
                 self._ready.clear()
+                self._failed_starts += 1
+                if not self.external and not self._ever_ready and self._failed_starts >= START_ATTEMPTS:
+                    # Restarting forever would leave /health at 503 with the reason scrolled away.
+                    self.last_error = f"the forkserver failed to start {self._failed_starts} times in a row, " \
+                        f"the last time: {exc}"  # fmt: skip
+                    log.error("%s; stopping the launcher", self.last_error)
+                    self.gave_up.set()
+                    return
+                log.error("%s", self.last_error)
                 await asyncio.sleep(1.0)
                 continue
             assert self._client is not None
@@ -176,14 +243,21 @@ class ForkserverSupervisor:
         tmpdir = os.path.join(self.runtime_dir, "tmp")
         os.makedirs(tmpdir, mode=0o700, exist_ok=True)
         env = {**os.environ, "TMPDIR": tmpdir}
-        # Own session: a Ctrl-C meant for the API must not reach the forkserver directly.
-        self._process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=env
-        )
+        self._relay = relay = StderrRelay()
+        try:
+            # Own session: a Ctrl-C meant for the API must not reach the forkserver directly.
+            self._process = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stderr=relay.write_fd, start_new_session=True, env=env
+            )
+        finally:
+            relay.child_started()
         deadline = started + self._settings.forkserver_start_timeout
         while True:
             if self._process.returncode is not None:
-                raise RuntimeError(f"it exited with code {self._process.returncode} while preloading")
+                said = await asyncio.to_thread(relay.last_line)
+                raise RuntimeError(
+                    f"it exited with code {self._process.returncode} while preloading" + (f": {said}" if said else "")
+                )
             if os.path.exists(self.socket_path):
                 try:
                     self._client = await ForkserverClient.connect(self.socket_path, self._on_event)
@@ -234,6 +308,8 @@ class ForkserverSupervisor:
             except TimeoutError:
                 log.warning("forkserver did not exit in time; killing it")
         await self._kill_process()
+        if self._relay is not None:
+            await asyncio.to_thread(self._relay.drain)  # its last lines, before the launcher exits
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
