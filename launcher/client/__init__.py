@@ -1,6 +1,6 @@
 """The launcher's Python client and ``launcherctl``: they depend on nothing of the server.
 
-``from launcher.client.api_client import LauncherClient`` is the documented import path.
+``from launcher.client import LauncherClient`` is the documented import path.
 """
 
 from launcher.client.api_client import (
