@@ -104,6 +104,8 @@ class VllmWorkload:
         """Instances with the same key share one zygote (forkserver/weight_sharing.py); None: no sharing."""
         if not self._options.share_weights or parsed.namespace is None:
             return None
+        if env.get("LAUNCHER_SHARE_WEIGHTS", "1").lower() in ("0", "false", "no", "off"):
+            return None  # this instance opted out (env_vars): it loads its own copy
         return weight_sharing.share_key(
             parsed.namespace,
             env,
