@@ -7,6 +7,7 @@ import importlib
 import io
 import os
 import sys
+import time
 from typing import Any
 
 from forkserver import (
@@ -125,6 +126,12 @@ class VllmWorkload:
             torch.set_num_threads(1)  # a pool that cannot be freed must never exist before the forks
         shared = weight_sharing.load_for_sharing(parsed.namespace, tmpdir)
         shared.torch_threads = threads
+        if os.environ.get("LAUNCHER_ZYGOTE_HUGE_PAGES") == "1":  # a trade-off, off by default (weight_sharing.py)
+            began = time.perf_counter()
+            collapsed = weight_sharing.collapse_into_huge_pages()
+            seconds = time.perf_counter() - began
+            shared.details["huge_pages"] = {"bytes": collapsed, "seconds": seconds}
+            print(f"launcher: zygote: {collapsed / 2**20:.0f} MiB in huge pages ({seconds:.2f}s)", file=sys.stderr, flush=True)
         if not weight_sharing.release_openmp():
             raise RuntimeError("could not free OpenMP's threads: instances forked from here would hang")
         extra = fork_safety.extra_threads()

@@ -226,6 +226,56 @@ def openmp_releasable() -> bool:
     return True
 
 
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25  # Linux 6.1
+HUGE_PAGE = 2 << 20
+
+
+def collapse_into_huge_pages(min_bytes: int = 4 << 20, min_resident: float = 0.9) -> int:
+    """Back the zygote's mostly-resident private memory (the repacked weights) with 2 MiB pages.
+
+    Every instance is a fork of the zygote, and its EngineCore a fork of the instance: a fork
+    copies the page tables, 4 KiB entry by entry, so a 2 GiB model made each fork 60-200 ms
+    here; with huge pages 15-30 ms, whatever the size. Pages stay shared copy-on-write (a write
+    to one splits it and copies 4 KiB). Best effort: returns the bytes collapsed (0 where the
+    kernel cannot: before 6.1, or transparent huge pages set to never).
+
+    Off by default (``LAUNCHER_ZYGOTE_HUGE_PAGES=1`` in the model's ``env_vars`` turns it on):
+    measured on the 1.1 B model, the instance's ``fork`` phase went from 0.21 to 0.06 s, but the
+    collapse (the kernel copies every page, compacting memory for huge ones) took 6.6 s in the
+    zygote on this busy 2-CPU machine and filled 290 MiB of holes in partly used regions.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    collapsed = 0
+    for start, end in _resident_private_regions(min_bytes, min_resident):
+        start, end = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1), end & ~(HUGE_PAGE - 1)
+        if end - start < HUGE_PAGE:
+            continue
+        if libc.madvise(start, end - start, MADV_HUGEPAGE) == 0 and libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
+            collapsed += end - start
+    return collapsed
+
+
+def _resident_private_regions(min_bytes: int, min_resident: float) -> list[tuple[int, int]]:
+    regions: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    anonymous = False
+    with contextlib.suppress(OSError), open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(None, 5)
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                low, high = (int(part, 16) for part in head[0].split("-"))
+                name = head[5].strip() if len(head) > 5 else ""
+                anonymous = head[1] == "rw-p" and name in ("", "[heap]")
+                current = (low, high) if anonymous and high - low >= min_bytes else None
+            elif current is not None and line.startswith("Rss:"):
+                if int(line.split()[1]) * 1024 >= min_resident * (current[1] - current[0]):
+                    regions.append(current)
+                current = None
+    return regions
+
+
 def _loaded_libraries(stem: str) -> list[str]:
     found: list[str] = []
     with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
