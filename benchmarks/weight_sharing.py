@@ -33,6 +33,7 @@ import httpx
 from benchmarks.common import SERVE_FLAGS, healthy, machine, summary, tree_pss_mib, write_results
 from benchmarks.random_llama import PRESETS, build_random_llama, parameter_count
 from benchmarks.start_latency import run_cold
+from forkserver import leftovers
 from tests.launcher_process import VLLM_ENV, LauncherProcess, free_port, wait_until
 
 SIZES = ("0.1b", "0.5b", "1.1b")
@@ -115,7 +116,11 @@ def main() -> int:
                 def first_request(port: int, served: str) -> None:
                     cold_tokens.append(greedy(port, served))
 
+                shm_before = set(leftovers.listing().items())
                 cold = run_cold(model, workdir, request=first_request)
+                # A cold vLLM killed with SIGTERM leaves its psm_*/sem.mp-* segments: ours to remove.
+                made = {(name, inode) for name, inode in leftovers.listing().items() if name.startswith(leftovers.SEGMENT_PREFIXES)}
+                leftovers.remove_unused(made - shm_before)
                 cold["tokens"] = cold_tokens[0]
                 raw[size]["cold"].append(cold)
                 for name, launcher in launchers.items():
