@@ -69,6 +69,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="let vLLM load its compiled model from the cache on CPU (see forkserver/compile_cache_compat.py)",
     )
+    parser.add_argument(
+        "--share-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="instances of one model fork from a zygote that loaded its weights once: one copy in memory, "
+        "starts that do not read them (see forkserver/zygotes.py)",
+    )
+    parser.add_argument(
+        "--zygote-linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long a model's zygote (and its copy of the weights) stays after its last instance is gone",
+    )
     return parser.parse_args(argv)
 
 
@@ -122,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             in_process_worker=args.in_process_worker,
             inspect_models_in_fork=args.inspect_models_in_fork,
             compile_cache_fix=args.compile_cache_fix,
+            share_weights=args.share_weights,
         )
     )
     started = time.monotonic()
@@ -158,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp_root=tmp_root,
         preload_seconds=preload_seconds,
         ledger=ledger,
+        zygote_linger=max(0.0, args.zygote_linger),
     )
     try:
         server.serve_forever()

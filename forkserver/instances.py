@@ -17,6 +17,7 @@ from typing import Any
 from forkserver import leftovers, osutil
 
 SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
+UNCLAIMED_EXIT_SECONDS = 10.0  # how long the exit of a child not known (yet) is kept
 SHM_SCAN_INTERVAL = 1.0  # seconds between looks at which /dev/shm segments live instances map
 
 
@@ -83,17 +84,33 @@ class Instance:
 class InstanceTable:
     """Every instance the forkserver forked and has not forgotten yet."""
 
-    def __init__(self, on_finished: Callable[[Instance], None], ledger: leftovers.Ledger | None = None) -> None:
+    def __init__(
+        self,
+        on_finished: Callable[[Instance], None],
+        ledger: leftovers.Ledger | None = None,
+        on_other_exit: Callable[[int, int], bool] | None = None,
+    ) -> None:
         self._on_finished = on_finished
         self._ledger = ledger
+        # A child that is not an instance exited (pid, status): True if the callee knew it (a zygote).
+        self._on_other_exit = on_other_exit
+        # Children reaped before they were added (an instance forked by a zygote may die before
+        # the forkserver reads its pid): pid -> (wait status, when), the latest few.
+        self._unclaimed_exits: dict[int, tuple[int, float]] = {}
         self._instances: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
         self._next_shm_scan = time.monotonic() + SHM_SCAN_INTERVAL
 
-    def add(self, instance: Instance) -> None:
-        """Track a freshly forked instance."""
+    def add(self, instance: Instance, *, may_be_reaped: bool = False) -> None:
+        """Track a freshly forked instance. ``may_be_reaped``: it was not forked by us (a zygote
+        forked it), so its exit may have been reaped already, in the last few seconds."""
         self._instances[instance.instance_id] = instance
-        self._by_pid[instance.pid] = instance
+        reaped = self._unclaimed_exits.pop(instance.pid, None) if may_be_reaped else None
+        if reaped is not None and time.monotonic() - reaped[1] < UNCLAIMED_EXIT_SECONDS:
+            instance.exit_code = osutil.exit_code_from_status(reaped[0])
+            osutil.signal_group(instance.pid, signal.SIGKILL)
+        else:
+            self._by_pid[instance.pid] = instance
 
     def get(self, instance_id: object) -> Instance | None:
         """The instance named ``instance_id``, if any."""
@@ -183,7 +200,13 @@ class InstanceTable:
                 return
             instance = self._by_pid.pop(pid, None)
             if instance is None:
-                continue  # an orphaned helper reparented to us (we are a subreaper)
+                if self._on_other_exit is None or not self._on_other_exit(pid, status):
+                    # An orphaned helper reparented to us (we are a subreaper), or an instance
+                    # whose pid is not known yet: kept a while for add().
+                    self._unclaimed_exits[pid] = (status, time.monotonic())
+                    while len(self._unclaimed_exits) > 256:
+                        del self._unclaimed_exits[next(iter(self._unclaimed_exits))]
+                continue
             instance.exit_code = osutil.exit_code_from_status(status)
             if instance.remember_segments():  # its helpers may still map them
                 self._write_ledger(instance)

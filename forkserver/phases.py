@@ -44,21 +44,28 @@ def start_phases(marks: dict[str, float], *, received_at: float, ready_at: float
     """Where a start's seconds went, from its markers; None if the workload wrote none.
 
     ``parse`` (request to options parsed), ``fork`` (to the child running), ``engine_init``
-    (to vLLM's engine up, less the next two), ``compile`` (torch.compile, or loading its
-    artifact), ``graphs`` (CUDA graph capture), ``ready`` (engine up to the first healthy
-    answer). Phases that did not happen (no compile in eager mode, no graphs on CPU) are 0.
+    (to vLLM's engine up, less the next three), ``load`` (the model's weights: read and
+    post-processed by vLLM, or taken from a zygote, plus any wait for a zygote to load them),
+    ``compile`` (torch.compile, or loading its artifact), ``graphs`` (CUDA graph capture),
+    ``ready`` (engine up to the first healthy answer). Phases that did not happen (no compile
+    in eager mode, no graphs on CPU) are 0. Where the load is timed, ``weights_shared`` is 1.0
+    when the weights came from a zygote (shared with the model's other instances), else 0.0.
     """
     if "child_ready" not in marks or "engine_ready" not in marks:
         return None
     parsed = marks.get("options_parsed", received_at)
     compile_s, graphs_s = _span(marks, "compile"), _span(marks, "graphs")
+    waited_s, load_s = _span(marks, "load_wait"), _span(marks, "load")  # before the fork; in the engine
     engine_s = marks["engine_ready"] - marks["child_ready"]
     result = {
         "parse": parsed - received_at,
-        "fork": marks["child_ready"] - parsed,
-        "engine_init": engine_s - compile_s - graphs_s,
-        "compile": compile_s,
-        "graphs": graphs_s,
-        "ready": ready_at - marks["engine_ready"],
+        "fork": marks["child_ready"] - parsed - waited_s,
+        "engine_init": engine_s - compile_s - graphs_s - load_s,
     }
-    return {name: round(max(0.0, seconds), 3) for name, seconds in result.items()}
+    if "load_start" in marks or "load_wait_start" in marks:
+        result["load"] = waited_s + load_s
+    result.update({"compile": compile_s, "graphs": graphs_s, "ready": ready_at - marks["engine_ready"]})
+    rounded = {name: round(max(0.0, seconds), 3) for name, seconds in result.items()}
+    if "load" in result:
+        rounded["weights_shared"] = 1.0 if "weights_shared" in marks else 0.0
+    return rounded

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkserver import fork_safety, leftovers, osutil, protocol
+from forkserver import fork_safety, leftovers, osutil, protocol, zygotes
 from forkserver.child import become_instance
-from forkserver.instances import Instance, InstanceTable
+from forkserver.instances import SWEEP_INTERVAL, Instance, InstanceTable
 from forkserver.workload import OptionsError, ParsedOptions, Workload
 
 MAX_CLIENTS = 64
@@ -80,6 +80,7 @@ class ForkServer:
         tmp_root: str,
         preload_seconds: float,
         ledger: leftovers.Ledger | None = None,
+        zygote_linger: float = 0.0,
     ) -> None:
         self._listener = listener
         self._workload = workload
@@ -90,7 +91,17 @@ class ForkServer:
         self._sleep_mode = bool(getattr(workload, "sleep_mode_available", lambda: False)())
         self._selector = selectors.DefaultSelector()
         self._clients: dict[int, _Client] = {}
-        self._instances = InstanceTable(on_finished=self._report_exit, ledger=ledger)
+        self._zygotes = zygotes.ZygotePool(
+            workload=workload,
+            base_env=self._base_env,
+            tmp_root=tmp_root,
+            selector=self._selector,
+            forked=self._forked_by_zygote,
+            fall_back=self._spawn_directly,
+            linger=zygote_linger,
+        )
+        self._instances = InstanceTable(on_finished=self._report_exit, ledger=ledger, on_other_exit=self._zygotes.reaped)
+        self._replying_to: tuple[_Client, Any] | None = None  # while a request is dispatched
         self._shutdown_grace: float | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._threads_seen = fork_safety.extra_threads()  # reported at start-up by __main__
@@ -108,18 +119,27 @@ class ForkServer:
         self._selector.register(self._listener, selectors.EVENT_READ, "listener")
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
         while True:
-            for key, mask in self._selector.select(self._instances.timeout()):
+            for key, mask in self._selector.select(self._timeout()):
                 if key.data == "listener":
                     self._accept()
                 elif key.data == "wakeup":
                     self._drain_wakeup()
+                elif key.data == "zygote":
+                    self._zygotes.readable(key.fileobj)  # type: ignore[arg-type]
                 else:
                     self._service_client(key.fd, mask)
             self._handle_signals()
             self._instances.tick()
-            if self._shutdown_grace is not None and not self._instances.live():
+            self._zygotes.tick()
+            if self._shutdown_grace is not None and not self._instances.live() and not self._zygotes.live_pids():
                 self._flush_clients()
                 return
+
+    def _timeout(self) -> float | None:
+        timeouts = [t for t in (self._instances.timeout(), self._zygotes.timeout()) if t is not None]
+        if self._zygotes.live_pids() and self._shutdown_grace is not None:
+            timeouts.append(SWEEP_INTERVAL)
+        return min(timeouts) if timeouts else None
 
     def _note_signal(self, signum: int, frame: object) -> None:
         self._pending_signals.append(signum)  # only record: the loop acts
@@ -184,7 +204,13 @@ class ForkServer:
                 self._drop_client(fd)
                 return
             for message in messages:
-                self._send(client, self._dispatch(message))
+                self._replying_to = (client, message.get("id"))
+                try:
+                    reply = self._dispatch(message)
+                finally:
+                    self._replying_to = None
+                if reply is not None:  # None: answered later (a spawn waiting on a zygote)
+                    self._send(client, reply)
 
     def _send(self, client: _Client, message: dict[str, Any]) -> None:
         try:
@@ -244,7 +270,7 @@ class ForkServer:
 
     # ----------------------------------------------------------------- requests
 
-    def _dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _dispatch(self, message: dict[str, Any]) -> dict[str, Any] | None:
         request_id = message.get("id")
         handlers = {
             protocol.OP_HELLO: self._op_hello,
@@ -259,7 +285,10 @@ class ForkServer:
             handler = handlers.get(message.get("op"))  # type: ignore[arg-type]
             if handler is None:
                 raise RequestError(protocol.KIND_INVALID, f"unknown operation {message.get('op')!r}")
-            reply = {"ok": True, **handler(message)}
+            answer = handler(message)
+            if answer is None:
+                return None
+            reply = {"ok": True, **answer}
         except RequestError as exc:
             reply = {"ok": False, "kind": exc.kind, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the server
@@ -328,13 +357,13 @@ class ForkServer:
         parsed = self._parse(message)
         return {"model": parsed.model, "port": parsed.port, "port_given": parsed.port_given, "host": parsed.host}
 
-    def _op_spawn(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _op_spawn(self, message: dict[str, Any]) -> dict[str, Any] | None:
         if self._shutdown_grace is not None:
             raise RequestError(protocol.KIND_CONFLICT, "the forkserver is shutting down")
         instance_id = message.get("instance_id")
         if not isinstance(instance_id, str) or not protocol.valid_instance_id(instance_id):
             raise RequestError(protocol.KIND_INVALID, f"invalid instance id {instance_id!r}")
-        if self._instances.get(instance_id) is not None:
+        if self._instances.get(instance_id) is not None or instance_id in self._zygotes.pending_ids():
             raise RequestError(protocol.KIND_CONFLICT, f"instance {instance_id!r} already exists")
         env = message.get("env") or {}
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
@@ -358,8 +387,27 @@ class ForkServer:
         except OSError as exc:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise RequestError(protocol.KIND_INTERNAL, f"cannot open log file: {exc}") from None
-        child_env = {**self._base_env, **env}
-        shm_before = frozenset(leftovers.listing().items())  # never the instance's: it was there first
+        spawn = zygotes.PendingSpawn(
+            instance_id=instance_id,
+            parsed=parsed,
+            env=env,
+            log_fd=log_fd,
+            log_path=log_path,
+            tmpdir=tmpdir,
+            nice=nice,
+            meta=meta,
+            shm_before=frozenset(leftovers.listing().items()),  # never the instance's: it was there first
+            reply_to=self._replying_to,
+        )
+        key = None if parsed.error is not None else self._zygotes.key_for(parsed, env)  # an unstartable one loads nothing
+        if key is not None:
+            self._zygotes.submit(key, spawn)  # answered once the model's zygote has forked it
+            return None
+        return self._fork(spawn).describe()
+
+    def _fork(self, spawn: zygotes.PendingSpawn) -> Instance:
+        """Fork the instance from this process (its weights loaded by itself); closes its log fd."""
+        child_env = {**self._base_env, **spawn.env}
         self._report_new_threads()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -370,35 +418,65 @@ class ForkServer:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            os.close(log_fd)
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            os.close(spawn.log_fd)
+            shutil.rmtree(spawn.tmpdir, ignore_errors=True)
             raise RequestError(protocol.KIND_INTERNAL, f"fork failed: {exc}") from None
         if pid == 0:
             become_instance(
-                instance_id=instance_id,
+                instance_id=spawn.instance_id,
                 workload=self._workload,
-                parsed=parsed,
-                log_fd=log_fd,
+                parsed=spawn.parsed,
+                log_fd=spawn.log_fd,
                 env=child_env,
-                tmpdir=tmpdir,
+                tmpdir=spawn.tmpdir,
                 forkserver_pid=my_pid,
-                nice=nice,
+                nice=spawn.nice,
             )
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        os.close(log_fd)
-        instance = Instance(
-            instance_id=instance_id,
-            pid=pid,
-            model=parsed.model,
-            port=parsed.port,
-            log_path=log_path,
-            tmpdir=tmpdir,
-            forked_at=time.time(),
-            meta=meta,
-            shm_before=shm_before,
-        )
+        os.close(spawn.log_fd)
+        instance = self._instance_for(spawn, pid)
         self._instances.add(instance)
-        return instance.describe()
+        return instance
+
+    def _instance_for(self, spawn: zygotes.PendingSpawn, pid: int) -> Instance:
+        return Instance(
+            instance_id=spawn.instance_id,
+            pid=pid,
+            model=spawn.parsed.model,
+            port=spawn.parsed.port,
+            log_path=spawn.log_path,
+            tmpdir=spawn.tmpdir,
+            forked_at=time.time(),
+            meta=spawn.meta,
+            shm_before=spawn.shm_before,
+        )
+
+    def _forked_by_zygote(self, spawn: zygotes.PendingSpawn, pid: int, zygote: zygotes.Zygote) -> None:
+        """A zygote forked ``spawn``'s instance (now our child): track it, answer the spawn."""
+        instance = self._instance_for(spawn, pid)
+        self._instances.add(instance, may_be_reaped=True)
+        self._answer(spawn, {"ok": True, **instance.describe()})
+
+    def _spawn_directly(self, spawn: zygotes.PendingSpawn, why: str) -> None:
+        """A spawn its zygote could not fork: fork it here (it loads its own weights), or refuse it."""
+        if self._shutdown_grace is not None:
+            os.close(spawn.log_fd)
+            shutil.rmtree(spawn.tmpdir, ignore_errors=True)
+            self._answer(spawn, {"ok": False, "kind": protocol.KIND_CONFLICT, "error": "the forkserver is shutting down"})
+            return
+        print(f"forkserver: {spawn.instance_id} forked directly: {why}", file=sys.stderr, flush=True)
+        try:
+            instance = self._fork(spawn)
+        except RequestError as exc:
+            self._answer(spawn, {"ok": False, "kind": exc.kind, "error": str(exc)})
+            return
+        self._answer(spawn, {"ok": True, **instance.describe()})
+
+    def _answer(self, spawn: zygotes.PendingSpawn, reply: dict[str, Any]) -> None:
+        client, request_id = spawn.reply_to if spawn.reply_to is not None else (None, None)
+        if isinstance(client, _Client) and self._clients.get(client.sock.fileno()) is client:
+            self._send(client, {**reply, "id": request_id})
+        # A client gone meanwhile: the instance is listed by hello, and adopted like any other.
 
     def _report_new_threads(self) -> None:
         """Name OS threads that appeared since start-up: the child inherits none of them."""
@@ -458,8 +536,10 @@ class ForkServer:
                 pass
         for instance in self._instances.live():
             self._instances.stop(instance, grace)
+        self._zygotes.shutdown()  # spawns still waiting on one are refused
 
     def _report_exit(self, instance: Instance) -> None:
+        self._zygotes.instance_finished(instance.instance_id)
         self._broadcast({"event": protocol.EVENT_EXITED, **instance.describe()})
 
 

@@ -28,6 +28,11 @@ refuses requests; woken from level 2 without ``reload_weights`` it answers ``"ga
 ``STANDIN_NO_SLEEP_MODE=1`` in the forkserver's environment makes its platform one without
 sleep mode (as vLLM on CPU). ``STANDIN_PRELOAD_FAILS=MESSAGE`` makes its preload fail with
 MESSAGE, as vLLM's fails where it cannot start (a missing library, no C++ compiler).
+
+With ``--share-weights-mib N`` its instances share "weights" (N MiB) through a zygote, as vLLM's
+do (forkserver/zygotes.py): the zygote allocates them (after ``--zygote-load-delay`` seconds, or
+fails with ``--zygote-fail``), and an instance prints ``WEIGHTS FROM <zygote pid>``, or
+``WEIGHTS OWN`` if it had to make its own.
 """
 
 from __future__ import annotations
@@ -74,7 +79,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wake-delay", type=float, default=0.0, help="seconds POST /wake_up takes")
     parser.add_argument("--fail-wake", action="store_true", help="POST /wake_up answers 500")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="as vLLM's (for GPU placement)")
+    parser.add_argument("--share-weights-mib", type=int, default=0, help="weights shared through a zygote")
+    parser.add_argument("--zygote-load-delay", type=float, default=0.0, help="seconds the zygote's load takes")
+    parser.add_argument("--zygote-fail", action="store_true", help="the zygote's load fails")
     return parser
+
+
+_SHARED: tuple[int, bytearray] | None = None  # (the zygote's pid, its "weights"), inherited by its forks
 
 
 class _Sleep:
@@ -276,9 +287,29 @@ class StandinWorkload:
         """Yes, unless ``STANDIN_NO_SLEEP_MODE=1`` (a platform without it, as vLLM on CPU)."""
         return os.environ.get("STANDIN_NO_SLEEP_MODE") != "1"
 
+    def share_key(self, parsed: ParsedOptions, env: dict[str, str]) -> str | None:
+        """With ``--share-weights-mib``: instances of one model and the same flags share a zygote."""
+        args = parsed.namespace
+        if not args.share_weights_mib:
+            return None
+        wanted = [args.model, args.share_weights_mib, args.zygote_load_delay, args.zygote_fail]
+        return json.dumps([wanted, sorted(env.items())])
+
+    def load_shared(self, parsed: ParsedOptions, tmpdir: str) -> None:
+        """In the zygote: make the "weights" (every page written), slowly or not at all if asked."""
+        global _SHARED
+        args = parsed.namespace
+        time.sleep(args.zygote_load_delay)
+        if args.zygote_fail:
+            raise RuntimeError("the stand-in's zygote was told to fail")
+        _SHARED = (os.getpid(), bytearray(b"w" * (args.share_weights_mib << 20)))
+
     def run(self, parsed: ParsedOptions) -> int:
         """Serve ``/health`` until SIGTERM (or misbehave as asked)."""
         args = parsed.namespace
+        if args.share_weights_mib:
+            print(f"WEIGHTS FROM {_SHARED[0]}" if _SHARED is not None else "WEIGHTS OWN", flush=True)
+            own = bytearray(b"w" * (args.share_weights_mib << 20)) if _SHARED is None else None  # noqa: F841
         for name in args.print_env:
             print(f"ENV {name}={os.environ.get(name, '<unset>')}", flush=True)
         stop = threading.Event()

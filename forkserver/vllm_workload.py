@@ -8,9 +8,18 @@ import importlib
 import io
 import os
 import sys
+import time
 from typing import Any
 
-from forkserver import compile_cache_compat, cpu_compat, fork_safety, model_path, phases, vllm_entrypoints
+from forkserver import (
+    compile_cache_compat,
+    cpu_compat,
+    fork_safety,
+    model_path,
+    phases,
+    vllm_entrypoints,
+    weight_sharing,
+)
 from forkserver.workload import OptionsError, ParsedOptions, WorkloadOptions, argparse_error, tokens_name_flag
 
 
@@ -105,18 +114,68 @@ class VllmWorkload:
         """vLLM's sleep mode exists on CUDA, ROCm and XPU, not on CPU (``Platform.is_sleep_mode_available``)."""
         return _sleep_mode_available()
 
+    def share_key(self, parsed: ParsedOptions, env: dict[str, str]) -> str | None:
+        """Instances with the same key share one zygote (forkserver/weight_sharing.py); None: no sharing."""
+        if not self._options.share_weights or parsed.namespace is None:
+            return None
+        if env.get("LAUNCHER_SHARE_WEIGHTS", "1").lower() in ("0", "false", "no", "off"):
+            return None  # this instance opted out (env_vars): it loads its own copy
+        return weight_sharing.share_key(
+            parsed.namespace,
+            env,
+            fork_engine=self._options.fork_engine,
+            in_process_worker=self._options.in_process_worker,
+        )
+
+    def load_shared(self, parsed: ParsedOptions, tmpdir: str) -> None:
+        """In a zygote: load the model's weights once, for every instance forked from here."""
+        import torch
+
+        vllm_entrypoints.reconfigure_logging_from_env()
+        if self._options.inspect_models_in_fork:
+            vllm_entrypoints.inspect_models_in_fork()
+        threads = torch.get_num_threads()
+        if not weight_sharing.openmp_releasable():
+            torch.set_num_threads(1)  # a pool that cannot be freed must never exist before the forks
+        shared = weight_sharing.load_for_sharing(parsed.namespace, tmpdir)
+        shared.torch_threads = threads
+        if os.environ.get("LAUNCHER_ZYGOTE_HUGE_PAGES") == "1":  # a trade-off, off by default (weight_sharing.py)
+            began = time.perf_counter()
+            collapsed = weight_sharing.collapse_into_huge_pages()
+            seconds = time.perf_counter() - began
+            shared.details["huge_pages"] = {"bytes": collapsed, "seconds": seconds}
+            print(f"launcher: zygote: {collapsed / 2**20:.0f} MiB in huge pages ({seconds:.2f}s)", file=sys.stderr, flush=True)
+        if not weight_sharing.release_openmp():
+            raise RuntimeError("could not free OpenMP's threads: instances forked from here would hang")
+        extra = fork_safety.extra_threads()
+        if extra:
+            print(f"launcher: zygote: {len(extra)} extra thread(s) after the load: {', '.join(extra)}", file=sys.stderr, flush=True)
+        weight_sharing.INHERITED = shared
+
+    def after_zygote_fork(self) -> None:
+        """In an instance forked from a zygote: torch's thread count as the forkserver had it."""
+        import torch
+
+        shared = weight_sharing.INHERITED
+        if shared is not None and torch.get_num_threads() != shared.torch_threads:
+            torch.set_num_threads(shared.torch_threads)
+
     def run(self, parsed: ParsedOptions) -> int:
         """Serve until stopped (SIGTERM ends uvicorn, then vLLM shuts its engine down)."""
         import uvloop
 
         if parsed.parsed_at is not None:
             phases.mark("options_parsed", at=parsed.parsed_at)
+        if parsed.waited_for_weights is not None:  # forked from a zygote that loaded them meanwhile
+            phases.mark("load_wait_start", at=parsed.waited_for_weights[0])
+            phases.mark("load_wait_done", at=parsed.waited_for_weights[1])
         phases.mark("child_ready")
         vllm_entrypoints.reconfigure_logging_from_env()
         if self._options.fork_engine and os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "spawn":
             cpu_compat.keep_helpers_forked(in_process_worker=self._options.in_process_worker)
         vllm_entrypoints.mark_engine_ready(lambda: phases.mark("engine_ready"))
         vllm_entrypoints.mark_compile_and_graphs(phases.mark)
+        weight_sharing.install_load_hook(phases.mark)  # times every load; takes a zygote's weights
         if self._options.inspect_models_in_fork:
             vllm_entrypoints.inspect_models_in_fork()
         if self._options.compile_cache_fix:

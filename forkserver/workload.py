@@ -29,6 +29,8 @@ class ParsedOptions:
     parsed_at: float | None = None  # wall clock, set by the forkserver (for the phase markers)
     # Options that cannot start, forked anyway on request (FMA's flow): the child prints this and exits 2.
     error: str | None = None
+    # (start, done) wall clock of the weights' load in a zygote that this instance waited for
+    waited_for_weights: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class WorkloadOptions:
     in_process_worker: bool = True  # on CPU, run a single-process model inside the EngineCore
     inspect_models_in_fork: bool = True  # vLLM's model inspection in a fork, not a new Python
     compile_cache_fix: bool = True  # let the compiled model load from vLLM's cache (compile_cache_compat.py)
+    share_weights: bool = True  # instances of one model fork from a zygote that holds its weights (zygotes.py)
 
 
 class Workload(Protocol):
@@ -60,6 +63,11 @@ class Workload(Protocol):
 
     def sleep_mode_available(self) -> bool:
         """Whether instances here can sleep (``--enable-sleep-mode``, ``POST /sleep``)."""
+
+    # Optional, for weight sharing (forkserver/zygotes.py): a workload without them never shares.
+    #   share_key(parsed, env) -> str | None: instances with equal keys share one zygote
+    #   load_shared(parsed, tmpdir) -> None: in the zygote, load what its instances inherit
+    #   after_zygote_fork() -> None: in an instance forked from a zygote, before it runs
 
 
 def load_workload(spec: str) -> Workload:

@@ -71,6 +71,9 @@ class Settings:
     forkserver_python: str = _setting(sys.executable, "Python interpreter that runs the forkserver")
     fork_engine: bool = _setting(True, "on CPU, fork vLLM's EngineCore from the instance instead of spawning it")
     in_process_worker: bool = _setting(True, "on CPU, run a single-process model inside the EngineCore")
+    share_weights: bool = _setting(
+        True, "instances of one model fork from a process that holds its loaded weights: one copy, no load per start"
+    )
     inspect_models_in_fork: bool = _setting(
         True, "inspect a new model architecture in a fork of the instance (off: in a new Python, as vLLM does)"
     )

@@ -73,7 +73,7 @@ def test_the_second_instance_loads_the_compiled_model(tiny_model: Path) -> None:
         second, second_log = _ready(launcher, "second", port)
         assert LOADED in second_log and COMPILED_AGAIN not in second_log, second_log.decode(errors="replace")[-3000:]
         phases = second["start_phases"]
-        assert set(phases) == {"parse", "fork", "engine_init", "compile", "graphs", "ready"}
+        assert set(phases) == {"parse", "fork", "engine_init", "load", "weights_shared", "compile", "graphs", "ready"}
         assert phases["compile"] < 1.0, phases  # loading the artifact, not compiling (about 5 s)
         assert phases["graphs"] == 0  # no CUDA graphs on CPU
         assert _complete(port, tiny_model) == text  # the loaded model computes what the compiled one did

@@ -82,9 +82,14 @@ def test_killed_forkserver_is_reported_and_replaced(tiny_model: Path) -> None:
 
 def test_sigkilled_api_takes_everything_with_it(tiny_model: Path) -> None:
     launcher = LauncherProcess(workload="vllm", env=VLLM_ENV, ready_timeout=300)
-    _start_ready(launcher, "left-behind", tiny_model)
-    tree = launcher.descendants()
-    assert len(tree) == 3  # forkserver, instance, EngineCore
+    try:
+        _start_ready(launcher, "left-behind", tiny_model)
+        tree = launcher.descendants()
+        assert len(tree) == 4  # forkserver, the model's zygote (its shared weights), instance, EngineCore
+        assert [process.name() for process in tree].count("vllm-zygote") == 1
+    except BaseException:
+        launcher.stop()  # a failed check must not leave a launcher running
+        raise
     # Every process gone within seconds (stop() waits up to 10 s), none of them killed by the test.
     # Segments a SIGKILLed launcher leaves are swept by the next one at start-up (test_faults.py).
     assert launcher.stop(signal.SIGKILL) == []

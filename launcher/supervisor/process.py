@@ -228,6 +228,7 @@ class ForkserverSupervisor:
             instances_tmp,
             "--fork-engine" if self._settings.fork_engine else "--no-fork-engine",
             "--in-process-worker" if self._settings.in_process_worker else "--no-in-process-worker",
+            "--share-weights" if self._settings.share_weights else "--no-share-weights",
             "--inspect-models-in-fork" if self._settings.inspect_models_in_fork else "--no-inspect-models-in-fork",
             "--compile-cache-fix" if self._settings.compile_cache_fix else "--no-compile-cache-fix",
             # The launcher's own temp dir (the forkserver's TMPDIR is private): a later forkserver finds it.
