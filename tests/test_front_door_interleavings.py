@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -33,8 +34,8 @@ from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.model_state import NoRoom, StartFailed
 from launcher.frontdoor.profiles import ModelProfile, ModelsFile
 from launcher.instances.config import VllmConfig
-from launcher.settings import Settings
 from launcher.instances.state import InstanceRecord, Status
+from launcher.settings import Settings
 
 MODELS = ["a", "b", "c"]
 STEP_LIMIT = 20_000  # loop steps an example may take to settle: far more than any honest schedule
@@ -134,6 +135,28 @@ ACTIONS = st.one_of(
 )
 
 
+async def request_through(door: FrontDoor, name: str, holding: Coroutine[Any, Any, None]) -> str:
+    """One request for ``name``, its lease held while ``holding`` runs; the status the API would answer."""
+    state = door.resolve(name)
+    if state is None:
+        holding.close()
+        return "404"
+    try:
+        lease = await door.acquire(state)
+    except StartFailed:
+        holding.close()
+        return "502"
+    except NoRoom:
+        holding.close()
+        return "503"
+    except NotFound:
+        holding.close()
+        return "404"
+    await holding
+    door.release(lease)
+    return "200"
+
+
 async def _steps(count: int) -> None:
     for _ in range(count):
         await asyncio.sleep(0)
@@ -151,20 +174,7 @@ async def _run(schedule: list[tuple[str, str, int]], models: int, max_instances:
     background: list[asyncio.Task[Any]] = []
 
     async def request(name: str, hold: int) -> str:
-        state = door.resolve(name)
-        if state is None:
-            return "404"
-        try:
-            lease = await door.acquire(state)
-        except StartFailed:
-            return "502"
-        except NoRoom:
-            return "503"
-        except NotFound:
-            return "404"
-        await _steps(hold)
-        door.release(lease)
-        return "200"
+        return await request_through(door, name, _steps(hold))
 
     for action, name, number in schedule:
         if name and name not in names:
@@ -208,7 +218,7 @@ async def _run(schedule: list[tuple[str, str, int]], models: int, max_instances:
         assert created <= asked.get(name, 0), f"model {name} started {created} times for {asked.get(name, 0)} requests"
     for state in door.states():
         assert state.in_flight == 0 and state.waiting == 0, state
-    assert door._queued == 0 and not door._claims  # noqa: SLF001 - the bookkeeping under test
+    assert door._queued == 0 and not door._claims
     await door.shutdown()
 
 

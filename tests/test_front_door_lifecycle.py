@@ -30,17 +30,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.errors import NotFound
 from launcher.frontdoor import lifecycle
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.lifecycle import TABLE, Phase
-from launcher.frontdoor.model_state import NoRoom, StartFailed
 from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile, ModelsFile
 from launcher.instances.config import VllmConfig
 from launcher.instances.gpus import mock_gpus
 from launcher.instances.state import InstanceRecord
 from launcher.settings import Settings
-from tests.test_front_door_interleavings import MemoryManager
+from tests.test_front_door_interleavings import MemoryManager, request_through
 
 MODELS = ["a", "b", "c"]
 STEP_LIMIT = 20_000
@@ -100,7 +98,7 @@ def sleep_endpoints(manager: SleepyManager) -> httpx.MockTransport:
 
 def check_invariants(door: FrontDoor, manager: SleepyManager) -> None:
     """No model holds two instances; no GPU is counted twice."""
-    removed = [state.name for state in door._removed]  # noqa: SLF001 - the bookkeeping under test
+    removed = [state.name for state in door._removed]
     live = [record for record in manager.records.values() if record.live]
     for name in {(record.config.annotations or {}).get(MODEL_ANNOTATION) for record in live}:
         count = sum((record.config.annotations or {}).get(MODEL_ANNOTATION) == name for record in live)
@@ -139,26 +137,13 @@ async def _run(schedule: list[tuple[str, str, int]], models: int, gpus: int, pla
                         footprints_file=str(tmp / "footprints.json"))  # fmt: skip
     profiles = _profiles(names, placements, idle)
     door = FrontDoor(manager, settings, ModelsFile(idle_timeout=0, models=profiles))  # type: ignore[arg-type]
-    door._http = httpx.AsyncClient(transport=sleep_endpoints(manager))  # noqa: SLF001 - start() is not called here
-    door.spawn(door._reap_forever(), "reaper")  # noqa: SLF001 - as start() does: retired instances are stopped
+    door._http = httpx.AsyncClient(transport=sleep_endpoints(manager))
+    door.spawn(door._reap_forever(), "reaper")
     requests: list[asyncio.Task[str]] = []
     background: list[asyncio.Task[Any]] = []
 
     async def request(name: str, hold: int) -> str:
-        state = door.resolve(name)
-        if state is None:
-            return "404"
-        try:
-            lease = await door.acquire(state)
-        except StartFailed:
-            return "502"
-        except NoRoom:
-            return "503"
-        except NotFound:
-            return "404"
-        await _steps(hold, door, manager)
-        door.release(lease)
-        return "200"
+        return await request_through(door, name, _steps(hold, door, manager))
 
     async def readd(name: str) -> None:
         # As a reload of the models file does: the profile removed and added again at once, the old
@@ -203,9 +188,9 @@ async def _run(schedule: list[tuple[str, str, int]], models: int, gpus: int, pla
     assert not lifecycle.illegal_seen, lifecycle.illegal_seen  # in background tasks too
     for state in door.states():
         assert state.in_flight == 0 and state.waiting == 0, state
-    assert door._queued == 0 and not door._claims  # noqa: SLF001
+    assert door._queued == 0 and not door._claims
     check_invariants(door, manager)
-    await door._http.aclose()  # noqa: SLF001
+    await door._http.aclose()
     await door.shutdown()
     return outcomes
 
@@ -294,7 +279,7 @@ def test_a_start_cancelled_twice_during_its_fork_leaves_no_instance_behind(tmp_p
         settings = Settings(max_instances=0, queue_timeout=30.0, queue_max=1000, forkserver_workload="standin",
                             footprints_file=str(tmp_path / "footprints.json"))  # fmt: skip
         door = FrontDoor(manager, settings, ModelsFile(idle_timeout=0, models={"m": ModelProfile(options="--model m")}))  # type: ignore[arg-type]
-        door._http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))  # noqa: SLF001
+        door._http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
         state = door.resolve("m")
         assert state is not None
         request = asyncio.ensure_future(door.acquire(state))
