@@ -109,7 +109,8 @@ def test_a_long_module_says_why_at_its_top(module: str) -> None:
     if text.count("\n") <= SIZE_LIMIT:
         return
     docstring = ast.get_docstring(ast.parse(text)) or ""
-    assert "Why this module is long" in docstring, f"{path.relative_to(REPO)} has {text.count(chr(10))} lines"
+    top = "\n".join(text.splitlines()[:60])  # or a comment near the top (where the docstring is a --help)
+    assert "Why this module is long" in docstring or "# Why this module is long" in top, f"{path.relative_to(REPO)} has {text.count(chr(10))} lines"
 
 
 def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:

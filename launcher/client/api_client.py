@@ -81,7 +81,10 @@ class LauncherConnectionError(LauncherClientError):
     """The launcher could not be reached, or the connection broke or timed out."""
 
     def __init__(self, base_url: str, cause: Exception) -> None:
-        super().__init__(f"cannot reach the launcher at {base_url}: {cause or type(cause).__name__}")
+        super().__init__(
+            f"cannot reach the launcher at {base_url}: {cause or type(cause).__name__} "
+            "(another address: --url or LAUNCHER_URL)"
+        )
         self.base_url = base_url
         self.cause = cause
 

@@ -23,10 +23,11 @@ Exit codes:
   6    cannot connect to the launcher
   7    timed out waiting (create --wait --timeout)
   130  interrupted (Ctrl-C)
-
-Why this module is long: each subcommand's arguments and its output (tables, lines, exit codes)
-sit together, in the order ``launcherctl --help`` lists them, so that a command reads in one place.
 """
+
+# Why this module is long: each subcommand's arguments and its output (tables, lines, exit codes)
+# sit together, in the order ``launcherctl --help`` lists them, so that a command reads in one place.
+# (A comment, not the docstring: the docstring is launcherctl's --help.)
 
 from __future__ import annotations
 
