@@ -39,6 +39,7 @@ class Instance:
     meta: dict[str, Any] = field(default_factory=dict)  # the API's own notes, returned by hello
     # /dev/shm as it was just before the fork: none of it is ever the instance's.
     shm_before: frozenset[leftovers.Segment] = field(default_factory=frozenset)
+    zygote_pid: int | None = None  # the zygote it was forked from (whose weights it shares)
 
     @property
     def finished(self) -> bool:
@@ -78,6 +79,7 @@ class Instance:
             "stopped_at": self.stopped_at,
             "running": not self.finished,
             "meta": self.meta,
+            **({"zygote_pid": self.zygote_pid} if self.zygote_pid is not None else {}),
         }
 
 

@@ -454,6 +454,7 @@ class ForkServer:
     def _forked_by_zygote(self, spawn: zygotes.PendingSpawn, pid: int, zygote: zygotes.Zygote) -> None:
         """A zygote forked ``spawn``'s instance (now our child): track it, answer the spawn."""
         instance = self._instance_for(spawn, pid)
+        instance.zygote_pid = zygote.pid
         self._instances.add(instance, may_be_reaped=True)
         self._answer(spawn, {"ok": True, **instance.describe()})
 

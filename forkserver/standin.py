@@ -256,9 +256,11 @@ class StandinWorkload:
 
     def __init__(self) -> None:
         self._parser = _build_parser()
+        self._options = WorkloadOptions()
 
     def configure(self, options: WorkloadOptions) -> None:
-        """The stand-in has no helpers to fork: nothing to configure."""
+        """Only ``share_weights`` matters to the stand-in (it has no helpers to fork)."""
+        self._options = options
 
     def preload(self, modules: list[str] | None) -> None:
         """Nothing to preload: start-up is instant (``STANDIN_PRELOAD_FAILS``: fails)."""
@@ -290,7 +292,7 @@ class StandinWorkload:
     def share_key(self, parsed: ParsedOptions, env: dict[str, str]) -> str | None:
         """With ``--share-weights-mib``: instances of one model and the same flags share a zygote."""
         args = parsed.namespace
-        if not args.share_weights_mib:
+        if not args.share_weights_mib or not self._options.share_weights:
             return None
         wanted = [args.model, args.share_weights_mib, args.zygote_load_delay, args.zygote_fail]
         return json.dumps([wanted, sorted(env.items())])

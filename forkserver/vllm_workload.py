@@ -137,7 +137,9 @@ class VllmWorkload:
         threads = torch.get_num_threads()
         if not weight_sharing.openmp_releasable():
             torch.set_num_threads(1)  # a pool that cannot be freed must never exist before the forks
+        weight_sharing.quiet_progress_bars()  # no tqdm monitor thread in a process that forks
         shared = weight_sharing.load_for_sharing(parsed.namespace, tmpdir)
+        weight_sharing.forget_progress_bar_lock()  # each fork makes its own, none shares this one's
         shared.torch_threads = threads
         if os.environ.get("LAUNCHER_ZYGOTE_HUGE_PAGES") == "1":  # a trade-off, off by default (weight_sharing.py)
             began = time.perf_counter()

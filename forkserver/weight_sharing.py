@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import time
@@ -101,7 +102,27 @@ def share_key(namespace: Any, env: Mapping[str, str], *, fork_engine: bool, in_p
     if str(options.get("load_format") or "auto") in ("dummy",):
         return None
     wanted = {name: repr(value) for name, value in sorted(options.items()) if name not in PER_INSTANCE_OPTIONS}
-    return json.dumps({"options": wanted, "env": dict(sorted(env.items()))}, sort_keys=True)
+    files = model_files_identity(str(options.get("model") or ""))
+    return json.dumps({"options": wanted, "env": dict(sorted(env.items())), "files": files}, sort_keys=True)
+
+
+def model_files_identity(model: str) -> list[list[object]]:
+    """What the model folder's files are now (name, inode, size, mtime): a checkpoint written again
+    in place, or a link pointed elsewhere, is another key, so a zygote never serves stale weights."""
+    try:
+        folder = os.path.realpath(model)
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name) if os.path.isdir(folder) else []
+    except OSError:
+        return []
+    identity: list[list[object]] = [[folder]]
+    for entry in entries:
+        try:
+            stat = entry.stat()  # follows links: the file the loader will read
+        except OSError:
+            continue
+        if entry.is_file():
+            identity.append([entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns])
+    return identity
 
 
 def _snapshot(model: Any) -> dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, tuple[int, ...]]]]:
@@ -376,3 +397,40 @@ def _build_and_graft(loader: Any, vllm_config: Any, model_config: Any, shared: S
         loader.load_weights(model, model_config)
         process_weights_after_loading(model, model_config, device)
     return model.eval(), False
+
+
+def quiet_progress_bars() -> None:
+    """tqdm starts a monitor thread with its first bar (vLLM's load shows one): not in a zygote,
+    whose forks would inherit a thread's locks without the thread."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.monitor_interval = 0
+
+
+def forget_progress_bar_lock() -> None:
+    """tqdm's write lock holds a multiprocessing lock (a semaphore in /dev/shm): every fork of the
+    zygote would share it, and a sibling killed while holding it would hang the others' bars.
+    Dropped here, each instance makes its own on its first bar."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    monitor = getattr(tqdm, "monitor", None)
+    if monitor is not None:
+        monitor.exit()
+        tqdm.monitor = None
+    classes, found = [tqdm], []
+    while classes:  # tqdm.auto's, huggingface_hub's ... each bar class keeps a lock of its own
+        cls = classes.pop()
+        found.append(cls)
+        classes.extend(cls.__subclasses__())
+    for cls in found:
+        if "_lock" in cls.__dict__:
+            delattr(cls, "_lock")
+    from tqdm.std import TqdmDefaultWriteLock
+
+    if "mp_lock" in TqdmDefaultWriteLock.__dict__:  # the semaphore itself is a class attribute
+        del TqdmDefaultWriteLock.mp_lock
+    gc.collect()  # the semaphore's mapping goes with its last reference

@@ -51,6 +51,9 @@ from forkserver.workload import ParsedOptions, Workload
 
 MAX_PACKET = 1 << 20
 REPARENT_TIMEOUT = 10.0  # seconds an instance waits for its intermediate to go
+# A zygote that does not answer in time is given up (killed): what waits on it forks directly.
+LOAD_TIMEOUT = float(os.environ.get("LAUNCHER_ZYGOTE_LOAD_TIMEOUT", "900"))  # its model loaded
+FORK_TIMEOUT = 10.0  # an instance forked, once asked (a fork of a 2.6 GiB zygote: 0.2 s)
 EXIT_ZYGOTE_FAILED = 3
 
 
@@ -70,6 +73,7 @@ class PendingSpawn:
     reply_to: Any  # the server's (client, request id)
     queued_at: float = field(default_factory=time.time)
     sent: bool = False  # the fork request is with the zygote
+    sent_at: float | None = None  # monotonic time it was sent
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Zygote:
     instances: set[str] = field(default_factory=set)
     idle_since: float | None = None
     exit_code: int | None = None
+    started_at: float = field(default_factory=time.monotonic)
 
 
 class ZygotePool:
@@ -191,7 +196,7 @@ class ZygotePool:
         }
         try:
             socket.send_fds(zygote.sock, [json.dumps(request).encode()], [spawn.log_fd])
-            spawn.sent = True
+            spawn.sent, spawn.sent_at = True, time.monotonic()
         except OSError as exc:
             zygote.queue.remove(spawn)
             self._fall_back(spawn, f"the zygote did not take the request: {exc}")
@@ -278,16 +283,33 @@ class ZygotePool:
                 if not zygote.instances and not zygote.queue:
                     zygote.idle_since = time.monotonic()
 
+    def _deadlines(self, zygote: Zygote) -> list[tuple[float, str]]:
+        found = []
+        if zygote.idle_since is not None:
+            found.append((zygote.idle_since + self.linger, ""))  # idle: retired
+        if not zygote.ready:
+            found.append((zygote.started_at + LOAD_TIMEOUT, f"its load took longer than {LOAD_TIMEOUT:g}s"))
+        sent = [spawn.sent_at for spawn in zygote.queue if spawn.sent_at is not None]
+        if sent:
+            found.append((min(sent) + FORK_TIMEOUT, f"it forked nothing within {FORK_TIMEOUT:g}s of being asked"))
+        return found
+
     def timeout(self) -> float | None:
-        deadlines = [z.idle_since + self.linger for z in self._by_key.values() if z.idle_since is not None]
+        deadlines = [when for zygote in self._by_key.values() for when, _ in self._deadlines(zygote)]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def tick(self) -> None:
-        """Stop zygotes idle for ``linger`` seconds (no instance forked from them left)."""
+        """Stop zygotes idle for ``linger`` seconds (no instance forked from them left), and give up
+        on one that does not answer in time (a hung load or fork): what waits on it forks directly."""
         now = time.monotonic()
         for zygote in list(self._by_key.values()):
-            if zygote.idle_since is not None and now >= zygote.idle_since + self.linger:
-                self._retire(zygote)
+            for when, why in self._deadlines(zygote):
+                if now >= when:
+                    if why:
+                        self._lost(zygote, why)
+                    else:
+                        self._retire(zygote)
+                    break
 
     def _retire(self, zygote: Zygote) -> None:
         del self._by_key[zygote.key]

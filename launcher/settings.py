@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 ENV_PREFIX = "LAUNCHER_"
-# LAUNCHER_* variables that are not settings of the API: launcherctl's, and the tests' own.
+# LAUNCHER_* variables that are not settings of the API: launcherctl's, the tests' own, the zygotes' knobs.
 OTHER_VARIABLES = frozenset({"LAUNCHER_URL", "LAUNCHER_BASE_URL"})
-OTHER_PREFIXES = ("LAUNCHER_TEST_", "LAUNCHER_FUZZ_")
+OTHER_PREFIXES = ("LAUNCHER_TEST_", "LAUNCHER_FUZZ_", "LAUNCHER_ZYGOTE_")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 

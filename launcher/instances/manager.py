@@ -106,6 +106,7 @@ class _Reservation:
 
     instance_id: str
     port: int | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # the create has finished, either way
 
 
 @dataclass
@@ -235,6 +236,17 @@ class InstanceManager:
                 if record.asleep:
                     gpu_bytes = {uuid: min(MOCK_ASLEEP_GPU_BYTES, used) for uuid, used in gpu_bytes.items()}
             found[record.instance_id] = Footprint(memory.pss_bytes(trees[record.instance_id]), gpu_bytes)
+        # A zygote's copy of the weights is its instances' too: each counts an equal share of it
+        # (PSS already splits the pages they share), so the sum over instances is what the node spends.
+        sharing: dict[int, list[str]] = {}
+        for record in records:
+            if record.zygote_pid is not None:
+                sharing.setdefault(record.zygote_pid, []).append(record.instance_id)
+        for zygote_pid, instance_ids in sharing.items():
+            share = memory.pss_bytes([zygote_pid]) // len(instance_ids)
+            for instance_id in instance_ids:
+                footprint = found[instance_id]
+                found[instance_id] = Footprint(footprint.host_bytes + share, footprint.gpu_bytes)
         return found
 
     @property
@@ -432,6 +444,7 @@ class InstanceManager:
             raise _http_error(exc) from None
         finally:
             self._reserved.pop(instance_id, None)
+            reservation.done.set()
         record = InstanceRecord(
             instance_id=instance_id,
             config=config,
@@ -442,6 +455,7 @@ class InstanceManager:
             received_at=received_at,
             created_at=float(reply["forked_at"]),
             host=parsed.get("host"),
+            zygote_pid=reply.get("zygote_pid"),
         )
         self._records[instance_id] = record
         runtime = self._runtime[instance_id] = _Runtime()
@@ -588,6 +602,7 @@ class InstanceManager:
             received_at=float(meta.get("received_at") or item["forked_at"]),
             created_at=float(item["forked_at"]),
             host=meta.get("host"),
+            zygote_pid=item.get("zygote_pid"),
         )
         if meta.get("ready_at"):
             record.mark_ready(at=float(meta["ready_at"]))
@@ -600,6 +615,11 @@ class InstanceManager:
 
     async def delete(self, instance_id: str) -> dict[str, Any]:
         """Stop ``instance_id`` (if running), wait until no process of it is left, forget it."""
+        creating = self._reserved.get(instance_id)
+        if creating is not None:
+            # A create still under way (a fork waiting for its model's zygote to load): its instance
+            # is deleted once it exists, not missed with a 404.
+            await creating.done.wait()
         task = self._deleting.get(instance_id)
         if task is None:
             record = self.get(instance_id)
@@ -612,7 +632,7 @@ class InstanceManager:
     async def delete_all(self) -> list[dict[str, Any]]:
         """Delete every instance concurrently."""
         results = await asyncio.gather(
-            *(self.delete(instance_id) for instance_id in list(self._records)), return_exceptions=True
+            *(self.delete(instance_id) for instance_id in [*self._records, *self._reserved]), return_exceptions=True
         )
         return [result for result in results if isinstance(result, dict)]
 

@@ -42,6 +42,7 @@ class InstanceRecord:
     memory: Footprint | None = None  # what it holds now, sampled (launcher/instances/memory.py)
     memory_peak: Footprint | None = None  # the most it held
     asleep: bool = False  # put to sleep by the front door (vLLM's sleep mode)
+    zygote_pid: int | None = None  # the zygote whose loaded weights it shares (forkserver/zygotes.py)
 
     @property
     def live(self) -> bool:

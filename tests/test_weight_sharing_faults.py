@@ -1,0 +1,198 @@
+"""Weight sharing under faults a reviewer found (issue 32): a DELETE while a create waits on its
+zygote, a zygote that hangs, the zygote's copy of the weights in the memory accounting, a model
+changed on disk, what a zygote holds when it forks, the opt-out. Each failed before its fix.
+
+Stand-in tests are fast; the ``vllm`` ones use the real vLLM and the tiny model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from launcher.instances import memory
+from tests.conftest import real_vllm_launcher
+from tests.launcher_process import REPO, SERVE_FLAGS, LauncherProcess, free_port, wait_until
+
+MIB = 2**20
+
+
+def _zygotes(launcher: LauncherProcess) -> list[psutil.Process]:
+    return [p for p in psutil.Process(launcher.forkserver_pid()).children() if p.name() == "vllm-zygote"]
+
+
+# --------------------------------------------------------------------------- stand-in (fast)
+
+
+def test_a_delete_while_the_spawn_waits_on_the_zygote_is_not_lost(standin: LauncherProcess) -> None:
+    """A DELETE of an instance whose PUT waits on its model's zygote (its whole load) waits for the
+    create and deletes the instance: never a 404 that leaves it running."""
+    answers: dict[str, int] = {}
+    options = f"--model m --port {free_port()} --share-weights-mib 16 --zygote-load-delay 3"
+    creating = threading.Thread(target=lambda: answers.update(code=standin.create("wait", options=options).status_code))
+    creating.start()
+    wait_until(lambda: _zygotes(standin), 10, 0.05, "the zygote")
+    deleted = standin.client.delete("/v2/vllm/instances/wait")
+    creating.join(30)
+    time.sleep(0.5)
+    listed = standin.client.get("/v2/vllm/instances/wait")
+    running = listed.status_code == 200 and listed.json()["status"] == "running"
+    assert not running, f"DELETE answered {deleted.status_code} {deleted.text}; PUT {answers}; the instance runs"
+    assert deleted.status_code == 200 and answers == {"code": 201}
+
+
+def test_a_hung_zygote_is_given_up_and_the_create_forks_directly(standin: LauncherProcess) -> None:
+    """A zygote that stops answering (stopped, deadlocked in a fork) is given up after
+    forkserver/zygotes.py's FORK_TIMEOUT: the waiting create forks directly, and answers."""
+    assert standin.create("first", options=f"--model m --port {free_port()} --share-weights-mib 16").status_code == 201
+    (zygote,) = _zygotes(standin)
+    os.kill(zygote.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        try:
+            code = httpx.put(
+                f"{standin.base_url}/v2/vllm/instances/second",
+                json={"options": f"--model m --port {free_port()} --share-weights-mib 16"},
+                timeout=20,
+            ).status_code
+        except httpx.TimeoutException:
+            code = None
+        assert code == 201, (
+            f"PUT unanswered after {time.monotonic() - started:.0f}s; "
+            f"GET {standin.client.get('/v2/vllm/instances/second').status_code}, "
+            f"DELETE {standin.client.delete('/v2/vllm/instances/second').status_code}"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(zygote.pid, signal.SIGCONT)  # given up: killed by the forkserver by now
+        wait_until(lambda: standin.client.get("/v2/vllm/instances/second").status_code == 200, 10, 0.05, "second")
+
+
+def test_the_zygotes_copy_of_the_weights_is_counted_somewhere(standin: LauncherProcess) -> None:
+    """The instances' ``memory.host_bytes`` (the front door's room by memory, the metrics) add up to
+    what the node spends: each instance counts its share of its zygote's copy of the weights."""
+    response = standin.create("acct", options=f"--model m --port {free_port()} --share-weights-mib 512")
+    assert response.status_code == 201, response.text
+    state = wait_until(lambda: (s := standin.state("acct")).get("memory") and s, 20, 0.2, "a memory sample")
+    time.sleep(2.5)  # a sample taken after the stand-in has started
+    reported = standin.state("acct")["memory"]["host_bytes"]
+    (zygote,) = wait_until(lambda: len(z := _zygotes(standin)) == 1 and z, 10, 0.1, "one zygote")
+    spent = memory.pss_bytes(memory.process_tree(state["pid"])) + memory.pss_bytes([zygote.pid])
+    metrics = standin.client.get("/metrics").text
+    assert reported >= 0.9 * spent, (reported / MIB, spent / MIB, "zygote" in metrics)
+
+
+# --------------------------------------------------------------------------- real vLLM (tiny model)
+
+
+def _start(launcher: LauncherProcess, instance_id: str, model: Path, **body: object) -> dict:
+    response = launcher.create(instance_id, options=f"--model {model} {SERVE_FLAGS}", **body)
+    assert response.status_code == 201, response.text
+
+    def ready() -> dict | bool:
+        state = launcher.state(instance_id)
+        assert state["status"] == "running", launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").text[-3000:]
+        return state["ready"] and state
+
+    return wait_until(ready, 300, 0.25, f"{instance_id} ready")
+
+
+def _greedy(state: dict, model: Path) -> list[str]:
+    response = httpx.post(
+        f"http://127.0.0.1:{state['port']}/v1/completions",
+        json={"model": str(model), "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, "logprobs": 0},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    return list(response.json()["choices"][0]["logprobs"]["tokens"])
+
+
+_NEGATE_LM_HEAD = """
+import sys
+from safetensors.torch import load_file, save_file
+tensors = load_file(sys.argv[1])
+tensors["lm_head.weight"] = -tensors["lm_head.weight"]
+save_file(tensors, sys.argv[1], metadata={"format": "pt"})
+"""
+
+
+@pytest.mark.vllm
+def test_an_instance_started_after_its_model_changed_on_disk_serves_the_new_weights(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The sharing key holds the model files' identity (inode, size, mtime): a checkpoint written
+    again in place while a zygote of it lives gets a new zygote, never the old weights."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    with real_vllm_launcher() as launcher:
+        _start(launcher, "before", model)
+        subprocess.run([sys.executable, "-c", _NEGATE_LM_HEAD, str(model / "model.safetensors")], check=True, cwd=REPO)
+        shared = _start(launcher, "after", model)
+        own = _start(launcher, "own", model, env_vars={"LAUNCHER_SHARE_WEIGHTS": "0"})
+        assert shared["start_phases"]["weights_shared"] == 1.0
+        assert _greedy(shared, model) == _greedy(own, model)
+        assert launcher.client.delete("/v2/vllm/instances").status_code == 200
+
+
+_LOAD_IN_A_ZYGOTE = """
+import os, sys, tempfile, threading
+from forkserver.vllm_workload import WORKLOAD
+from forkserver.workload import WorkloadOptions
+from forkserver import fork_safety
+WORKLOAD.configure(WorkloadOptions())
+WORKLOAD.preload(None)
+before = set(fork_safety.extra_threads())
+parsed = WORKLOAD.parse(["--model", sys.argv[1], *sys.argv[2].split()])
+WORKLOAD.load_shared(parsed, tempfile.mkdtemp())
+threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+shared = sorted({line.split(None, 5)[-1].strip() for line in open("/proc/self/maps") if line.split()[1].endswith("s")})
+print("THREADS", threads)
+print("SHARED", shared)
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.vllm
+def test_a_zygote_forks_with_no_thread_and_no_cross_process_lock(tiny_model: Path) -> None:
+    """A zygote forks with no thread but its own and no lock shared across processes: vLLM's load
+    bar left tqdm's monitor thread (a fork while it holds tqdm's lock gives the child a lock held
+    for ever) and tqdm's multiprocessing lock (a /dev/shm semaphore every instance would share)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_A_ZYGOTE, str(tiny_model), SERVE_FLAGS],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = {line.split(" ", 1)[0]: line for line in done.stdout.splitlines() if line.startswith(("THREADS", "SHARED"))}
+    assert "THREADS" in lines, done.stderr[-3000:]
+    assert lines["THREADS"] == "THREADS []", lines
+    assert "/dev/shm" not in lines["SHARED"], lines
+
+
+def test_the_stand_in_honours_no_share_weights() -> None:
+    """``LAUNCHER_SHARE_WEIGHTS=0`` (``--no-share-weights``) turns sharing off, for the stand-in too."""
+    launcher = LauncherProcess(workload="standin", env={"LAUNCHER_SHARE_WEIGHTS": "0"})
+    try:
+        assert launcher.create("x", options=f"--model m --port {free_port()} --share-weights-mib 16").status_code == 201
+
+        def line() -> str | None:
+            log = launcher.client.get("/v2/vllm/instances/x/log").text
+            return next((text for text in log.splitlines() if text.startswith("WEIGHTS ")), None)
+
+        assert wait_until(line, 10, 0.05, "the WEIGHTS line") == "WEIGHTS OWN"
+    finally:
+        assert not launcher.stop()
