@@ -3,7 +3,8 @@
 On a cache miss vLLM inspects the model class in ``python -m vllm.model_executor.models.registry``
 (a cold import of vLLM and torch). The launcher runs that inspection in a fork of the instance
 (forkserver/model_inspection.py), which marks the phase ``model_inspected`` in the instance's
-log; vLLM then writes its ``modelinfos`` cache as usual, and the next instance finds it.
+log; vLLM then writes its ``modelinfos`` cache as usual, and the next instance finds it. (A model
+whose weights are shared is inspected once, in its zygote: these instances opt out, to be seen.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.vllm
 
 def _start(launcher: LauncherProcess, instance_id: str, model: Path) -> bytes:
     port = free_port()
-    response = launcher.create(instance_id, options=f"--model {model} --port {port} {SERVE_FLAGS}")
+    options = f"--model {model} --port {port} {SERVE_FLAGS}"
+    response = launcher.create(instance_id, options=options, env_vars={"LAUNCHER_SHARE_WEIGHTS": "0"})
     assert response.status_code == 201, response.text
     wait_instance_healthy(launcher, instance_id, port)
     log = launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").content
