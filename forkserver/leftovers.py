@@ -11,7 +11,9 @@ tensor parallelism on CPU leaves ``vllm_dist_<hex>-tp:0-[0-1]-cpushm_<n>`` (8 Mi
 a clean stop.
 
 The scan is cheap when nothing changes: /dev/shm is listed once a second (one ``scandir``), and
-the instances' memory maps and fds are read only when a segment none of them has claimed appeared.
+the instances' memory maps and fds are read only when a segment none of them has claimed is due a
+look: when it appears, then at ages 2, 4, 8 ... s, at least once a minute
+(``forkserver/instances.py``), so another program's file that stays costs little.
 
 A launcher killed outright takes its forkserver and instances with it, and nobody unlinks
 anything: so the forkserver also writes each instance's segments to a ledger

@@ -53,7 +53,7 @@ def _pid_alive(pid: int) -> bool:
 
 PHASE_LOG_BYTES = 4 << 20  # where an instance's start-phase markers are looked for
 ALL_ADDRESSES = ("0.0.0.0", "::", "", "[::]")  # a launcher host that means every address
-MEMORY_SAMPLE_SECONDS = 2.0  # how often each live instance's footprint is read
+MEMORY_SAMPLE_SECONDS = memory.FAST_SAMPLE_SECONDS  # how often the sampler looks (memory.SampleSchedule says what to read)
 MOCK_ASLEEP_GPU_BYTES = 2**30  # what a sleeping instance keeps of a mock GPU (a CUDA context)
 
 
@@ -128,6 +128,7 @@ class InstanceManager:
         self._early_exits: dict[str, dict[str, Any]] = {}
         self.metrics = LauncherMetrics()
         self._sampler: asyncio.Task[None] | None = None
+        self._schedule = memory.SampleSchedule()
         self.metrics.attach(self._metrics_snapshot)
         self._http: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -205,8 +206,11 @@ class InstanceManager:
                         )
             await asyncio.sleep(MEMORY_SAMPLE_SECONDS)
 
-    def _measure(self, records: list[InstanceRecord]) -> dict[str, Footprint]:
-        """Each instance's footprint now (run in a worker thread: it reads /proc)."""
+    def _measure(self, live: list[InstanceRecord]) -> dict[str, Footprint]:
+        """The footprints of the instances whose memory may have moved (run in a worker thread: it
+        reads /proc); the others keep their last sample."""
+        self._schedule.keep_only(record.instance_id for record in live)
+        records = [record for record in live if self._schedule.due(record.instance_id, starting=not record.ready)]
         trees = {record.instance_id: memory.process_tree(record.pid) for record in records}
         real_gpus = bool(self.gpus) and not self._settings.mock_gpus
         by_pid = memory.nvml_gpu_bytes([pid for tree in trees.values() for pid in tree]) if real_gpus else {}
@@ -224,6 +228,7 @@ class InstanceManager:
                 if record.asleep:
                     gpu_bytes = {uuid: min(MOCK_ASLEEP_GPU_BYTES, used) for uuid, used in gpu_bytes.items()}
             found[record.instance_id] = Footprint(memory.pss_bytes(trees[record.instance_id]), gpu_bytes)
+            self._schedule.sampled(record.instance_id, trees[record.instance_id], found[record.instance_id])
         return found
 
     @property
@@ -235,6 +240,7 @@ class InstanceManager:
         """The front door put ``record``'s instance to sleep, or woke it: a MODIFIED event says so."""
         if record.asleep != asleep and record.live:
             record.asleep = asleep
+            self._schedule.changed()
             self._publish(events.MODIFIED, record)
             self._note_later(record.instance_id, {"asleep": asleep})  # for an API restart
 
@@ -410,6 +416,7 @@ class InstanceManager:
         )
         self._records[instance_id] = record
         runtime = self._runtime[instance_id] = _Runtime()
+        self._schedule.changed()  # its pages are shared with the forkserver and the others now
         self._publish(events.CREATED, record)
         early = self._early_exits.pop(instance_id, None)
         if early is not None:
@@ -463,6 +470,7 @@ class InstanceManager:
 
         def became_ready() -> None:
             if record.mark_ready():
+                self._schedule.changed()  # its start is done touching pages it shares with the others
                 record.start_phases = self._start_phases(record)
                 runtime = self._runtime.get(record.instance_id)
                 if runtime is not None:
@@ -624,6 +632,7 @@ class InstanceManager:
         runtime = self._runtime[record.instance_id]
         if not record.mark_stopped(exit_code=exit_code, stopped_at=stopped_at, reason=reason):
             return
+        self._schedule.changed()  # the pages it shared are split between fewer now
         # As the public launcher does: deleting a running instance reports DELETED only.
         if not runtime.deleting:
             self._publish(events.STOPPED, record)
