@@ -156,6 +156,8 @@ class SampleSchedule:
         self._clock = clock
         self._sampled: dict[str, _Sampled] = {}
         self._generation = 0
+        # The generation each due instance was asked at: a change while it is read is not lost.
+        self._asked: dict[str, int] = {}
 
     def changed(self) -> None:
         """Every instance's PSS may have moved: an instance started, became ready or stopped (pages
@@ -164,6 +166,7 @@ class SampleSchedule:
 
     def due(self, key: str, *, starting: bool) -> bool:
         """Whether ``key``'s memory must be read now."""
+        self._asked[key] = self._generation
         last = self._sampled.get(key)
         if last is None or starting or last.generation != self._generation or self._clock() >= last.next_at:
             return True
@@ -173,18 +176,20 @@ class SampleSchedule:
     def sampled(self, key: str, pids: list[int], footprint: Footprint) -> None:
         """``key``'s tree ``pids`` was just read: it holds ``footprint``."""
         last = self._sampled.get(key)
+        generation = self._asked.pop(key, self._generation)
         interval = FAST_SAMPLE_SECONDS  # new, changed, or just after a change: follow it closely
-        if last is not None and last.generation == self._generation and _steady(last.footprint, footprint):
+        if last is not None and last.generation == generation and _steady(last.footprint, footprint):
             interval = min(SLOW_SAMPLE_SECONDS, 2 * last.interval)
         rss, cpu, _ = rss_and_cpu(pids)
         now = self._clock()
-        self._sampled[key] = _Sampled(pids, rss, cpu, footprint, interval, now + interval, self._generation)
+        self._sampled[key] = _Sampled(pids, rss, cpu, footprint, interval, now + interval, generation)
 
     def keep_only(self, keys: Iterable[str]) -> None:
         """Forget the instances not in ``keys`` (gone)."""
         wanted = set(keys)
         for key in [key for key in self._sampled if key not in wanted]:
             del self._sampled[key]
+        self._asked = {key: generation for key, generation in self._asked.items() if key in wanted}
 
 
 def _steady(before: Footprint, now: Footprint) -> bool:

@@ -233,3 +233,20 @@ def test_the_memory_sampler_backs_off_while_nothing_changes_and_reads_again_at_a
     manager._schedule.changed()  # noqa: SLF001 - what a start, a ready or a stop calls
     assert looks(1) == 1
     assert looks(1) == 1
+
+
+def test_a_change_while_an_instance_is_read_is_not_lost(worker: subprocess.Popen[str]) -> None:
+    """The sampler reads in a worker thread while the event loop may note a change (a start, a
+    stop): the read that was under way does not count as after the change."""
+    from launcher import memory
+
+    clock = Clock()
+    schedule = memory.SampleSchedule(clock)
+    footprint = memory.Footprint(memory.pss_bytes([worker.pid]))
+    assert schedule.due("idle", starting=False)
+    schedule.sampled("idle", [worker.pid], footprint)
+    clock.now += memory.FAST_SAMPLE_SECONDS
+    assert schedule.due("idle", starting=False)
+    schedule.changed()  # meanwhile, on the event loop
+    schedule.sampled("idle", [worker.pid], footprint)
+    assert schedule.due("idle", starting=False)
