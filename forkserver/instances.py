@@ -19,9 +19,9 @@ from forkserver import leftovers, osutil
 SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
 SHM_SCAN_INTERVAL = 1.0  # seconds between looks at which /dev/shm segments live instances map
 # A segment no instance claimed at its first look (another program's, most likely) is looked at
-# again at ages 2, 4, 8 ... s, then every SHM_RELOOK_MAX: an instance that maps it later is still
-# seen, and a file that stays costs a pass over the instances' maps a minute, not every second.
-SHM_RELOOK_MAX = 60.0
+# again this often, and at every stop: an instance that maps it later is still seen, and a file
+# that stays costs a pass over the instances' maps (milliseconds each) a minute, not every second.
+SHM_RELOOK_SECONDS = 60.0
 
 
 @dataclass
@@ -99,8 +99,7 @@ class InstanceTable:
         self._instances: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
         self._next_shm_scan = clock() + SHM_SCAN_INTERVAL
-        # Unclaimed segments: when first seen and when to look at them next.
-        self._unclaimed: dict[leftovers.Segment, tuple[float, float]] = {}
+        self._unclaimed: dict[leftovers.Segment, float] = {}  # segments no instance claimed: when to look next
 
     def add(self, instance: Instance) -> None:
         """Track a freshly forked instance."""
@@ -175,13 +174,13 @@ class InstanceTable:
         claimed = {segment for instance in self._instances.values() for segment in instance.shm_segments}
         unclaimed = {(name, inode) for name, inode in shm.items()} - claimed
         # A new one is due at once; one gone (or claimed) is forgotten.
-        self._unclaimed = {segment: self._unclaimed.get(segment, (now, now)) for segment in unclaimed}
-        due = {segment for segment, (_, look_at) in self._unclaimed.items() if look_at <= now}
+        self._unclaimed = {segment: self._unclaimed.get(segment, now) for segment in unclaimed}
+        due = {segment for segment, look_at in self._unclaimed.items() if look_at <= now}
+        for segment in due:
+            self._unclaimed[segment] = now + SHM_RELOOK_SECONDS
+        due = leftovers.owned(due)  # another user's file is never removed: no need to know who maps it
         if not due:
             return
-        for segment in due:
-            first_seen = self._unclaimed[segment][0]
-            self._unclaimed[segment] = (first_seen, now + min(SHM_RELOOK_MAX, max(SHM_SCAN_INTERVAL, now - first_seen)))
         groups: dict[int, list[int]] | None = None
         for instance in running:
             if due - instance.shm_before:

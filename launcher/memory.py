@@ -28,7 +28,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m"
           "ti": 2**40}  # fmt: skip
 DEFAULT_GPU_UTILIZATION = 0.9  # vLLM's --gpu-memory-utilization default
 FAST_SAMPLE_SECONDS = 2.0  # how often a starting or changing instance's memory is read
-SLOW_SAMPLE_SECONDS = 60.0  # the longest an instance whose memory stays put goes unread
+SLOW_SAMPLE_SECONDS = 120.0  # the longest an instance whose memory stays put goes unread
 STEADY_SHARE = 0.02  # PSS within this share of the last sample: unchanged (it wobbles by ~1 % at rest)
 RSS_CHANGE_BYTES = 4 * 2**20  # the tree's RSS moved this much: read its PSS now
 # The tree worked this much CPU since its last sample: pages it shared may have been copied (PSS

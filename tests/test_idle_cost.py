@@ -7,6 +7,7 @@ by a spy that calls the real reader.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from forkserver import leftovers
-from forkserver.instances import SHM_RELOOK_MAX, Instance, InstanceTable
+from forkserver.instances import SHM_RELOOK_SECONDS, Instance, InstanceTable
 
 # Maps each path it reads on stdin and keeps it mapped; says so on stdout.
 MAPPER = """
@@ -98,15 +99,14 @@ def test_a_segment_nobody_claims_is_looked_at_less_and_less(
     shm: Path, maps_read: list[list[int]], mapper: subprocess.Popen[str], tmp_path: Path
 ) -> None:
     """Another program's file in /dev/shm, made after the instance: looked at when it appears,
-    then at ages 2, 4, 8 ... s, at most a minute apart, never each second (it was: 600 passes
-    over the instance's maps in 600 s)."""
+    then once a minute, not each second (it was: 600 passes over the instance's maps in 600 s)."""
     clock = Clock()
     table, instance = _table(mapper, tmp_path, clock)
     _run(table, clock, 5)
     assert maps_read == []  # nothing new in /dev/shm: no /proc read
     (shm / "theirs").write_bytes(b"\0" * 4096)
     _run(table, clock, 600)
-    assert 2 <= len(maps_read) <= 20, len(maps_read)
+    assert 2 <= len(maps_read) <= 11, len(maps_read)
     assert instance.shm_segments == set()
 
 
@@ -114,7 +114,7 @@ def test_a_segment_the_instance_maps_later_is_still_its_own(
     shm: Path, maps_read: list[list[int]], mapper: subprocess.Popen[str], tmp_path: Path
 ) -> None:
     """A segment that appears unmapped and that the instance maps later is claimed at a later look
-    (within SHM_RELOOK_MAX), and once claimed costs no more reads."""
+    (within SHM_RELOOK_SECONDS), and once claimed costs no more reads."""
     clock = Clock()
     table, instance = _table(mapper, tmp_path, clock)
     segment = shm / "psm_later"
@@ -122,7 +122,7 @@ def test_a_segment_the_instance_maps_later_is_still_its_own(
     _run(table, clock, 300)
     assert instance.shm_segments == set()
     _map(mapper, segment)
-    _run(table, clock, int(SHM_RELOOK_MAX) + 1)
+    _run(table, clock, int(SHM_RELOOK_SECONDS) + 1)
     assert instance.shm_segments == {("psm_later", segment.stat().st_ino)}
     reads = len(maps_read)
     _run(table, clock, 300)
@@ -200,7 +200,7 @@ def test_the_memory_sampler_backs_off_while_nothing_changes_and_reads_again_at_a
     monkeypatch.setattr(memory, "pss_bytes", counting)
     clock = Clock()
     manager = InstanceManager(Settings(log_dir=str(tmp_path / "logs"), runtime_dir=str(tmp_path / "run")))
-    manager._schedule = memory.SampleSchedule(clock)  # noqa: SLF001 - simulated time
+    manager._schedule = memory.SampleSchedule(clock)  # simulated time
     record = InstanceRecord(instance_id="idle", config=VllmConfig(options="--model m"), log_path="", pid=worker.pid,
                             port=1, model="m", received_at=0.0)  # fmt: skip
 
@@ -209,7 +209,7 @@ def test_the_memory_sampler_backs_off_while_nothing_changes_and_reads_again_at_a
         before = len(reads)
         for _ in range(count):
             clock.now += MEMORY_SAMPLE_SECONDS
-            sampled = manager._measure([record])  # noqa: SLF001 - one look, as the sampler's loop takes it
+            sampled = manager._measure([record])  # one look, as the sampler's loop takes it
             if "idle" in sampled:
                 record.memory = sampled["idle"]
         return len(reads) - before
@@ -230,7 +230,7 @@ def test_the_memory_sampler_backs_off_while_nothing_changes_and_reads_again_at_a
     assert looks(1) == 1  # it worked: pages it shared may have been copied
 
     looks(150)
-    manager._schedule.changed()  # noqa: SLF001 - what a start, a ready or a stop calls
+    manager._schedule.changed()  # what a start, a ready or a stop calls
     assert looks(1) == 1
     assert looks(1) == 1
 
@@ -250,3 +250,17 @@ def test_a_change_while_an_instance_is_read_is_not_lost(worker: subprocess.Popen
     schedule.changed()  # meanwhile, on the event loop
     schedule.sampled("idle", [worker.pid], footprint)
     assert schedule.due("idle", starting=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making another user's file takes root")
+def test_another_users_segment_is_never_looked_at(
+    shm: Path, maps_read: list[list[int]], mapper: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    """A segment of another user can never be removed, so who maps it does not matter: no /proc read."""
+    clock = Clock()
+    table, _ = _table(mapper, tmp_path, clock)
+    theirs = shm / "psm_theirs"
+    theirs.write_bytes(b"\0" * 4096)
+    os.chown(theirs, os.getuid() + 4242, -1)
+    _run(table, clock, 120)
+    assert maps_read == []
