@@ -99,10 +99,17 @@ def _one_more(launcher: LauncherProcess, workload: str, model: Path | None, inst
     if response.status_code != 201:
         raise RuntimeError(f"create {instance_id} answered {response.status_code}: {response.text}")
 
+    probes = 0
+
     def ready() -> bool:
+        nonlocal probes
         try:
             return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
         except httpx.TransportError:
+            probes += 1
+            if probes % 20 == 0 and launcher.state(instance_id)["status"] != "running":  # fail at once, with its log
+                log = launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").text
+                raise RuntimeError(f"{instance_id} stopped while starting:\n{log[-4000:]}") from None
             return False
 
     wait_until(ready, 300, 0.05, f"{instance_id}'s /health")
