@@ -19,6 +19,10 @@ from forkserver import leftovers, osutil
 SWEEP_INTERVAL = 0.05  # seconds between checks that a dead instance's group is empty
 UNCLAIMED_EXIT_SECONDS = 10.0  # how long the exit of a child not known (yet) is kept
 SHM_SCAN_INTERVAL = 1.0  # seconds between looks at which /dev/shm segments live instances map
+# A segment no instance claimed at its first look (another program's, most likely) is looked at
+# again this often, and at every stop: an instance that maps it later is still seen, and a file
+# that stays costs a pass over the instances' maps (milliseconds each) a minute, not every second.
+SHM_RELOOK_SECONDS = 60.0
 
 
 @dataclass
@@ -91,9 +95,11 @@ class InstanceTable:
         on_finished: Callable[[Instance], None],
         ledger: leftovers.Ledger | None = None,
         on_other_exit: Callable[[int, int], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._on_finished = on_finished
         self._ledger = ledger
+        self._clock = clock
         # A child that is not an instance exited (pid, status): True if the callee knew it (a zygote).
         self._on_other_exit = on_other_exit
         # Children reaped before they were added (an instance forked by a zygote may die before
@@ -101,7 +107,8 @@ class InstanceTable:
         self._unclaimed_exits: dict[int, tuple[int, float]] = {}
         self._instances: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
-        self._next_shm_scan = time.monotonic() + SHM_SCAN_INTERVAL
+        self._next_shm_scan = clock() + SHM_SCAN_INTERVAL
+        self._unclaimed: dict[leftovers.Segment, float] = {}  # segments no instance claimed: when to look next
 
     def add(self, instance: Instance, *, may_be_reaped: bool = False) -> None:
         """Track a freshly forked instance. ``may_be_reaped``: it was not forked by us (a zygote
@@ -135,7 +142,7 @@ class InstanceTable:
         if instance.finished or instance.exit_code is not None:
             return
         instance.remember_segments()
-        deadline = time.monotonic() + grace
+        deadline = self._clock() + grace
         if instance.stop_deadline is None or deadline < instance.stop_deadline:
             instance.stop_deadline = deadline
         osutil.signal_instance(instance.pid, signal.SIGTERM)
@@ -147,7 +154,7 @@ class InstanceTable:
         live = self.live()
         if not live:
             return None
-        now = time.monotonic()
+        now = self._clock()
         timeout = max(0.0, self._next_shm_scan - now)
         for instance in live:
             if instance.exit_code is not None:
@@ -159,7 +166,7 @@ class InstanceTable:
     def tick(self) -> None:
         """Reap, enforce deadlines, sweep dead groups, and look at segments when due."""
         self._reap()
-        now = time.monotonic()
+        now = self._clock()
         for instance in self.live():
             if instance.exit_code is not None:
                 if osutil.group_alive(instance.pid):
@@ -173,19 +180,25 @@ class InstanceTable:
             self._next_shm_scan = now + SHM_SCAN_INTERVAL
             running = [instance for instance in self.live() if instance.exit_code is None]
             if running:
-                self._scan_segments(running)
+                self._scan_segments(running, now)
 
-    def _scan_segments(self, running: list[Instance]) -> None:
-        """Which instance made the segments that appeared in /dev/shm: /proc is read only when
-        one appeared that no instance has claimed (a quiet node costs a scandir a second)."""
+    def _scan_segments(self, running: list[Instance], now: float) -> None:
+        """Which instance made the segments that appeared in /dev/shm: /proc is read only when one
+        that no instance has claimed is due a look (a quiet node costs a scandir a second)."""
         shm = leftovers.listing()
         claimed = {segment for instance in self._instances.values() for segment in instance.shm_segments}
         unclaimed = {(name, inode) for name, inode in shm.items()} - claimed
-        if not unclaimed:
+        # A new one is due at once; one gone (or claimed) is forgotten.
+        self._unclaimed = {segment: self._unclaimed.get(segment, now) for segment in unclaimed}
+        due = {segment for segment, look_at in self._unclaimed.items() if look_at <= now}
+        for segment in due:
+            self._unclaimed[segment] = now + SHM_RELOOK_SECONDS
+        due = leftovers.owned(due)  # another user's file is never removed: no need to know who maps it
+        if not due:
             return
         groups: dict[int, list[int]] | None = None
         for instance in running:
-            if unclaimed - instance.shm_before:
+            if due - instance.shm_before:
                 groups = groups if groups is not None else leftovers.pids_by_group()
                 if instance.remember_segments(groups, shm):
                     self._write_ledger(instance)

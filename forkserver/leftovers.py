@@ -11,7 +11,9 @@ tensor parallelism on CPU leaves ``vllm_dist_<hex>-tp:0-[0-1]-cpushm_<n>`` (8 Mi
 a clean stop.
 
 The scan is cheap when nothing changes: /dev/shm is listed once a second (one ``scandir``), and
-the instances' memory maps and fds are read only when a segment none of them has claimed appeared.
+the instances' memory maps and fds are read only when a segment of this user's that none of them
+has claimed is due a look: when it appears, then once a minute (``forkserver/instances.py``), so
+another program's file that stays costs little.
 
 A launcher killed outright takes its forkserver and instances with it, and nobody unlinks
 anything: so the forkserver also writes each instance's segments to a ledger
@@ -42,6 +44,17 @@ def listing() -> dict[str, int]:
             with contextlib.suppress(OSError):
                 found[entry.name] = entry.inode()
     return found
+
+
+def owned(segments: set[Segment]) -> set[Segment]:
+    """Those of ``segments`` that are still there, the same files, and this user's."""
+    mine = set()
+    for name, inode in segments:
+        with contextlib.suppress(OSError):
+            info = os.stat(os.path.join(SHM_DIR, name))
+            if "/" not in name and info.st_ino == inode and info.st_uid == os.getuid():
+                mine.add((name, inode))
+    return mine
 
 
 def pids_by_group() -> dict[int, list[int]]:
@@ -95,12 +108,7 @@ def _all_pids() -> list[int]:
 def remove_unused(segments: set[Segment]) -> set[Segment]:
     """Unlink the segments of ``segments`` that are still the same files (name and inode), are this
     user's, and that no live process uses; those removed."""
-    mine = set()
-    for name, inode in segments:
-        with contextlib.suppress(OSError):
-            info = os.stat(os.path.join(SHM_DIR, name))
-            if "/" not in name and info.st_ino == inode and info.st_uid == os.getuid():
-                mine.add((name, inode))
+    mine = owned(segments)
     if not mine:
         return set()
     used = mapped_segments(_all_pids())

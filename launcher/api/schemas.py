@@ -53,7 +53,8 @@ class CreateResponse(_Configured):
 
 
 class MemoryState(_Strict):
-    """What an instance holds (sampled every 2 s), or what a model is expected to hold."""
+    """What an instance holds (sampled: every 2 s while it starts or changes, up to 2 minutes apart at
+    rest), or what a model is expected to hold."""
 
     host_bytes: int = Field(description="host memory: PSS of every process of the instance")
     gpu_bytes: dict[str, int] = Field(description="GPU memory per device UUID (NVML; mock GPUs: the vLLM share)")

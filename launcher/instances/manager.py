@@ -64,7 +64,7 @@ def _pid_alive(pid: int) -> bool:
 
 PHASE_LOG_BYTES = 4 << 20  # where an instance's start-phase markers are looked for
 ALL_ADDRESSES = ("0.0.0.0", "::", "", "[::]")  # a launcher host that means every address
-MEMORY_SAMPLE_SECONDS = 2.0  # how often each live instance's footprint is read
+MEMORY_SAMPLE_SECONDS = memory.FAST_SAMPLE_SECONDS  # how often the sampler looks (memory.SampleSchedule says what to read)
 MOCK_ASLEEP_GPU_BYTES = 2**30  # what a sleeping instance keeps of a mock GPU (a CUDA context)
 
 
@@ -140,6 +140,7 @@ class InstanceManager:
         self._early_exits: dict[str, dict[str, Any]] = {}
         self.metrics = LauncherMetrics()
         self._sampler: asyncio.Task[None] | None = None
+        self._schedule = memory.SampleSchedule()
         self.metrics.attach(self._metrics_snapshot)
         self._http: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -217,8 +218,11 @@ class InstanceManager:
                         )
             await asyncio.sleep(MEMORY_SAMPLE_SECONDS)
 
-    def _measure(self, records: list[InstanceRecord]) -> dict[str, Footprint]:
-        """Each instance's footprint now (run in a worker thread: it reads /proc)."""
+    def _measure(self, live: list[InstanceRecord]) -> dict[str, Footprint]:
+        """The footprints of the instances whose memory may have moved (run in a worker thread: it
+        reads /proc); the others keep their last sample."""
+        self._schedule.keep_only(record.instance_id for record in live)
+        records = [record for record in live if self._schedule.due(record.instance_id, starting=not record.ready)]
         trees = {record.instance_id: memory.process_tree(record.pid) for record in records}
         real_gpus = bool(self.gpus) and not self._settings.mock_gpus
         by_pid = memory.nvml_gpu_bytes([pid for tree in trees.values() for pid in tree]) if real_gpus else {}
@@ -236,17 +240,19 @@ class InstanceManager:
                 if record.asleep:
                     gpu_bytes = {uuid: min(MOCK_ASLEEP_GPU_BYTES, used) for uuid, used in gpu_bytes.items()}
             found[record.instance_id] = Footprint(memory.pss_bytes(trees[record.instance_id]), gpu_bytes)
-        # A zygote's copy of the weights is its instances' too: each counts an equal share of it
-        # (PSS already splits the pages they share), so the sum over instances is what the node spends.
-        sharing: dict[int, list[str]] = {}
+            self._schedule.sampled(record.instance_id, trees[record.instance_id], found[record.instance_id])
+        # A zygote's copy of the weights is its instances' too: each live one counts an equal share
+        # of it (PSS already splits the pages they share), so the sum is what the node spends.
+        sharers: dict[int, int] = {}
+        for record in live:
+            if record.zygote_pid is not None:
+                sharers[record.zygote_pid] = sharers.get(record.zygote_pid, 0) + 1
+        zygote_bytes = {pid: memory.pss_bytes([pid]) for pid in {r.zygote_pid for r in records} if pid is not None}
         for record in records:
             if record.zygote_pid is not None:
-                sharing.setdefault(record.zygote_pid, []).append(record.instance_id)
-        for zygote_pid, instance_ids in sharing.items():
-            share = memory.pss_bytes([zygote_pid]) // len(instance_ids)
-            for instance_id in instance_ids:
-                footprint = found[instance_id]
-                found[instance_id] = Footprint(footprint.host_bytes + share, footprint.gpu_bytes)
+                footprint = found[record.instance_id]
+                share = zygote_bytes[record.zygote_pid] // sharers[record.zygote_pid]
+                found[record.instance_id] = Footprint(footprint.host_bytes + share, footprint.gpu_bytes)
         return found
 
     @property
@@ -258,6 +264,7 @@ class InstanceManager:
         """The front door put ``record``'s instance to sleep, or woke it: a MODIFIED event says so."""
         if record.asleep != asleep and record.live:
             record.asleep = asleep
+            self._schedule.changed()
             self._publish(events.MODIFIED, record)
             self._note_later(record.instance_id, {"asleep": asleep})  # for an API restart
 
@@ -459,6 +466,7 @@ class InstanceManager:
         )
         self._records[instance_id] = record
         runtime = self._runtime[instance_id] = _Runtime()
+        self._schedule.changed()  # its pages are shared with the forkserver and the others now
         self._publish(events.CREATED, record)
         early = self._early_exits.pop(instance_id, None)
         if early is not None:
@@ -521,6 +529,7 @@ class InstanceManager:
 
         def became_ready() -> None:
             if record.mark_ready():
+                self._schedule.changed()  # its start is done touching pages it shares with the others
                 record.start_phases = self._start_phases(record)
                 runtime = self._runtime.get(record.instance_id)
                 if runtime is not None:
@@ -688,6 +697,7 @@ class InstanceManager:
         runtime = self._runtime[record.instance_id]
         if not record.mark_stopped(exit_code=exit_code, stopped_at=stopped_at, reason=reason):
             return
+        self._schedule.changed()  # the pages it shared are split between fewer now
         # As the public launcher does: deleting a running instance reports DELETED only.
         if not runtime.deleting:
             self._publish(events.STOPPED, record)

@@ -342,7 +342,7 @@ async function followLog(id) {
   let offset = 0;
   let rounds = 0;
   while (generation === followGeneration && following === id && !deleted.has(id)) {
-    if (++rounds % 2 === 0) refreshState(id); // its memory is sampled every 2 s: no event says so
+    if (++rounds % 2 === 0) refreshState(id); // its memory is sampled in the background: no event says so
     const headers = offset > 0 ? { Range: `bytes=${offset - 1}-` } : {};
     const response = await api(`/v2/vllm/instances/${encodeURIComponent(id)}/log`, { headers });
     if (generation !== followGeneration || following !== id) return;
