@@ -37,9 +37,9 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def mapper() -> Iterator[subprocess.Popen[str]]:
-    child = subprocess.Popen([sys.executable, "-c", MAPPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def _script(source: str) -> Iterator[subprocess.Popen[str]]:
+    """A Python child running ``source``, talked to over its stdin and stdout; killed after the test."""
+    child = subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True, start_new_session=True)  # fmt: skip
     yield child
     child.kill()
@@ -47,6 +47,11 @@ def mapper() -> Iterator[subprocess.Popen[str]]:
     for pipe in (child.stdin, child.stdout):
         if pipe is not None:
             pipe.close()
+
+
+@pytest.fixture
+def mapper() -> Iterator[subprocess.Popen[str]]:
+    yield from _script(MAPPER)
 
 
 def _map(child: subprocess.Popen[str], path: Path) -> None:
@@ -160,14 +165,7 @@ for line in sys.stdin:
 
 @pytest.fixture
 def worker() -> Iterator[subprocess.Popen[str]]:
-    child = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, start_new_session=True)  # fmt: skip
-    yield child
-    child.kill()
-    child.wait()
-    for pipe in (child.stdin, child.stdout):
-        if pipe is not None:
-            pipe.close()
+    yield from _script(WORKER)
 
 
 def _tell(child: subprocess.Popen[str], command: str) -> None:

@@ -42,7 +42,8 @@ def half_b_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def _start(launcher: LauncherProcess, instance_id: str, model: Path, **body: object) -> dict:
+def start_ready(launcher: LauncherProcess, instance_id: str, model: Path, **body: object) -> dict:
+    """Create an instance of ``model`` and wait until it is ready; its state."""
     response = launcher.create(instance_id, options=f"--model {model} {SERVE_FLAGS}", **body)
     assert response.status_code == 201, response.text
 
@@ -54,7 +55,8 @@ def _start(launcher: LauncherProcess, instance_id: str, model: Path, **body: obj
     return wait_until(ready, 300, 0.25, f"{instance_id} ready")
 
 
-def _greedy(state: dict, model: Path) -> list[str]:
+def greedy_tokens(state: dict, model: Path) -> list[str]:
+    """The instance's greedy completion of a fixed prompt, token by token."""
     response = httpx.post(
         f"http://127.0.0.1:{state['port']}/v1/completions",
         json={"model": str(model), "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, "logprobs": 0},
@@ -77,15 +79,15 @@ def test_instances_share_one_copy_of_the_weights_and_survive_its_holder(half_b_m
     weights = sum(path.stat().st_size for path in half_b_model.glob("*.safetensors"))
     with real_vllm_launcher() as launcher:
         forkserver = launcher.forkserver_pid()
-        first = _start(launcher, "first", half_b_model)
-        second = _start(launcher, "second", half_b_model)
+        first = start_ready(launcher, "first", half_b_model)
+        second = start_ready(launcher, "second", half_b_model)
         for state in (first, second):
             assert state["start_phases"]["weights_shared"] == 1.0, state["start_phases"]
             assert psutil.Process(state["pid"]).ppid() == forkserver  # the forkserver's, not the zygote's
         (zygote,) = _zygotes(launcher)
         assert second["start_phases"]["load"] < 1.0, second["start_phases"]  # nothing read, nothing repacked
-        tokens = _greedy(first, half_b_model)
-        assert _greedy(second, half_b_model) == tokens
+        tokens = greedy_tokens(first, half_b_model)
+        assert greedy_tokens(second, half_b_model) == tokens
 
         # The weights are in the second instance's memory but not its own: shared with the zygote.
         processes = _tree(second["pid"])
@@ -95,10 +97,10 @@ def test_instances_share_one_copy_of_the_weights_and_survive_its_holder(half_b_m
         assert owned < 0.5 * weights, (owned / MIB, weights / MIB)
 
         # An instance that opts out loads (and owns) its copy, and computes the same tokens.
-        alone = _start(launcher, "alone", half_b_model, env_vars={"LAUNCHER_SHARE_WEIGHTS": "0"})
+        alone = start_ready(launcher, "alone", half_b_model, env_vars={"LAUNCHER_SHARE_WEIGHTS": "0"})
         assert alone["start_phases"]["weights_shared"] == 0.0, alone["start_phases"]
         assert sum(p.memory_full_info().uss for p in _tree(alone["pid"])) > 0.9 * weights
-        assert _greedy(alone, half_b_model) == tokens
+        assert greedy_tokens(alone, half_b_model) == tokens
         assert launcher.client.delete("/v2/vllm/instances/alone").status_code == 200
 
         # The holder of the weights dies: no instance goes with it; the next instance gets a new one.
@@ -106,12 +108,12 @@ def test_instances_share_one_copy_of_the_weights_and_survive_its_holder(half_b_m
         wait_until(lambda: not process_alive(zygote.pid), 30, 0.1, "the zygote to go")
         for state in (first, second):
             assert launcher.state(state["instance_id"])["status"] == "running"
-            assert _greedy(state, half_b_model) == tokens
-        third = _start(launcher, "third", half_b_model)
+            assert greedy_tokens(state, half_b_model) == tokens
+        third = start_ready(launcher, "third", half_b_model)
         assert third["start_phases"]["weights_shared"] == 1.0, third["start_phases"]
         (replacement,) = _zygotes(launcher)
         assert replacement.pid != zygote.pid
-        assert _greedy(third, half_b_model) == tokens
+        assert greedy_tokens(third, half_b_model) == tokens
 
         # The last instance gone, its zygote goes too; nothing of any of them is left.
         assert launcher.client.delete("/v2/vllm/instances").status_code == 200

@@ -24,6 +24,7 @@ import pytest
 from launcher.instances import memory
 from tests.conftest import real_vllm_launcher
 from tests.launcher_process import REPO, SERVE_FLAGS, LauncherProcess, free_port, wait_until
+from tests.test_weight_sharing import greedy_tokens, start_ready
 
 MIB = 2**20
 
@@ -96,28 +97,6 @@ def test_the_zygotes_copy_of_the_weights_is_counted_somewhere(standin: LauncherP
 # --------------------------------------------------------------------------- real vLLM (tiny model)
 
 
-def _start(launcher: LauncherProcess, instance_id: str, model: Path, **body: object) -> dict:
-    response = launcher.create(instance_id, options=f"--model {model} {SERVE_FLAGS}", **body)
-    assert response.status_code == 201, response.text
-
-    def ready() -> dict | bool:
-        state = launcher.state(instance_id)
-        assert state["status"] == "running", launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").text[-3000:]
-        return state["ready"] and state
-
-    return wait_until(ready, 300, 0.25, f"{instance_id} ready")
-
-
-def _greedy(state: dict, model: Path) -> list[str]:
-    response = httpx.post(
-        f"http://127.0.0.1:{state['port']}/v1/completions",
-        json={"model": str(model), "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, "logprobs": 0},
-        timeout=120,
-    )
-    assert response.status_code == 200, response.text
-    return list(response.json()["choices"][0]["logprobs"]["tokens"])
-
-
 _NEGATE_LM_HEAD = """
 import sys
 from safetensors.torch import load_file, save_file
@@ -136,12 +115,12 @@ def test_an_instance_started_after_its_model_changed_on_disk_serves_the_new_weig
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     with real_vllm_launcher() as launcher:
-        _start(launcher, "before", model)
+        start_ready(launcher, "before", model)
         subprocess.run([sys.executable, "-c", _NEGATE_LM_HEAD, str(model / "model.safetensors")], check=True, cwd=REPO)
-        shared = _start(launcher, "after", model)
-        own = _start(launcher, "own", model, env_vars={"LAUNCHER_SHARE_WEIGHTS": "0"})
+        shared = start_ready(launcher, "after", model)
+        own = start_ready(launcher, "own", model, env_vars={"LAUNCHER_SHARE_WEIGHTS": "0"})
         assert shared["start_phases"]["weights_shared"] == 1.0
-        assert _greedy(shared, model) == _greedy(own, model)
+        assert greedy_tokens(shared, model) == greedy_tokens(own, model)
         assert launcher.client.delete("/v2/vllm/instances").status_code == 200
 
 
