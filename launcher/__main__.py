@@ -11,11 +11,10 @@ import setproctitle
 import uvicorn
 
 from launcher import hangup
-from launcher.instances import dir_lock
-from launcher.instances import gpus
 from launcher.app import create_app
 from launcher.frontdoor.models_store import ModelsStore
 from launcher.frontdoor.profiles import ProfileError
+from launcher.instances import dir_lock, gpus
 from launcher.instances.memory import parse_size
 from launcher.settings import Settings, unknown_variables
 

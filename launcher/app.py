@@ -20,6 +20,8 @@ from starlette.routing import Route
 
 from launcher import logs
 from launcher.api.auth import BearerTokenMiddleware, expected_header
+from launcher.api.routes import routes
+from launcher.api.ui_routes import ui_routes
 from launcher.errors import LauncherError
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import OPENAI_PREFIX, openai_error
@@ -32,10 +34,8 @@ from launcher.frontdoor.upstream import UpstreamPool
 from launcher.hangup import on_hangup
 from launcher.instances.manager import InstanceManager
 from launcher.metrics import UpstreamConnections, metrics_endpoint
-from launcher.api.routes import routes
 from launcher.settings import Settings, served_port, unknown_variables
 from launcher.shutdown_signals import on_shutdown_signals
-from launcher.api.ui_routes import ui_routes
 
 log = logging.getLogger("launcher")
 

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from launcher.client.cli import format_age, format_table, instance_url
 from launcher.client.api_client import (
     ConflictError,
     InstanceStoppedError,
@@ -31,6 +30,7 @@ from launcher.client.api_client import (
     WaitTimeoutError,
     WatchEvent,
 )
+from launcher.client.cli import format_age, format_table, instance_url
 from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
 
 MODEL = "--model standin-model"

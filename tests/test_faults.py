@@ -293,8 +293,8 @@ def test_after_a_dropped_connection_the_list_matches_the_running_processes() -> 
     # outside the API can); everything else is real: the forkserver, its instances, the reconnect.
     import asyncio
 
-    from launcher.instances.manager import InstanceManager
     from launcher.instances.config import VllmConfig
+    from launcher.instances.manager import InstanceManager
     from launcher.settings import Settings
 
     workdir = Path(tempfile.mkdtemp(prefix="fs-drop-"))

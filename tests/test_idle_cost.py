@@ -183,10 +183,10 @@ def test_the_memory_sampler_backs_off_while_nothing_changes_and_reads_again_at_a
     was: every 2 s); at once when its RSS moves, when it works a second of CPU, or when an
     instance starts or stops; and every 2 s again for a while after a change."""
     from launcher.instances import memory
-    from launcher.instances.manager import MEMORY_SAMPLE_SECONDS, InstanceManager
     from launcher.instances.config import VllmConfig
-    from launcher.settings import Settings
+    from launcher.instances.manager import MEMORY_SAMPLE_SECONDS, InstanceManager
     from launcher.instances.state import InstanceRecord
+    from launcher.settings import Settings
 
     reads: list[list[int]] = []
     real = memory.pss_bytes

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from launcher.errors import BadRequest, RangeNotSatisfiable
 from launcher.api.log_range import LOG_CAP, RANGE_CAP, ByteRange, parse_range, plan, read_log
+from launcher.errors import BadRequest, RangeNotSatisfiable
 
 
 @pytest.mark.parametrize(

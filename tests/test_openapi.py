@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from starlette.routing import Route
 
 from launcher.api import schemas
-from launcher.app import create_app
 from launcher.api.openapi import OPERATIONS, openapi_document
+from launcher.app import create_app
 from tests.launcher_process import LauncherProcess, free_port, wait_until
 
 # Starlette answers HEAD on every GET route by itself; the document describes GET only.

@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from forkserver.protocol import valid_instance_id
-from launcher.instances import dir_lock
 from launcher.frontdoor.profiles import check_name
+from launcher.instances import dir_lock
 from tests.launcher_process import LauncherProcess
 from tests.test_front_door_standin import ask, front_door
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from launcher.settings import Settings
 from launcher.api.ui_routes import accept_of, wants_html
+from launcher.settings import Settings
 
 OPEN_PATHS = frozenset({"/health", "/ui"})  # and the dashboard's files under /ui/: no data in them
 

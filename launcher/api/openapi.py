@@ -18,8 +18,6 @@ from pydantic.json_schema import models_json_schema
 
 from forkserver.protocol import INSTANCE_ID_PATTERN
 from launcher import __version__
-from launcher.frontdoor.profiles import ModelProfile, OpenAIRequest
-from launcher.instances.config import VllmConfig
 from launcher.api.schemas import (
     RESPONSE_MODELS,
     CreateResponse,
@@ -41,6 +39,8 @@ from launcher.api.schemas import (
     ReloadResult,
     WatchEvent,
 )
+from launcher.frontdoor.profiles import ModelProfile, OpenAIRequest
+from launcher.instances.config import VllmConfig
 
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"

@@ -14,15 +14,15 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import Route
 
 from launcher import __version__
-from launcher.instances import events
 from launcher.api import log_range
+from launcher.api.ui_routes import accept_of, wants_html
 from launcher.errors import BadRequest, LauncherError, RangeNotSatisfiable, Unprocessable
 from launcher.errors import Gone as GoneError
-from launcher.instances.manager import InstanceManager
+from launcher.instances import events
 from launcher.instances.config import VllmConfig, check_instance_id, did_you_mean, parse_config
-from launcher.request_body import read_api_body
+from launcher.instances.manager import InstanceManager
 from launcher.instances.state import Status
-from launcher.api.ui_routes import accept_of, wants_html
+from launcher.request_body import read_api_body
 
 log = logging.getLogger("launcher.api.routes")
 
@@ -94,22 +94,13 @@ async def _create(request: Request, instance_id: str | None) -> JSONResponse:
         "revision": record.revision,
     }
     headers = {}
-    warnings, header_words = [], []
-    overridden = _overridden_devices(config, record.config)
-    if overridden:
-        warnings.append(overridden)
-        header_words.append(overridden)
-        log.warning("create %s: %s", record.instance_id, overridden)
-    if ignored:
-        # In the body too: plain curl never shows the header, and a typo'd env_vars is silent otherwise.
+    if ignored:  # in the body too: plain curl never shows the header, and a typo'd env_vars is silent otherwise
         body["ignored_fields"] = ignored
-        warnings.append(ignored_fields_sentence(ignored))
-        header_words.append("unknown fields ignored: " + ", ".join(ignored))
-        log.warning("create %s: ignored unknown field(s) %s", record.instance_id, ", ".join(ignored)[:500])
-    if warnings:
-        sentence = "; ".join(warnings)
-        body["warning"] = sentence
-        headers["Warning"] = _warning_header("; ".join(header_words))
+    notes = _create_warnings(config, record.config, ignored)
+    if notes:
+        body["warning"] = "; ".join(sentence for sentence, _ in notes)
+        headers["Warning"] = _warning_header("; ".join(short for _, short in notes))
+        log.warning("create %s: %s", record.instance_id, body["warning"][:500])
     return JSONResponse(body, status_code=201, headers=headers)
 
 
@@ -120,13 +111,18 @@ def ignored_fields_sentence(ignored: list[str]) -> str:
     )
 
 
-def _overridden_devices(given: VllmConfig, made: VllmConfig) -> str | None:
-    """A sentence when ``env_vars.CUDA_VISIBLE_DEVICES`` was replaced by what ``gpu_uuids`` mean."""
+def _create_warnings(given: VllmConfig, made: VllmConfig, ignored: list[str]) -> list[tuple[str, str]]:
+    """What a create's answer warns of, each as (the body's sentence, the header's shorter one): an
+    ``env_vars.CUDA_VISIBLE_DEVICES`` replaced by what ``gpu_uuids`` mean, unknown fields ignored."""
+    notes = []
     asked = (given.env_vars or {}).get("CUDA_VISIBLE_DEVICES")
     used = (made.env_vars or {}).get("CUDA_VISIBLE_DEVICES")
-    if given.gpu_uuids is None or asked is None or asked == used:
-        return None
-    return f"env_vars.CUDA_VISIBLE_DEVICES={asked[:100]!r} replaced by {used!r}, what gpu_uuids mean"
+    if given.gpu_uuids is not None and asked is not None and asked != used:
+        replaced = f"env_vars.CUDA_VISIBLE_DEVICES={asked[:100]!r} replaced by {used!r}, what gpu_uuids mean"
+        notes.append((replaced, replaced))
+    if ignored:
+        notes.append((ignored_fields_sentence(ignored), "unknown fields ignored: " + ", ".join(ignored)))
+    return notes
 
 
 def _warning_header(sentence: str) -> str:

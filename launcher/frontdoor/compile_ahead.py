@@ -34,8 +34,8 @@ from typing import Literal
 
 from launcher.errors import LauncherError, NotFound, TooManyInstances
 from launcher.frontdoor.profiles import ModelProfile
-from launcher.instances.manager import InstanceManager
 from launcher.instances.config import VllmConfig
+from launcher.instances.manager import InstanceManager
 
 log = logging.getLogger("launcher.frontdoor.compile_ahead")
 

@@ -11,10 +11,10 @@ from collections.abc import Hashable
 
 from launcher.frontdoor import room, sleep
 from launcher.frontdoor.core import (
-    finish_despite_cancel,
     FAILED_LOG_LINES,
     REAP_INTERVAL,
     DoorCore,
+    finish_despite_cancel,
     instance_id_for,
     log,
 )

@@ -17,8 +17,8 @@ from launcher.frontdoor.model_state import ModelState
 from launcher.frontdoor.profiles import MODEL_ANNOTATION, ModelProfile
 from launcher.instances.manager import InstanceManager
 from launcher.instances.memory import Footprint, option_value, parse_size
-from launcher.settings import Settings
 from launcher.instances.state import InstanceRecord
+from launcher.settings import Settings
 
 HOLDING = (Phase.STARTING, Phase.READY, Phase.STOPPING, Phase.SLEEPING, Phase.WAKING)  # phases that hold room
 

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import yaml
-
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.error import YAMLError
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from launcher.frontdoor.profiles import ModelProfile, ModelsFile, ProfileError, load_models_file, parse_models_file
 

@@ -27,8 +27,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from launcher.frontdoor.sleep import DEV_MODE_ENV, SLEEP_FLAG
-from launcher.instances.memory import parse_size
 from launcher.instances.config import VllmConfig, did_you_mean
+from launcher.instances.memory import parse_size
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 MODEL_ANNOTATION = "launcher.front-door/model"  # on every instance the front door starts

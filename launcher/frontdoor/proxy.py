@@ -33,14 +33,14 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from launcher.instances import readiness
 from launcher.errors import NotFound
+from launcher.frontdoor import upstream
 from launcher.frontdoor.core import LOST_WAIT_SECONDS
 from launcher.frontdoor.door import FrontDoor
 from launcher.frontdoor.errors import dot_segment_error, has_dot_segment, openai_error
 from launcher.frontdoor.model_state import InsufficientMemory, Lease, ModelInvalid, ModelState, NoRoom, StartFailed
-from launcher.frontdoor import upstream
 from launcher.frontdoor.upstream import Connection, UpstreamError, UpstreamPool, UpstreamTimeout
+from launcher.instances import readiness
 from launcher.instances.config import did_you_mean
 from launcher.request_body import read_capped
 

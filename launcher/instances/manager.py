@@ -24,13 +24,6 @@ from typing import Any
 import httpx
 
 from forkserver import phases, protocol
-from launcher.instances import dir_lock
-from launcher.instances import events
-from launcher.instances import gpus
-from launcher.instances import memory
-from launcher.instances import ports
-from launcher.instances import readiness
-from launcher.instances import sweep
 from launcher.errors import (
     BadRequest,
     Conflict,
@@ -40,15 +33,16 @@ from launcher.errors import (
     ServiceUnavailable,
     TooManyInstances,
 )
+from launcher.instances import dir_lock, events, gpus, memory, ports, readiness, sweep
+from launcher.instances.config import VllmConfig, check_instance_id
 from launcher.instances.events import EventLog
 from launcher.instances.failure_reason import TAIL_BYTES, read_failure_reason
+from launcher.instances.memory import Footprint
+from launcher.instances.state import InstanceRecord
+from launcher.metrics import LauncherMetrics, StateSnapshot, count_instances, exit_kind
+from launcher.settings import Settings
 from launcher.supervisor.client import ForkserverClient, ForkserverError, ForkserverGone
 from launcher.supervisor.process import ForkserverSupervisor
-from launcher.instances.memory import Footprint
-from launcher.metrics import LauncherMetrics, StateSnapshot, count_instances, exit_kind
-from launcher.instances.config import VllmConfig, check_instance_id
-from launcher.settings import Settings
-from launcher.instances.state import InstanceRecord
 
 log = logging.getLogger("launcher.instances.manager")
 

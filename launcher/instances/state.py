@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.instances.memory import Footprint
 from launcher.instances.config import VllmConfig
+from launcher.instances.memory import Footprint
 
 
 class Status(str, enum.Enum):

@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from launcher.supervisor.client import EventHandler, ForkserverClient, ForkserverGone
 from launcher.settings import Settings
+from launcher.supervisor.client import EventHandler, ForkserverClient, ForkserverGone
 
 log = logging.getLogger("launcher.forkserver")
 CONNECT_POLL = 0.05
