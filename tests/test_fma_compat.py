@@ -113,12 +113,14 @@ def test_every_endpoint_answers_in_fmas_documented_shapes(launcher: LauncherProc
 def test_unknown_fields_are_ignored_with_a_warning(launcher: LauncherProcess) -> None:
     body = {"options": _options(free_port()), "future_field": {"x": 1}, "another": True}
     answer = launcher.client.put("/v2/vllm/instances/newer", json=body)
-    assert answer.status_code == 201, answer.text
-    assert answer.headers["warning"] == '299 - "unknown fields ignored: another, future_field"'
-    assert "future_field" not in answer.json()
-    wait_until(lambda: "ignored unknown field(s) another, future_field" in launcher.output_text(), 10,
-               what="the log line")  # fmt: skip
-    launcher.client.delete("/v2/vllm/instances/newer")
+    try:  # the module's launcher is shared: a failure here must not leave an instance to the next test
+        assert answer.status_code == 201, answer.text
+        assert answer.headers["warning"] == '299 - "unknown fields ignored: another, future_field"'
+        assert "future_field" not in answer.json()
+        wait_until(lambda: "create newer: unknown fields ignored: another, future_field" in launcher.output_text(),
+                   10, what="the log line")  # fmt: skip
+    finally:
+        launcher.client.delete("/v2/vllm/instances/newer")
 
 
 def test_strict_fields_refuses_unknown_fields() -> None:
@@ -270,6 +272,9 @@ def test_the_notifier_publishes_upstreams_signature_on_every_change(
 
     def published() -> list[str]:
         return [patch["body"]["metadata"]["annotations"][ANNOTATION] for patch in _FakeKubernetes.patches]
+
+    left = [item["instance_id"] for item in launcher.client.get("/v2/vllm/instances").json()["instances"]]
+    assert left == [], f"an earlier test left instances in the module's launcher: {left}"
 
     with _process([sys.executable, "launcher_pod_notifier.py"], env, tmp_path / "notifier.out"):
         empty = hashlib.sha256(b"[]").hexdigest()  # upstream's value for a launcher with no instance
