@@ -39,6 +39,7 @@ def valid_instance_id(value: object) -> bool:
 OP_HELLO = "hello"  # -> {"pid", "version", "workload", "preload_seconds", "threads", "instances": [...]}
 OP_VALIDATE = "validate"  # {"argv"} -> {"model", "port", "port_given", "host"}
 OP_SPAWN = "spawn"  # {"instance_id", "argv", "env", "log_path", "meta", "unstartable"?} -> {"pid", "model", "port", ...}
+OP_CANCEL = "cancel"  # {"instance_id"} -> {"cancelled"} ; drops a spawn still waiting for its zygote
 OP_STOP = "stop"  # {"instance_id", "grace_seconds"} -> {} ; an "exited" event follows
 OP_FORGET = "forget"  # {"instance_id"} -> {} ; drops the record of a stopped instance
 OP_NOTE = "note"  # {"instance_id", "meta"} -> {} ; merges into the instance's API notes

@@ -277,6 +277,7 @@ class ForkServer:
             protocol.OP_VALIDATE: self._op_validate,
             protocol.OP_SPAWN: self._op_spawn,
             protocol.OP_STOP: self._op_stop,
+            protocol.OP_CANCEL: self._op_cancel,
             protocol.OP_FORGET: self._op_forget,
             protocol.OP_NOTE: self._op_note,
             protocol.OP_SHUTDOWN: self._op_shutdown,
@@ -497,6 +498,20 @@ class ForkServer:
             raise RequestError(protocol.KIND_INVALID, f"grace_seconds must be a number from 0 to {MAX_GRACE:g}")
         self._instances.stop(instance, float(grace))
         return {"running": not instance.finished}
+
+    def _op_cancel(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Drop a spawn still waiting for its model's zygote (a delete of an instance being created):
+        its spawn is answered with a conflict, and nothing of it is left (temp dir, log file)."""
+        spawn = self._zygotes.cancel(str(message.get("instance_id")))
+        if spawn is None:
+            return {"cancelled": False}
+        os.close(spawn.log_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(spawn.log_path)
+        shutil.rmtree(spawn.tmpdir, ignore_errors=True)
+        self._answer(spawn, {"ok": False, "kind": protocol.KIND_CONFLICT,
+                             "error": f"instance {spawn.instance_id!r} was deleted before it was forked"})  # fmt: skip
+        return {"cancelled": True}
 
     def _op_forget(self, message: dict[str, Any]) -> dict[str, Any]:
         instance = self._lookup(message)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -240,3 +241,75 @@ def test_a_busy_port_is_never_ready_on_the_other_instances_health(fma: LauncherP
                 break
     second = fma.state("second")
     assert not second["ready"] and second["ready_at"] is None, (second, events)
+
+
+def _without_privileged_ports() -> tuple[list[str], int]:
+    """A command prefix under which the launcher may not bind ports below 1024 (a non-root pod), and
+    such a port."""
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if start < 2:
+        pytest.skip("every port can be bound by any user on this host")
+    if os.geteuid() != 0:
+        return [], start - 1
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root without setpriv (util-linux): cannot drop CAP_NET_BIND_SERVICE")
+    return [setpriv, "--bounding-set", "-net_bind_service", "--inh-caps", "-net_bind_service"], start - 1
+
+
+def test_a_port_the_launchers_user_may_not_bind_is_refused_or_a_stopped_instance_never_a_500() -> None:
+    prefix, port = _without_privileged_ports()
+    for command, fma_entry in (([sys.executable, "-m", "launcher"], False), (FMA_ENTRY, True)):
+        launcher = LauncherProcess(server=[*prefix, *command], env={"LAUNCHER_STOP_TIMEOUT": "2"})
+        try:
+            answer = launcher.create("low", options=f"--model standin-model --port {port}")
+            if fma_entry:
+                assert answer.status_code == 201, answer.text
+                reason = _stopped(launcher, "low")["stop_reason"]
+            else:
+                assert answer.status_code == 400, answer.text
+                reason = answer.json()["detail"]
+            assert f"port {port}" in reason and "permission denied" in reason, reason
+        finally:
+            assert not launcher.stop()
+
+
+def test_an_instance_made_of_empty_options_is_adopted_after_an_api_restart(tmp_path: Path) -> None:
+    """FMA's entry takes ``options: ""``; a standalone forkserver keeps that instance over an API
+    restart, and the next API must know it (listed, deletable), not leave a name nobody can use."""
+    socket_path = str(tmp_path / "run" / "fs.sock")
+    forkserver = subprocess.Popen([sys.executable, "-m", "forkserver", "--socket", socket_path, "--workload",
+                                   "standin"], cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    env = {"LAUNCHER_FORKSERVER_SOCKET": socket_path, "LAUNCHER_LOG_DIR": str(tmp_path / "logs")}
+    try:
+        wait_until(lambda: os.path.exists(socket_path), 30, what="the standalone forkserver")
+        first = LauncherProcess(server=FMA_ENTRY, env=env)
+        try:
+            assert first.create("empty", options="").status_code == 201
+            _stopped(first, "empty")
+        finally:
+            first.stop()
+        second = LauncherProcess(server=FMA_ENTRY, env=env)
+        try:
+            adopted = second.state("empty")
+            assert adopted["options"] == "" and adopted["status"] == "stopped" and adopted["exit_code"] == 2
+            assert second.client.delete(f"{INSTANCES}/empty").status_code == 200
+            assert not (tmp_path / "logs" / "empty.log").exists()
+        finally:
+            second.stop()
+    finally:
+        forkserver.terminate()
+        forkserver.wait(30)
+
+
+def test_unstartable_options_of_a_startable_size_are_a_stopped_instance_too(fma: LauncherProcess) -> None:
+    """The parser's message repeats the options: the reason the spawn carries is cut, so that options
+    which fit a startable create fit an unstartable one."""
+    name = "x" * 400_000
+    for instance_id, options in (("fits", f"--model standin-model --served-model-name {name}"),
+                                 ("bogus", f"--model standin-model --bogus {name}")):  # fmt: skip
+        answer = fma.create(instance_id, options=options)
+        assert answer.status_code == 201, answer.text[:300]
+    reason = _stopped(fma, "bogus")["stop_reason"]
+    assert "--bogus" in reason and len(reason) < 4096
+    assert fma.client.delete(INSTANCES).status_code == 200

@@ -7,6 +7,7 @@ Stand-in tests are fast; the ``vllm`` ones use the real vLLM and the tiny model.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -24,6 +25,7 @@ import pytest
 from launcher.instances import memory
 from tests.conftest import real_vllm_launcher
 from tests.launcher_process import REPO, SERVE_FLAGS, LauncherProcess, free_port, wait_until
+from tests.test_front_door_standin import ask, front_door, instances_of, model_state
 from tests.test_weight_sharing import greedy_tokens, start_ready
 
 MIB = 2**20
@@ -36,21 +38,45 @@ def _zygotes(launcher: LauncherProcess) -> list[psutil.Process]:
 # --------------------------------------------------------------------------- stand-in (fast)
 
 
-def test_a_delete_while_the_spawn_waits_on_the_zygote_is_not_lost(standin: LauncherProcess) -> None:
-    """A DELETE of an instance whose PUT waits on its model's zygote (its whole load) waits for the
-    create and deletes the instance: never a 404 that leaves it running."""
-    answers: dict[str, int] = {}
-    options = f"--model m --port {free_port()} --share-weights-mib 16 --zygote-load-delay 3"
-    creating = threading.Thread(target=lambda: answers.update(code=standin.create("wait", options=options).status_code))
+def test_a_delete_while_the_spawn_waits_on_the_zygote_takes_it_back(standin: LauncherProcess) -> None:
+    """A DELETE of an instance whose PUT waits on its model's zygote (a load that may take minutes)
+    takes the create back at once: the DELETE is a 200, the PUT a 409, nothing runs or is left, and
+    the zygote, with nothing left to fork, is retired (never a 404 that leaves an instance running)."""
+    answers: dict[str, httpx.Response] = {}
+    options = f"--model m --port {free_port()} --share-weights-mib 16 --zygote-load-delay 120"
+    creating = threading.Thread(target=lambda: answers.update(put=standin.create("wait", options=options)))
     creating.start()
     wait_until(lambda: _zygotes(standin), 10, 0.05, "the zygote")
-    deleted = standin.client.delete("/v2/vllm/instances/wait")
+    deleted = standin.client.delete("/v2/vllm/instances/wait", timeout=30)
     creating.join(30)
-    time.sleep(0.5)
-    listed = standin.client.get("/v2/vllm/instances/wait")
-    running = listed.status_code == 200 and listed.json()["status"] == "running"
-    assert not running, f"DELETE answered {deleted.status_code} {deleted.text}; PUT {answers}; the instance runs"
-    assert deleted.status_code == 200 and answers == {"code": 201}
+    assert deleted.status_code == 200 and deleted.json()["status"] == "terminated", deleted.text
+    assert answers["put"].status_code == 409 and "deleted before it was forked" in answers["put"].text
+    assert standin.client.get("/v2/vllm/instances/wait").status_code == 404
+    assert not (standin.log_dir / "wait.log").exists()
+    wait_until(lambda: not _zygotes(standin), 10, 0.05, "the zygote to be retired")
+    assert standin.create("wait", options=f"--model m --port {free_port()}").status_code == 201  # the id is free
+    assert standin.client.delete("/v2/vllm/instances/wait").status_code == 200
+
+
+@pytest.mark.parametrize("how", ["start_timeout", "stop"])
+def test_a_front_door_start_waiting_for_its_weights_ends_at_its_deadline_or_a_stop(tmp_path: Path, how: str) -> None:
+    """The profile's start_timeout bounds the whole start, its weights' load included, and a stop
+    cancels such a start instead of waiting for the load (docs/front-door.md)."""
+    timeout = ", start_timeout: 1" if how == "start_timeout" else ""
+    models = f'models:\n  slow: {{options: "--model S --share-weights-mib 16 --zygote-load-delay 120"{timeout}}}\n'
+    with front_door(tmp_path, models) as launcher, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(ask, launcher, "slow")
+        wait_until(lambda: _zygotes(launcher), 10, 0.05, "the zygote")
+        if how == "stop":
+            stopped = launcher.client.post("/v2/vllm/models/slow/stop", timeout=20)
+            assert stopped.status_code == 200 and stopped.json()["state"] == "failed", stopped.text
+            assert "start was cancelled (stopped)" in waiting.result(timeout=20).json()["error"]["message"]
+        else:
+            answer = waiting.result(timeout=20)
+            assert answer.status_code == 502 and "(start_timeout)" in answer.json()["error"]["message"], answer.text
+            assert model_state(launcher, "slow")["state"] == "failed"
+        assert instances_of(launcher, "slow") == []
+        wait_until(lambda: not _zygotes(launcher), 10, 0.05, "the zygote to be retired")
 
 
 def test_a_hung_zygote_is_given_up_and_the_create_forks_directly(standin: LauncherProcess) -> None:

@@ -5,7 +5,6 @@ create the instance, wait until it is healthy), sleep, wake, stop. Part of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Hashable
 
@@ -50,19 +49,28 @@ class Effects(DoorCore):
         timeout = effective_start_timeout(profile, self._settings.start_timeout)
         try:
             await self._make_room(state, profile, started + self._settings.queue_timeout)
-            creating = asyncio.ensure_future(self._create(state, profile))
+            deadline = time.monotonic() + timeout  # its create included: the first waits for its weights' load
+            wanted = instance_id_for(state.name)
+            creating = asyncio.ensure_future(self._create(state, profile, wanted))
             try:
-                record = await asyncio.shield(creating)  # a fork under way is finished, then removed
-            except asyncio.CancelledError:
-                # Cancelled once or twice (a stop, then a delete), the fork under way is finished and
-                # its instance removed below: nothing is left that no one owns.
+                record = await asyncio.wait_for(asyncio.shield(creating), timeout)
+            except (asyncio.CancelledError, TimeoutError) as exc:
+                # Cancelled once or twice (a stop, then a delete) or out of time: a create waiting for
+                # its model's weights is taken back; a fork under way is finished and its instance
+                # removed below: nothing is left that no one owns.
+                self._manager.cancel_create(wanted)
                 made = await finish_despite_cancel(creating)
                 instance_id = made.instance_id if made is not None else None
+                if isinstance(exc, TimeoutError):
+                    raise StartFailed(
+                        f"model {state.name!r} failed to start: its instance was not made within {timeout:g}s "
+                        "(start_timeout): its model's weights were still loading"
+                    ) from None
                 raise
             state.running_profile = profile
             instance_id = state.instance_id = record.instance_id
             try:
-                record = await asyncio.wait_for(self._manager.wait_settled(instance_id), timeout)
+                record = await asyncio.wait_for(self._manager.wait_settled(instance_id), deadline - time.monotonic())
             except TimeoutError:
                 raise StartFailed(
                     f"model {state.name!r} failed to start: its instance {instance_id} was not ready within "
@@ -135,11 +143,11 @@ class Effects(DoorCore):
             reason = record.stop_reason or failure_reason(tail)
         return f"{reason or '(its log is empty)'} (the end of its log: GET /v2/vllm/models/{state.name}/log)"
 
-    async def _create(self, state: ModelState, profile: ModelProfile) -> InstanceRecord:
+    async def _create(self, state: ModelState, profile: ModelProfile, instance_id: str) -> InstanceRecord:
         # From here the manager's own reservation holds the slot (taken before its first await).
         self._claims.discard(state.uid)
         config = profile.instance_config(state.name, placed_gpus=state.placed_gpus, sleep=self.sleeps(state, profile))
-        return await self._manager.create(config, instance_id_for(state.name), received_at=time.time())
+        return await self._manager.create(config, instance_id, received_at=time.time())
 
     # ------------------------------------------------------------------ room
 

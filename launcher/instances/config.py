@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import shlex
 from collections.abc import Iterable
 from typing import Any
@@ -97,12 +96,18 @@ def parse_config(body: bytes, *, strict: bool = True, empty_options: bool = Fals
     data = load_json_object(body)
     ignored = [] if strict else sorted(key for key in data if key not in VllmConfig.model_fields)
     kept = {key: value for key, value in data.items() if key not in ignored}
-    empty = empty_options and kept.get("options") == ""
     try:
-        config = VllmConfig.model_validate({**kept, "options": "-"} if empty else kept)
+        return validate_config(kept, empty_options=empty_options), ignored
     except ValidationError as exc:
         raise Unprocessable(_describe(exc)) from None
-    return (config.model_copy(update={"options": ""}) if empty else config), ignored
+
+
+def validate_config(data: Any, *, empty_options: bool = False) -> VllmConfig:
+    """``VllmConfig.model_validate``, letting ``options: ""`` through when ``empty_options`` (FMA's
+    entry takes it; an API adopting the forkserver's instances must take what an earlier one took)."""
+    empty = empty_options and isinstance(data, dict) and data.get("options") == ""
+    config = VllmConfig.model_validate({**data, "options": "-"} if empty else data)
+    return config.model_copy(update={"options": ""}) if empty else config
 
 
 RESERVED_IDS = frozenset({"watch"})  # path words under /v2/vllm/instances/

@@ -34,7 +34,7 @@ from launcher.errors import (
     TooManyInstances,
 )
 from launcher.instances import dir_lock, events, gpus, memory, ports, readiness, sweep
-from launcher.instances.config import VllmConfig, check_instance_id
+from launcher.instances.config import VllmConfig, check_instance_id, validate_config
 from launcher.instances.events import EventLog
 from launcher.instances.failure_reason import TAIL_BYTES, read_failure_reason
 from launcher.instances.memory import Footprint
@@ -45,6 +45,9 @@ from launcher.supervisor.client import ForkserverClient, ForkserverError, Forkse
 from launcher.supervisor.process import ForkserverSupervisor
 
 log = logging.getLogger("launcher.instances.manager")
+
+# What an unstartable instance says of why: whole messages of vLLM's parser, without options of 500 KB.
+UNSTARTABLE_REASON_CHARS = 2000
 
 
 def _pid_alive(pid: int) -> bool:
@@ -99,8 +102,11 @@ class _Reservation:
     """An id (and later a port) held by a create that has not finished yet."""
 
     instance_id: str
+    config: VllmConfig
     port: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)  # the create has finished, either way
+    spawning: bool = False  # its spawn request is sent (or about to be): a cancel must follow it
+    cancelled: bool = False  # a delete took it back before its instance was forked
 
 
 @dataclass
@@ -390,7 +396,7 @@ class InstanceManager:
         env = self._environment(config)
         if config.gpu_uuids is not None:  # echoed as FMA's launcher does: the env_vars the instance got
             config = config.model_copy(update={"env_vars": {**(config.env_vars or {}), **env}})
-        reservation = _Reservation(instance_id)
+        reservation = _Reservation(instance_id, config)
         self._reserved[instance_id] = reservation
         cancelled = False
         try:
@@ -405,6 +411,8 @@ class InstanceManager:
                         raise
                     unstartable = exc.detail  # FMA's launcher forks anyway: the instance cannot bind
             if unstartable is not None:
+                if len(unstartable) > UNSTARTABLE_REASON_CHARS:  # the parser's message may repeat the options
+                    unstartable = unstartable[:UNSTARTABLE_REASON_CHARS] + " [...]"
                 # FMA's flow: the instance is made and stops at once, saying why (on a free port: it
                 # never listens, so no probe can take another server's answer for its own).
                 log.info("instance %s cannot start (%s); made anyway, as FMA's launcher does", instance_id, unstartable)
@@ -418,6 +426,9 @@ class InstanceManager:
                 # loopback opens nothing). On 0.0.0.0 (FMA's pods) vLLM's default stays: every address.
                 argv = [*argv, "--host", self._settings.host]
                 parsed = {**parsed, "host": self._settings.host}
+            if reservation.cancelled:
+                raise Conflict(f"instance {instance_id!r} was deleted before it was forked")
+            reservation.spawning = True
             spawn = asyncio.ensure_future(client.request(
                 protocol.OP_SPAWN,
                 instance_id=instance_id,
@@ -513,7 +524,14 @@ class InstanceManager:
         for item in self._reserved.values():
             if item.port == port:
                 raise Conflict(f"port {port} is already claimed by instance {item.instance_id!r}, being created")
-        if ports.port_is_bound(port):
+        try:
+            bound = ports.port_is_bound(port)
+        except PermissionError:  # below ip_unprivileged_port_start, without CAP_NET_BIND_SERVICE: as any non-root pod
+            raise BadRequest(
+                f"port {port} cannot be bound: permission denied for the launcher's user (uid {os.geteuid()}), "
+                "whose instances run as it; use a port of 1024 or more"
+            ) from None
+        if bound:
             raise Conflict(f"port {port} is busy: another process on this host listens on it")
         return port
 
@@ -591,7 +609,7 @@ class InstanceManager:
     def _record_from(self, item: dict[str, Any]) -> InstanceRecord | None:
         meta = item.get("meta") or {}
         try:
-            config = VllmConfig.model_validate(meta.get("config"))
+            config = validate_config(meta.get("config"), empty_options=True)  # as it was once accepted
         except ValueError:
             log.warning("not adopting instance %s: it was not created by a launcher", item.get("instance_id"))
             return None
@@ -620,9 +638,14 @@ class InstanceManager:
         """Stop ``instance_id`` (if running), wait until no process of it is left, forget it."""
         creating = self._reserved.get(instance_id)
         if creating is not None:
-            # A create still under way (a fork waiting for its model's zygote to load): its instance
-            # is deleted once it exists, not missed with a 404.
+            # A create still under way: taken back if it is not forked yet (a fork waiting for its
+            # model's zygote to load: the load may take minutes), else deleted once it exists.
+            self.cancel_create(instance_id)
             await creating.done.wait()
+            if creating.cancelled and instance_id not in self._records:
+                log.info("instance %s deleted before it was forked", instance_id)
+                return {"status": "terminated", "instance_id": instance_id, **creating.config.echo(),
+                        "revision": self.events.revision}  # fmt: skip
         task = self._deleting.get(instance_id)
         if task is None:
             record = self.get(instance_id)
@@ -631,6 +654,24 @@ class InstanceManager:
             self._deleting[instance_id] = task
         # Shielded: a client that hangs up mid-DELETE does not leave a half-deleted instance.
         return await asyncio.shield(task)
+
+    def cancel_create(self, instance_id: str) -> None:
+        """Take back a create under way if its instance is not forked yet (it waits for its model's
+        zygote): that create then fails with a 409 and leaves nothing. A fork already asked for is
+        finished (0.2 s) and its create succeeds: delete it then."""
+        reservation = self._reserved.get(instance_id)
+        if reservation is None or reservation.cancelled:
+            return
+        reservation.cancelled = True
+        if reservation.spawning:  # sent after the spawn on the same connection, so read after it
+            task = asyncio.create_task(self._cancel_spawn(instance_id), name=f"cancel-{instance_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _cancel_spawn(self, instance_id: str) -> None:
+        with contextlib.suppress(ForkserverError):
+            client = await self.forkserver.client()
+            await client.request(protocol.OP_CANCEL, instance_id=instance_id)
 
     async def delete_all(self) -> list[dict[str, Any]]:
         """Delete every instance concurrently."""
