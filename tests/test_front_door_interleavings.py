@@ -94,6 +94,9 @@ class MemoryManager:
             record.mark_ready()
         settled.set()
 
+    def cancel_create(self, instance_id: str) -> None:
+        pass  # creates here fork at once: none waits for a model's weights, so none is taken back
+
     def crash(self, instance_id: str) -> None:
         record = self.records.get(instance_id)
         if record is not None and record.live:
