@@ -46,6 +46,7 @@ OP_NOTE = "note"  # {"instance_id", "meta"} -> {} ; merges into the instance's A
 OP_SHUTDOWN = "shutdown"  # {"grace_seconds"} -> {} ; stops every instance, then the server exits
 
 EVENT_EXITED = "exited"  # an instance's description (see hello) once no process of it is left
+EVENT_FORKED = "forked"  # an instance's description (see hello), forked for a client gone meanwhile
 
 # Error kinds in replies.
 KIND_INVALID = "invalid"

@@ -179,6 +179,11 @@ class ForkServer:
             return
         self._selector.unregister(client.sock)
         client.sock.close()
+        # Its creates still waiting for a zygote failed for it (the API answered 503): not forked later,
+        # unseen by the API that connects next (it has had its hello by then).
+        for spawn in self._zygotes.take_back(lambda spawn: spawn.reply_to is not None and spawn.reply_to[0] is client):
+            print(f"forkserver: {spawn.instance_id} not forked: its client is gone", file=sys.stderr, flush=True)
+            self._discard(spawn)
 
     def _service_client(self, fd: int, mask: int) -> None:
         client = self._clients.get(fd)
@@ -457,13 +462,25 @@ class ForkServer:
         instance = self._instance_for(spawn, pid)
         instance.zygote_pid = zygote.pid
         self._instances.add(instance, may_be_reaped=True)
-        self._answer(spawn, {"ok": True, **instance.describe()})
+        self._answer_forked(spawn, instance)
+
+    def _answer_forked(self, spawn: zygotes.PendingSpawn, instance: Instance) -> None:
+        """Answer a spawn with its instance; if its client went away meanwhile (its fork was already
+        asked), tell whoever is connected, who adopts it as it would from a hello."""
+        if self._requester(spawn) is None:
+            self._broadcast({"event": protocol.EVENT_FORKED, **instance.describe()})
+        else:
+            self._answer(spawn, {"ok": True, **instance.describe()})
+
+    def _requester(self, spawn: zygotes.PendingSpawn) -> _Client | None:
+        """The connected client a spawn answers to; None if it is gone."""
+        client = spawn.reply_to[0] if spawn.reply_to is not None else None
+        return client if isinstance(client, _Client) and self._clients.get(client.sock.fileno()) is client else None
 
     def _spawn_directly(self, spawn: zygotes.PendingSpawn, why: str) -> None:
         """A spawn its zygote could not fork: fork it here (it loads its own weights), or refuse it."""
         if self._shutdown_grace is not None:
-            os.close(spawn.log_fd)
-            shutil.rmtree(spawn.tmpdir, ignore_errors=True)
+            self._discard(spawn)
             self._answer(spawn, {"ok": False, "kind": protocol.KIND_CONFLICT, "error": "the forkserver is shutting down"})
             return
         print(f"forkserver: {spawn.instance_id} forked directly: {why}", file=sys.stderr, flush=True)
@@ -472,13 +489,12 @@ class ForkServer:
         except RequestError as exc:
             self._answer(spawn, {"ok": False, "kind": exc.kind, "error": str(exc)})
             return
-        self._answer(spawn, {"ok": True, **instance.describe()})
+        self._answer_forked(spawn, instance)
 
     def _answer(self, spawn: zygotes.PendingSpawn, reply: dict[str, Any]) -> None:
-        client, request_id = spawn.reply_to if spawn.reply_to is not None else (None, None)
-        if isinstance(client, _Client) and self._clients.get(client.sock.fileno()) is client:
-            self._send(client, {**reply, "id": request_id})
-        # A client gone meanwhile: the instance is listed by hello, and adopted like any other.
+        client = self._requester(spawn)
+        if client is not None and spawn.reply_to is not None:
+            self._send(client, {**reply, "id": spawn.reply_to[1]})
 
     def _report_new_threads(self) -> None:
         """Name OS threads that appeared since start-up: the child inherits none of them."""
@@ -502,16 +518,21 @@ class ForkServer:
     def _op_cancel(self, message: dict[str, Any]) -> dict[str, Any]:
         """Drop a spawn still waiting for its model's zygote (a delete of an instance being created):
         its spawn is answered with a conflict, and nothing of it is left (temp dir, log file)."""
-        spawn = self._zygotes.cancel(str(message.get("instance_id")))
-        if spawn is None:
-            return {"cancelled": False}
+        instance_id = message.get("instance_id")
+        taken = self._zygotes.take_back(lambda spawn: spawn.instance_id == instance_id)
+        for spawn in taken:
+            self._discard(spawn)
+            self._answer(spawn, {"ok": False, "kind": protocol.KIND_CONFLICT,
+                                 "error": f"instance {spawn.instance_id!r} was deleted before it was forked"})  # fmt: skip
+        return {"cancelled": bool(taken)}
+
+    @staticmethod
+    def _discard(spawn: zygotes.PendingSpawn) -> None:
+        """Leave nothing of a spawn that will not be forked: its log fd and file, its temp dir."""
         os.close(spawn.log_fd)
         with contextlib.suppress(OSError):
             os.unlink(spawn.log_path)
         shutil.rmtree(spawn.tmpdir, ignore_errors=True)
-        self._answer(spawn, {"ok": False, "kind": protocol.KIND_CONFLICT,
-                             "error": f"instance {spawn.instance_id!r} was deleted before it was forked"})  # fmt: skip
-        return {"cancelled": True}
 
     def _op_forget(self, message: dict[str, Any]) -> dict[str, Any]:
         instance = self._lookup(message)

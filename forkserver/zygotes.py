@@ -134,17 +134,18 @@ class ZygotePool:
     def pending_ids(self) -> set[str]:
         return {spawn.instance_id for zygote in self._by_key.values() for spawn in zygote.queue}
 
-    def cancel(self, instance_id: str) -> PendingSpawn | None:
-        """Take back a spawn its zygote has not been asked to fork yet (still loading); None if there is
-        none (a fork already asked finishes: 0.2 s). A zygote left with nothing to do is retired."""
+    def take_back(self, which: Callable[[PendingSpawn], bool]) -> list[PendingSpawn]:
+        """Take back the spawns ``which`` picks that no zygote has been asked to fork yet (still
+        loading); a fork already asked finishes (0.2 s). A zygote left with nothing to do is retired."""
+        taken = []
         for zygote in self._by_key.values():
-            spawn = next((s for s in zygote.queue if s.instance_id == instance_id and not s.sent), None)
-            if spawn is not None:
+            mine = [spawn for spawn in zygote.queue if not spawn.sent and which(spawn)]
+            for spawn in mine:
                 zygote.queue.remove(spawn)
-                if not zygote.queue and not zygote.instances:
-                    zygote.idle_since = time.monotonic()
-                return spawn
-        return None
+            if mine and not zygote.queue and not zygote.instances:
+                zygote.idle_since = time.monotonic()
+            taken += mine
+        return taken
 
     def zygotes(self) -> list[Zygote]:
         return list(self._by_key.values())

@@ -301,3 +301,78 @@ def test_a_start_cancelled_twice_during_its_fork_leaves_no_instance_behind(tmp_p
     # The cut create: forked, never recorded -> an orphan the real manager does not know about.
     assert len(forked) == 1
     assert not cut, f"the create of {cut} was cancelled after its fork: that instance runs, owned by nobody"
+
+
+class GatedManager(MemoryManager):
+    """Its create answers when ``gate`` opens, and runs ``at_answer`` in the loop step it answers in;
+    its instances take ``settle`` seconds to be ready (vLLM's engine after the fork)."""
+
+    def __init__(self, settle: float) -> None:
+        super().__init__(1, [0], [False])
+        self.gate = asyncio.Event()
+        self.at_answer: Any = None
+        self.settle = settle
+
+    async def create(
+        self, config: VllmConfig, instance_id: str | None, *, received_at: float, nice: int = 0
+    ) -> InstanceRecord:
+        await self.gate.wait()
+        record = await super().create(config, instance_id, received_at=received_at, nice=nice)
+        if self.at_answer is not None:
+            asyncio.get_running_loop().call_soon(self.at_answer)
+        return record
+
+    async def _settle(self, record: InstanceRecord, settled: asyncio.Event, delay: int, fails: bool) -> None:
+        await asyncio.sleep(self.settle)
+        record.mark_ready()
+        settled.set()
+
+
+@pytest.mark.parametrize("how", ["stop", "replace"])
+def test_a_stop_or_replace_that_lands_as_the_create_answers_is_not_lost(how: str) -> None:
+    """Python 3.11's ``asyncio.wait_for`` returns a done future's result when cancelled in the same
+    step: the start must still see the cancel (a stop that waited for the whole start; the old
+    profile's instance serving on after a replace)."""
+
+    async def scenario() -> tuple[str, str, str]:
+        manager = GatedManager(settle=30.0)
+        settings = Settings(max_instances=1, queue_timeout=30.0, queue_max=10, forkserver_workload="standin")
+        profiles = {"m": ModelProfile(options="--model OLD", idle_timeout=0)}
+        door = FrontDoor(manager, settings, ModelsFile(idle_timeout=0, models=profiles))  # type: ignore[arg-type]
+        state = door.resolve("m")
+        assert state is not None
+        served: list[str] = []
+
+        async def hold() -> None:
+            served.append(state.running_profile.options if state.running_profile else "")
+
+        request = asyncio.ensure_future(request_through(door, "m", hold()))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        stopping: list[asyncio.Future[Any]] = []
+
+        def act() -> None:
+            if how == "stop":
+                stopping.append(asyncio.ensure_future(door.stop_model(state)))
+            else:
+                door.put_profile("m", ModelProfile(options="--model NEW", idle_timeout=0))
+                manager.settle = 0.0  # the new profile's instance is ready at once
+
+        manager.at_answer = act
+        manager.gate.set()
+        done, _ = await asyncio.wait({request}, timeout=10)  # not the 30 s start of the cancelled instance
+        outcome = request.result() if done else "still waiting"
+        if not done:
+            request.cancel()
+            await asyncio.wait({request})
+        if stopping:
+            await asyncio.wait(stopping, timeout=5)
+        phase = state.phase.value
+        await door.shutdown()
+        return outcome, phase, served[0] if served else ""
+
+    outcome, phase, served = asyncio.run(scenario())
+    if how == "stop":
+        assert (outcome, phase) == ("502", "failed")
+    else:
+        assert (outcome, served) == ("200", "--model NEW"), (outcome, phase, served)

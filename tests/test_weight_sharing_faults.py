@@ -79,6 +79,80 @@ def test_a_front_door_start_waiting_for_its_weights_ends_at_its_deadline_or_a_st
         wait_until(lambda: not _zygotes(launcher), 10, 0.05, "the zygote to be retired")
 
 
+def test_a_create_waiting_on_its_zygote_at_shutdown_leaves_no_log_behind() -> None:
+    launcher = LauncherProcess(env={"LAUNCHER_LOG_DIR": ""})  # the default: under the launcher's TMPDIR
+    options = "--model m --share-weights-mib 16 --zygote-load-delay 30"
+    threading.Thread(target=lambda: launcher.create("w", options=options), daemon=True).start()
+    wait_until(lambda: _zygotes(launcher), 10, 0.05, "the zygote")
+    launcher.process.send_signal(signal.SIGTERM)
+    launcher.process.wait(60)
+    logs = [str(path.relative_to(launcher.workdir)) for path in launcher.workdir.rglob("*.log")]
+    assert not launcher.stop()
+    assert logs == []
+
+
+def _forkserver_children(forkserver: subprocess.Popen[bytes]) -> list[str]:
+    return sorted(child.name() for child in psutil.Process(forkserver.pid).children())
+
+
+def test_creates_waiting_on_a_zygote_when_their_api_goes_are_dropped_or_adopted(tmp_path: Path) -> None:
+    """A standalone forkserver outlives its API (FMA's pods). A create still waiting for its zygote's
+    load when the API goes failed for its client: it is never forked later, unseen by the next API,
+    which may create that id afresh. One whose fork was already asked is adopted by the next API."""
+    socket_path = str(tmp_path / "run" / "fs.sock")
+    forkserver = subprocess.Popen([sys.executable, "-m", "forkserver", "--socket", socket_path, "--workload",
+                                   "standin"], cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    env = {"LAUNCHER_FORKSERVER_SOCKET": socket_path, "LAUNCHER_LOG_DIR": str(tmp_path / "logs")}
+    shared = "--model m --share-weights-mib 16"
+
+    def put_in_background(launcher: LauncherProcess, instance_id: str, options: str) -> threading.Thread:
+        def put() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # its API goes away meanwhile
+                launcher.create(instance_id, options=options)
+
+        thread = threading.Thread(target=put, daemon=True)
+        thread.start()
+        return thread
+
+    def zygotes() -> list[psutil.Process]:
+        return [p for p in psutil.Process(forkserver.pid).children() if p.name() == "vllm-zygote"]
+
+    try:
+        wait_until(lambda: os.path.exists(socket_path), 30, what="the standalone forkserver")
+        first = LauncherProcess(env=env)
+        put_in_background(first, "w", f"{shared} --zygote-load-delay 3")
+        wait_until(zygotes, 10, 0.05, "the zygote")
+        first.process.kill()  # the API dies (a graceful stop would wait up to 5 s for its PUT)
+        first.stop()
+        second = LauncherProcess(env=env)
+        try:
+            again = second.create("w", options="--model m")
+            assert again.status_code == 201, again.text  # not "already exists": the first API's w is gone
+            time.sleep(4)  # past the first zygote's load: nothing is forked for the API that left
+            assert _forkserver_children(forkserver) == ["vllm-instance"], _forkserver_children(forkserver)
+            assert second.client.delete("/v2/vllm/instances/w").status_code == 200
+            # A fork asked of a zygote that answers only once its API is gone: adopted by the next one.
+            assert second.create("ready", options=shared).status_code == 201
+            (zygote,) = zygotes()
+            os.kill(zygote.pid, signal.SIGSTOP)
+            put_in_background(second, "late", shared)
+            time.sleep(0.5)  # the fork request is with the stopped zygote
+        finally:
+            second.process.kill()
+            second.stop()
+        third = LauncherProcess(env=env)
+        try:
+            os.kill(zygote.pid, signal.SIGCONT)
+            wait_until(lambda: third.client.get("/v2/vllm/instances/late").status_code == 200, 20, 0.05, "late adopted")
+            assert third.client.delete("/v2/vllm/instances").status_code == 200
+            wait_until(lambda: "vllm-instance" not in _forkserver_children(forkserver), 10, what="no instance left")
+        finally:
+            third.stop()
+    finally:
+        forkserver.terminate()
+        forkserver.wait(30)
+
+
 def test_a_hung_zygote_is_given_up_and_the_create_forks_directly(standin: LauncherProcess) -> None:
     """A zygote that stops answering (stopped, deadlocked in a fork) is given up after
     forkserver/zygotes.py's FORK_TIMEOUT: the waiting create forks directly, and answers."""

@@ -53,7 +53,10 @@ class Effects(DoorCore):
             wanted = instance_id_for(state.name)
             creating = asyncio.ensure_future(self._create(state, profile, wanted))
             try:
-                record = await asyncio.wait_for(asyncio.shield(creating), timeout)
+                # Not asyncio.wait_for: on 3.11 it returns a result that came in the step it was
+                # cancelled in, and the stop or replace would be lost.
+                async with asyncio.timeout(timeout):
+                    record = await asyncio.shield(creating)
             except (asyncio.CancelledError, TimeoutError) as exc:
                 # Cancelled once or twice (a stop, then a delete) or out of time: a create waiting for
                 # its model's weights is taken back; a fork under way is finished and its instance
@@ -63,8 +66,9 @@ class Effects(DoorCore):
                 instance_id = made.instance_id if made is not None else None
                 if isinstance(exc, TimeoutError):
                     raise StartFailed(
-                        f"model {state.name!r} failed to start: its instance was not made within {timeout:g}s "
-                        "(start_timeout): its model's weights were still loading"
+                        f"model {state.name!r} failed to start: its instance was not "
+                        f"{'ready' if made is not None else 'made'} within {timeout:g}s (start_timeout)"
+                        + ("" if made is not None else ": its model's weights were still loading")
                     ) from None
                 raise
             state.running_profile = profile

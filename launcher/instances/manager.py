@@ -526,10 +526,10 @@ class InstanceManager:
                 raise Conflict(f"port {port} is already claimed by instance {item.instance_id!r}, being created")
         try:
             bound = ports.port_is_bound(port)
-        except PermissionError:  # below ip_unprivileged_port_start, without CAP_NET_BIND_SERVICE: as any non-root pod
+        except PermissionError:  # below the first unprivileged port, without CAP_NET_BIND_SERVICE: as any non-root pod
             raise BadRequest(
                 f"port {port} cannot be bound: permission denied for the launcher's user (uid {os.geteuid()}), "
-                "whose instances run as it; use a port of 1024 or more"
+                f"whose instances run as it; use a port of {ports.first_unprivileged_port()} or more"
             ) from None
         if bound:
             raise Conflict(f"port {port} is busy: another process on this host listens on it")
@@ -590,21 +590,25 @@ class InstanceManager:
                     known, exit_code=None, stopped_at=None, reason="not held by the forkserver reconnected to"
                 )
         for item in hello.get("instances", []):
-            instance_id = str(item["instance_id"])
-            record = self._records.get(instance_id)
+            self._adopt_one(item, adopted)
+
+    def _adopt_one(self, item: dict[str, Any], adopted: list[InstanceRecord]) -> None:
+        """Record an instance the forkserver holds (as its hello or an ``forked`` event describes it)."""
+        instance_id = str(item["instance_id"])
+        record = self._records.get(instance_id)
+        if record is None:
+            record = self._record_from(item)
             if record is None:
-                record = self._record_from(item)
-                if record is None:
-                    continue
-                self._records[instance_id] = record
-                runtime = self._runtime[instance_id] = _Runtime()
-                self._publish(events.CREATED, record)
-                if record.live and not record.ready:
-                    runtime.probe = asyncio.create_task(self._probe(record), name=f"probe-{instance_id}")
-                log.info("adopted instance %s (pid %s, %s)", instance_id, record.pid, record.status.value)
-                adopted.append(record)
-            if not item.get("running") and record.live:
-                self._stopped(record, exit_code=item.get("exit_code"), stopped_at=item.get("stopped_at"), reason=None)
+                return
+            self._records[instance_id] = record
+            runtime = self._runtime[instance_id] = _Runtime()
+            self._publish(events.CREATED, record)
+            if record.live and not record.ready:
+                runtime.probe = asyncio.create_task(self._probe(record), name=f"probe-{instance_id}")
+            log.info("adopted instance %s (pid %s, %s)", instance_id, record.pid, record.status.value)
+            adopted.append(record)
+        if not item.get("running") and record.live:
+            self._stopped(record, exit_code=item.get("exit_code"), stopped_at=item.get("stopped_at"), reason=None)
 
     def _record_from(self, item: dict[str, Any]) -> InstanceRecord | None:
         meta = item.get("meta") or {}
@@ -741,6 +745,13 @@ class InstanceManager:
         log.info("instance %s stopped: exit code %s%s", record.instance_id, exit_code, f" ({reason})" if reason else "")
 
     def _on_event(self, message: dict[str, Any]) -> None:
+        if message.get("event") == protocol.EVENT_FORKED and message.get("instance_id") not in self._reserved:
+            # Forked for another client (an API before this one) once its zygote had loaded: ours now.
+            adopted: list[InstanceRecord] = []
+            self._adopt_one(message, adopted)
+            for listener in self._adoption_listeners:
+                listener(adopted)
+            return
         if message.get("event") != protocol.EVENT_EXITED:
             return
         instance_id = str(message.get("instance_id"))

@@ -27,6 +27,15 @@ def port_is_bound(port: int) -> bool:
     return False
 
 
+def first_unprivileged_port() -> int:
+    """The lowest port a user without CAP_NET_BIND_SERVICE may bind (Linux's sysctl; else 1024)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as sysctl:
+            return int(sysctl.read())
+    except (OSError, ValueError):
+        return 1024
+
+
 def pick_free_port(avoid: Container[int]) -> int:
     """A port the kernel says is free and no instance of ours is about to use."""
     for _ in range(100):
