@@ -495,6 +495,8 @@ def _become_instance(
     from forkserver.child import EXIT_SETUP_FAILED, become_instance
 
     try:
+        # Named as what it is at once: never taken for the zygote (ps, psutil) while it waits for "go".
+        osutil.set_process_title(f"instance {request['instance_id']}", comm="vllm-instance")
         deadline = time.monotonic() + REPARENT_TIMEOUT
         while os.getppid() != forkserver_pid:  # the intermediate exits at once; then we are the forkserver's
             if time.monotonic() > deadline:

@@ -58,6 +58,24 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+def start_standalone_forkserver(socket_path: str) -> subprocess.Popen[bytes]:
+    """A stand-in forkserver started on its own (as FMA's pods may run it), in its own session;
+    the caller terminates it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "forkserver", "--socket", socket_path, "--workload", "standin"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: os.path.exists(socket_path), 30, what="the standalone forkserver")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
 def wait_instance_healthy(launcher: LauncherProcess, instance_id: str, port: int, timeout: float = 240.0) -> None:
     """Wait for the instance's own ``/health``; fail at once, with its log, if it stops."""
 

@@ -19,7 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.launcher_process import REPO, LauncherProcess, free_port, process_alive, wait_until
+from tests.launcher_process import (
+    REPO,
+    LauncherProcess,
+    free_port,
+    process_alive,
+    start_standalone_forkserver,
+    wait_until,
+)
 
 
 def _options(extra: str = "") -> str:
@@ -86,21 +93,10 @@ def test_concurrent_delete_and_get_of_one_instance(standin: LauncherProcess) -> 
         assert standin.client.get(f"/v2/vllm/instances/{name}").status_code == 404
 
 
-def _start_standalone_forkserver(socket_path: str) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "forkserver", "--socket", socket_path, "--workload", "standin"],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_until(lambda: os.path.exists(socket_path), 30, what="the standalone forkserver")
-    return process
-
-
 def test_a_standalone_forkserver_outlives_an_api_restart() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fs-alone-"))
     socket_path = str(workdir / "run" / "fs.sock")
-    forkserver = _start_standalone_forkserver(socket_path)
+    forkserver = start_standalone_forkserver(socket_path)
     env = {"LAUNCHER_FORKSERVER_SOCKET": socket_path, "LAUNCHER_LOG_DIR": str(workdir / "logs")}
     try:
         first = LauncherProcess(workload="standin", env=env)
@@ -299,7 +295,7 @@ def test_after_a_dropped_connection_the_list_matches_the_running_processes() -> 
 
     workdir = Path(tempfile.mkdtemp(prefix="fs-drop-"))
     socket_path = str(workdir / "run" / "fs.sock")
-    forkserver = _start_standalone_forkserver(socket_path)
+    forkserver = start_standalone_forkserver(socket_path)
     settings = Settings(forkserver_socket=socket_path, forkserver_workload="standin", log_dir=str(workdir / "logs"))
 
     async def scenario() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.launcher_process import REPO, LauncherProcess, free_port, wait_until
+from tests.launcher_process import REPO, LauncherProcess, free_port, start_standalone_forkserver, wait_until
 
 FMA_ENTRY = [sys.executable, str(REPO / "deploy" / "fma" / "app" / "launcher.py")]
 INSTANCES = "/v2/vllm/instances"
@@ -278,11 +278,9 @@ def test_an_instance_made_of_empty_options_is_adopted_after_an_api_restart(tmp_p
     """FMA's entry takes ``options: ""``; a standalone forkserver keeps that instance over an API
     restart, and the next API must know it (listed, deletable), not leave a name nobody can use."""
     socket_path = str(tmp_path / "run" / "fs.sock")
-    forkserver = subprocess.Popen([sys.executable, "-m", "forkserver", "--socket", socket_path, "--workload",
-                                   "standin"], cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    forkserver = start_standalone_forkserver(socket_path)
     env = {"LAUNCHER_FORKSERVER_SOCKET": socket_path, "LAUNCHER_LOG_DIR": str(tmp_path / "logs")}
     try:
-        wait_until(lambda: os.path.exists(socket_path), 30, what="the standalone forkserver")
         first = LauncherProcess(server=FMA_ENTRY, env=env)
         try:
             assert first.create("empty", options="").status_code == 201

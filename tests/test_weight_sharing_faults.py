@@ -24,7 +24,14 @@ import pytest
 
 from launcher.instances import memory
 from tests.conftest import real_vllm_launcher
-from tests.launcher_process import REPO, SERVE_FLAGS, LauncherProcess, free_port, wait_until
+from tests.launcher_process import (
+    REPO,
+    SERVE_FLAGS,
+    LauncherProcess,
+    free_port,
+    start_standalone_forkserver,
+    wait_until,
+)
 from tests.test_front_door_standin import ask, front_door, instances_of, model_state
 from tests.test_weight_sharing import greedy_tokens, start_ready
 
@@ -100,8 +107,7 @@ def test_creates_waiting_on_a_zygote_when_their_api_goes_are_dropped_or_adopted(
     load when the API goes failed for its client: it is never forked later, unseen by the next API,
     which may create that id afresh. One whose fork was already asked is adopted by the next API."""
     socket_path = str(tmp_path / "run" / "fs.sock")
-    forkserver = subprocess.Popen([sys.executable, "-m", "forkserver", "--socket", socket_path, "--workload",
-                                   "standin"], cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    forkserver = start_standalone_forkserver(socket_path)
     env = {"LAUNCHER_FORKSERVER_SOCKET": socket_path, "LAUNCHER_LOG_DIR": str(tmp_path / "logs")}
     shared = "--model m --share-weights-mib 16"
 
@@ -118,7 +124,6 @@ def test_creates_waiting_on_a_zygote_when_their_api_goes_are_dropped_or_adopted(
         return [p for p in psutil.Process(forkserver.pid).children() if p.name() == "vllm-zygote"]
 
     try:
-        wait_until(lambda: os.path.exists(socket_path), 30, what="the standalone forkserver")
         first = LauncherProcess(env=env)
         put_in_background(first, "w", f"{shared} --zygote-load-delay 3")
         wait_until(zygotes, 10, 0.05, "the zygote")
@@ -133,6 +138,8 @@ def test_creates_waiting_on_a_zygote_when_their_api_goes_are_dropped_or_adopted(
             assert second.client.delete("/v2/vllm/instances/w").status_code == 200
             # A fork asked of a zygote that answers only once its API is gone: adopted by the next one.
             assert second.create("ready", options=shared).status_code == 201
+            # Ready: it has its own name by then (forked from the zygote, it starts with the zygote's).
+            wait_until(lambda: second.state("ready")["ready"], 10, 0.05, "ready")
             (zygote,) = zygotes()
             os.kill(zygote.pid, signal.SIGSTOP)
             put_in_background(second, "late", shared)
