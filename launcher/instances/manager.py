@@ -593,7 +593,7 @@ class InstanceManager:
             self._adopt_one(item, adopted)
 
     def _adopt_one(self, item: dict[str, Any], adopted: list[InstanceRecord]) -> None:
-        """Record an instance the forkserver holds (as its hello or an ``forked`` event describes it)."""
+        """Record an instance the forkserver holds (as its hello or a ``forked`` event describes it)."""
         instance_id = str(item["instance_id"])
         record = self._records.get(instance_id)
         if record is None:
