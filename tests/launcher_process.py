@@ -58,6 +58,20 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+def start_ready(launcher: LauncherProcess, instance_id: str, model: Path, **body: object) -> dict[str, Any]:
+    """Create an instance of ``model`` (the tests' SERVE_FLAGS) and wait until it is ready; its state.
+    An instance that stops meanwhile fails the test with the end of its log."""
+    response = launcher.create(instance_id, options=f"--model {model} {SERVE_FLAGS}", **body)
+    assert response.status_code == 201, response.text
+
+    def ready() -> dict[str, Any] | bool:
+        state = launcher.state(instance_id)
+        assert state["status"] == "running", launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").text[-3000:]
+        return state["ready"] and state
+
+    return wait_until(ready, 300, 0.25, f"{instance_id} ready")
+
+
 def start_standalone_forkserver(socket_path: str) -> subprocess.Popen[bytes]:
     """A stand-in forkserver started on its own (as FMA's pods may run it), in its own session;
     the caller terminates it."""

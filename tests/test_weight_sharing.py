@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.conftest import real_vllm_launcher
-from tests.launcher_process import REPO, SERVE_FLAGS, LauncherProcess, process_alive, wait_until
+from tests.launcher_process import REPO, LauncherProcess, process_alive, start_ready, wait_until
 
 pytestmark = pytest.mark.vllm
 
@@ -40,19 +40,6 @@ def half_b_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     return target
-
-
-def start_ready(launcher: LauncherProcess, instance_id: str, model: Path, **body: object) -> dict:
-    """Create an instance of ``model`` and wait until it is ready; its state."""
-    response = launcher.create(instance_id, options=f"--model {model} {SERVE_FLAGS}", **body)
-    assert response.status_code == 201, response.text
-
-    def ready() -> dict | bool:
-        state = launcher.state(instance_id)
-        assert state["status"] == "running", launcher.client.get(f"/v2/vllm/instances/{instance_id}/log").text[-3000:]
-        return state["ready"] and state
-
-    return wait_until(ready, 300, 0.25, f"{instance_id} ready")
 
 
 def greedy_tokens(state: dict, model: Path) -> list[str]:

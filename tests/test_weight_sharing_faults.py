@@ -29,11 +29,12 @@ from tests.launcher_process import (
     SERVE_FLAGS,
     LauncherProcess,
     free_port,
+    start_ready,
     start_standalone_forkserver,
     wait_until,
 )
 from tests.test_front_door_standin import ask, front_door, instances_of, model_state
-from tests.test_weight_sharing import greedy_tokens, start_ready
+from tests.test_weight_sharing import greedy_tokens
 
 MIB = 2**20
 
