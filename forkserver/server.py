@@ -519,7 +519,10 @@ class ForkServer:
         """Drop a spawn still waiting for its model's zygote (a delete of an instance being created):
         its spawn is answered with a conflict, and nothing of it is left (temp dir, log file)."""
         instance_id = message.get("instance_id")
-        taken = self._zygotes.take_back(lambda spawn: spawn.instance_id == instance_id)
+        asker = self._replying_to[0] if self._replying_to is not None else None  # only its own spawns
+        taken = self._zygotes.take_back(
+            lambda spawn: spawn.instance_id == instance_id and spawn.reply_to is not None and spawn.reply_to[0] is asker
+        )
         for spawn in taken:
             self._discard(spawn)
             self._answer(spawn, {"ok": False, "kind": protocol.KIND_CONFLICT,

@@ -12,16 +12,19 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from forkserver import protocol
 from launcher.instances import memory
 from tests.conftest import real_vllm_launcher
 from tests.launcher_process import (
@@ -283,3 +286,104 @@ def test_the_stand_in_honours_no_share_weights() -> None:
         assert wait_until(line, 10, 0.05, "the WEIGHTS line") == "WEIGHTS OWN"
     finally:
         assert not launcher.stop()
+
+
+@contextlib.contextmanager
+def _standalone(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
+    """A stand-in forkserver started on its own, and the environment of an API that attaches to it."""
+    socket_path = str(tmp_path / "run" / "fs.sock")
+    forkserver = start_standalone_forkserver(socket_path)
+    try:
+        yield forkserver, {"LAUNCHER_FORKSERVER_SOCKET": socket_path, "LAUNCHER_LOG_DIR": str(tmp_path / "logs")}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(forkserver.pid, signal.SIGCONT)
+        forkserver.terminate()
+        forkserver.wait(30)
+
+
+def test_a_cancel_takes_back_only_the_asking_clients_spawn(tmp_path: Path) -> None:
+    """Another client of the forkserver's socket (a second API, a tool) cannot take back this API's create."""
+    with _standalone(tmp_path) as (forkserver, env):
+        api = LauncherProcess(env=env)
+        try:
+            answers: dict[str, httpx.Response] = {}
+            options = "--model m --share-weights-mib 16 --zygote-load-delay 2"
+            creating = threading.Thread(target=lambda: answers.update(put=api.create("w", options=options)))
+            creating.start()
+            wait_until(lambda: [p for p in psutil.Process(forkserver.pid).children() if p.name() == "vllm-zygote"],
+                       10, 0.05, "the zygote")  # fmt: skip
+            with socket.socket(socket.AF_UNIX) as other:
+                other.connect(env["LAUNCHER_FORKSERVER_SOCKET"])
+                other.sendall(protocol.encode({"op": protocol.OP_CANCEL, "instance_id": "w", "id": 1}))
+                frames, replies = protocol.FrameBuffer(), []
+                while not replies:
+                    replies = frames.feed(other.recv(65536))
+            assert replies[0]["ok"] and replies[0]["cancelled"] is False, replies
+            creating.join(30)
+            assert answers["put"].status_code == 201, answers["put"].text
+            assert api.client.delete("/v2/vllm/instances/w").status_code == 200
+        finally:
+            assert not api.stop()
+
+
+def test_a_delete_racing_a_create_that_fails_by_itself_is_a_404(tmp_path: Path) -> None:
+    """The DELETE took nothing back (the create failed on its own options): no instance, no "terminated"."""
+    with _standalone(tmp_path) as (forkserver, env):
+        api = LauncherProcess(env=env)
+        try:
+            answers: dict[str, httpx.Response] = {}
+            os.kill(forkserver.pid, signal.SIGSTOP)  # a busy forkserver: the create is still validating
+            creating = threading.Thread(target=lambda: answers.update(put=api.create("w", options="--model m --bad")))
+            creating.start()
+            time.sleep(0.5)
+            deleting = threading.Thread(target=lambda: answers.update(delete=api.client.delete("/v2/vllm/instances/w")))
+            deleting.start()
+            time.sleep(0.5)
+            os.kill(forkserver.pid, signal.SIGCONT)
+            creating.join(30)
+            deleting.join(30)
+            assert answers["put"].status_code == 400, answers["put"].text
+            assert answers["delete"].status_code == 404, answers["delete"].text
+        finally:
+            assert not api.stop()
+
+
+def test_an_instance_forked_for_a_gone_api_while_the_next_creates_its_id_is_listed(tmp_path: Path) -> None:
+    """API A's fork of "late" was asked (its zygote stopped), A died; API B's own PUT of "late" is under
+    way when the fork lands: B's create fails on it (409), and B lists A's instance, deletable."""
+    shared = "--model m --share-weights-mib 16"
+    with _standalone(tmp_path) as (forkserver, env):
+        first = LauncherProcess(env=env)
+        try:
+            assert first.create("ready", options=shared).status_code == 201
+            wait_until(lambda: first.state("ready")["ready"], 20, 0.05, "ready")
+            (zygote,) = [p for p in psutil.Process(forkserver.pid).children() if p.name() == "vllm-zygote"]
+            os.kill(zygote.pid, signal.SIGSTOP)  # the next fork request waits with the zygote
+
+            def put_late() -> None:
+                with contextlib.suppress(httpx.HTTPError):  # its API dies meanwhile
+                    first.create("late", options=shared)
+
+            threading.Thread(target=put_late, daemon=True).start()
+            time.sleep(0.7)
+        finally:
+            first.process.kill()
+            first.stop()
+        second = LauncherProcess(env=env)
+        try:
+            answers: dict[str, httpx.Response] = {}
+            os.kill(forkserver.pid, signal.SIGSTOP)  # B's create of "late" waits on a busy forkserver
+            creating = threading.Thread(target=lambda: answers.update(put=second.create("late", options=shared)))
+            creating.start()
+            time.sleep(0.7)
+            os.kill(zygote.pid, signal.SIGCONT)  # A's "late" is forked; its event reaches B before B's spawn
+            time.sleep(0.7)
+            os.kill(forkserver.pid, signal.SIGCONT)
+            creating.join(30)
+            assert answers["put"].status_code == 409, answers["put"].text
+            wait_until(lambda: second.client.get("/v2/vllm/instances/late").status_code == 200, 10, 0.05, "late listed")
+            assert second.client.delete("/v2/vllm/instances").status_code == 200
+            wait_until(lambda: "vllm-instance" not in _forkserver_children(forkserver), 10, what="no instance left")
+        finally:
+            second.stop()

@@ -106,7 +106,9 @@ class _Reservation:
     port: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)  # the create has finished, either way
     spawning: bool = False  # its spawn request is sent (or about to be): a cancel must follow it
-    cancelled: bool = False  # a delete took it back before its instance was forked
+    cancelled: bool = False  # a delete asked to take it back
+    taken_back: bool = False  # and it was: never forked (not a create that failed for its own reason)
+    cancelling: asyncio.Task[None] | None = None  # the forkserver's answer to that ask
 
 
 @dataclass
@@ -138,6 +140,9 @@ class InstanceManager:
         self._reserved: dict[str, _Reservation] = {}
         self._deleting: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._early_exits: dict[str, dict[str, Any]] = {}
+        # Instances another client (an API before this one) had asked for, forked after it went:
+        self._forked_while_reserved: dict[str, dict[str, Any]] = {}  # ... while our own create of that id ran
+        self._adopted_since_hello: set[str] = set()  # ... adopted from their event, newer than a hello in flight
         self.metrics = LauncherMetrics()
         self._sampler: asyncio.Task[None] | None = None
         self._schedule = memory.SampleSchedule()
@@ -427,6 +432,7 @@ class InstanceManager:
                 argv = [*argv, "--host", self._settings.host]
                 parsed = {**parsed, "host": self._settings.host}
             if reservation.cancelled:
+                reservation.taken_back = True
                 raise Conflict(f"instance {instance_id!r} was deleted before it was forked")
             reservation.spawning = True
             spawn = asyncio.ensure_future(client.request(
@@ -457,6 +463,10 @@ class InstanceManager:
         finally:
             self._reserved.pop(instance_id, None)
             reservation.done.set()
+            # Another client's instance of this id (our create failed on it: the forkserver has it): ours now.
+            forked = self._forked_while_reserved.pop(instance_id, None)
+            if forked is not None:
+                self._adopt_forked(forked)
         record = InstanceRecord(
             instance_id=instance_id,
             config=config,
@@ -583,7 +593,9 @@ class InstanceManager:
                 listener(adopted)
 
     async def _adopt_each(self, hello: dict[str, Any], adopted: list[InstanceRecord]) -> None:
-        held = {str(item["instance_id"]) for item in hello.get("instances", [])}
+        # An instance adopted from a `forked` event read with (or before) this hello's reply is newer than it.
+        held = {str(item["instance_id"]) for item in hello.get("instances", [])} | self._adopted_since_hello
+        self._adopted_since_hello = set()
         for known in list(self._records.values()):
             if known.live and known.instance_id not in held:  # the forkserver we knew is gone, and they with it
                 self._stopped(
@@ -591,6 +603,13 @@ class InstanceManager:
                 )
         for item in hello.get("instances", []):
             self._adopt_one(item, adopted)
+
+    def _adopt_forked(self, item: dict[str, Any]) -> None:
+        adopted: list[InstanceRecord] = []
+        self._adopt_one(item, adopted)
+        self._adopted_since_hello.update(record.instance_id for record in adopted)
+        for listener in self._adoption_listeners:
+            listener(adopted)
 
     def _adopt_one(self, item: dict[str, Any], adopted: list[InstanceRecord]) -> None:
         """Record an instance the forkserver holds (as its hello or a ``forked`` event describes it)."""
@@ -646,7 +665,9 @@ class InstanceManager:
             # model's zygote to load: the load may take minutes), else deleted once it exists.
             self.cancel_create(instance_id)
             await creating.done.wait()
-            if creating.cancelled and instance_id not in self._records:
+            if creating.cancelling is not None:
+                await creating.cancelling
+            if creating.taken_back and instance_id not in self._records:
                 log.info("instance %s deleted before it was forked", instance_id)
                 return {"status": "terminated", "instance_id": instance_id, **creating.config.echo(),
                         "revision": self.events.revision}  # fmt: skip
@@ -668,14 +689,16 @@ class InstanceManager:
             return
         reservation.cancelled = True
         if reservation.spawning:  # sent after the spawn on the same connection, so read after it
-            task = asyncio.create_task(self._cancel_spawn(instance_id), name=f"cancel-{instance_id}")
+            task = asyncio.create_task(self._cancel_spawn(reservation), name=f"cancel-{instance_id}")
+            reservation.cancelling = task
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _cancel_spawn(self, instance_id: str) -> None:
+    async def _cancel_spawn(self, reservation: _Reservation) -> None:
         with contextlib.suppress(ForkserverError):
             client = await self.forkserver.client()
-            await client.request(protocol.OP_CANCEL, instance_id=instance_id)
+            reply = await client.request(protocol.OP_CANCEL, instance_id=reservation.instance_id)
+            reservation.taken_back = bool(reply.get("cancelled"))
 
     async def delete_all(self) -> list[dict[str, Any]]:
         """Delete every instance concurrently."""
@@ -745,12 +768,13 @@ class InstanceManager:
         log.info("instance %s stopped: exit code %s%s", record.instance_id, exit_code, f" ({reason})" if reason else "")
 
     def _on_event(self, message: dict[str, Any]) -> None:
-        if message.get("event") == protocol.EVENT_FORKED and message.get("instance_id") not in self._reserved:
-            # Forked for another client (an API before this one) once its zygote had loaded: ours now.
-            adopted: list[InstanceRecord] = []
-            self._adopt_one(message, adopted)
-            for listener in self._adoption_listeners:
-                listener(adopted)
+        if message.get("event") == protocol.EVENT_FORKED:
+            # Forked for another client (an API before this one) once its zygote had loaded: ours now,
+            # or once our own create of that id has failed on it.
+            if message.get("instance_id") in self._reserved:
+                self._forked_while_reserved[str(message.get("instance_id"))] = message
+            else:
+                self._adopt_forked(message)
             return
         if message.get("event") != protocol.EVENT_EXITED:
             return
@@ -773,6 +797,7 @@ class InstanceManager:
         )
 
     async def _on_forkserver_lost(self, reason: str) -> None:
+        self._adopted_since_hello.clear()  # events of the lost connection: the next hello says what is held
         for record in list(self._records.values()):
             if not record.live:
                 continue
