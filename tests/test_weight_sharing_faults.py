@@ -49,11 +49,18 @@ def _zygotes(launcher: LauncherProcess) -> list[psutil.Process]:
 # --------------------------------------------------------------------------- stand-in (fast)
 
 
+def _cancelled_creates(launcher: LauncherProcess) -> float:
+    prefix = 'launcher_instance_create_failures_total{reason="cancelled"} '
+    lines = [line for line in launcher.client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
 def test_a_delete_while_the_spawn_waits_on_the_zygote_takes_it_back(standin: LauncherProcess) -> None:
     """A DELETE of an instance whose PUT waits on its model's zygote (a load that may take minutes)
     takes the create back at once: the DELETE is a 200, the PUT a 409, nothing runs or is left, and
     the zygote, with nothing left to fork, is retired (never a 404 that leaves an instance running)."""
     answers: dict[str, httpx.Response] = {}
+    cancelled_before = _cancelled_creates(standin)
     options = f"--model m --port {free_port()} --share-weights-mib 16 --zygote-load-delay 120"
     creating = threading.Thread(target=lambda: answers.update(put=standin.create("wait", options=options)))
     creating.start()
@@ -62,6 +69,7 @@ def test_a_delete_while_the_spawn_waits_on_the_zygote_takes_it_back(standin: Lau
     creating.join(30)
     assert deleted.status_code == 200 and deleted.json()["status"] == "terminated", deleted.text
     assert answers["put"].status_code == 409 and "deleted before it was forked" in answers["put"].text
+    assert _cancelled_creates(standin) == cancelled_before + 1  # counted as taken back, not as a conflict
     assert standin.client.get("/v2/vllm/instances/wait").status_code == 404
     assert not (standin.log_dir / "wait.log").exists()
     wait_until(lambda: not _zygotes(standin), 10, 0.05, "the zygote to be retired")

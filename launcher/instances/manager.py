@@ -65,9 +65,14 @@ MEMORY_SAMPLE_SECONDS = memory.FAST_SAMPLE_SECONDS  # how often the sampler look
 MOCK_ASLEEP_GPU_BYTES = 2**30  # what a sleeping instance keeps of a mock GPU (a CUDA context)
 
 
+class TakenBack(Conflict):
+    """A create a DELETE (or a front-door stop) took back before its instance was forked."""
+
+
 _FAILURE_REASONS: dict[type[LauncherError], str] = {
     BadRequest: "invalid",
     Conflict: "conflict",
+    TakenBack: "cancelled",
     TooManyInstances: "limit",
     ServiceUnavailable: "forkserver_unavailable",
     InternalError: "internal",
@@ -433,7 +438,7 @@ class InstanceManager:
                 parsed = {**parsed, "host": self._settings.host}
             if reservation.cancelled:
                 reservation.taken_back = True
-                raise Conflict(f"instance {instance_id!r} was deleted before it was forked")
+                raise TakenBack(f"instance {instance_id!r} was deleted before it was forked")
             reservation.spawning = True
             spawn = asyncio.ensure_future(client.request(
                 protocol.OP_SPAWN,
@@ -459,6 +464,8 @@ class InstanceManager:
                     cancelled = True
             reply = spawn.result()
         except ForkserverError as exc:
+            if reservation.cancelled and exc.kind == protocol.KIND_CONFLICT:
+                raise TakenBack(str(exc)) from None
             raise _http_error(exc) from None
         finally:
             self._reserved.pop(instance_id, None)
